@@ -1,0 +1,566 @@
+"""Mamba-1 selective scan in Triton, forward and backward.
+
+Same signature and behaviour as ``naive.selective_scan_naive``; the maths is
+in this folder's README.md. Each program owns one batch row and a block of
+BD channels and walks time in tiles of BT steps: inside a tile the
+recurrence is a parallel ``tl.associative_scan`` over a [BT, BD, BN] tile,
+across tiles the fp32 state is carried in registers. The forward keeps the
+state at the start of every segment of ``CHECKPOINT_STEPS`` steps; the
+backward walks the segments from last to first, recomputes the states of a
+segment, and runs the adjoint recurrence as a reverse scan.
+"""
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+# Time steps between two saved states. The forward stores
+# batch * channels * d_state fp32 values per segment (1M steps, 1536 x 16:
+# 50 MB per batch row). A multiple of every BT below.
+CHECKPOINT_STEPS = 2048
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Fill what the host allocates for the kernels with NaN, so that a kernel that
+# leaves part of an output unwritten fails the tests instead of passing on
+# whatever the allocator handed back.
+_DEBUG_NAN = os.environ.get("MAMBATRAIN_KERNEL_DEBUG", "0") == "1"
+
+
+# --------------------------------------------------------------------------
+# combine operators
+# --------------------------------------------------------------------------
+@triton.jit
+def _affine_combine(a1, b1, a2, b2):
+    # h -> a*h + b, first (a1, b1) then (a2, b2)
+    return a1 * a2, b1 * a2 + b2
+
+
+@triton.jit
+def _adjoint_combine(f1, q1, v1, f2, q2, v2):
+    # Adjoint recurrence g_t = beta_t + abar_{t+1} g_{t+1}: the decay that
+    # carries g_{t+1} back belongs to the *next* step, so a segment is
+    # (f: its first decay, q: product of its other decays, v: its g with a
+    # zero carry). With reverse=True Triton passes the later segment first.
+    return f2, q2 * f1 * q1, v2 + q2 * f1 * v1
+
+
+# --------------------------------------------------------------------------
+# autotune configs
+# --------------------------------------------------------------------------
+# A [BT, BD, BN] tile puts the (channel, state) pairs across threads and time
+# inside each thread (Triton's default layout fills lanes from the last dim),
+# so the scan over time runs in registers. More warps than BD * BN / 32 would
+# put time across warps: pruned. BD must divide the channels of one group.
+def _all_configs(block_ds):
+    return [
+        triton.Config({"BT": bt, "BD": bd}, num_warps=nw, num_stages=1)
+        for bt in (32, 64) for bd in block_ds for nw in (1, 2, 4, 8)
+    ]
+
+
+def _prune(configs, named_args, **kwargs):
+    bn, gsize = kwargs.get("BN", None), named_args["GSIZE"]
+    if bn is None:
+        bn = triton.next_power_of_2(named_args["N"])
+    bd_of = lambda c: c.kwargs.get("BD", kwargs.get("BD"))  # noqa: E731
+    keep = [c for c in configs if gsize % bd_of(c) == 0 and 32 * c.num_warps <= bd_of(c) * bn <= 128 * c.num_warps]
+    if not keep:  # odd group sizes: the largest block that fits a group
+        bd = _pow2_divisor(gsize, 64)
+        nw = max(1, min(8, bd * bn // 32))
+        keep = [triton.Config({"BT": 32, "BD": bd} if "BD" in configs[0].kwargs else {"BT": 32}, num_warps=nw, num_stages=1)]
+    return keep
+
+
+if _INTERPRET:  # autotuning in the interpreter costs minutes
+    _FWD_CONFIGS = [triton.Config({"BT": 16, "BD": 8}, num_warps=4)]
+    _BWD_CONFIGS = [triton.Config({"BT": 16}, num_warps=4)]
+else:
+    _FWD_CONFIGS = _all_configs((4, 8, 16, 32))
+    _BWD_CONFIGS = [
+        triton.Config({"BT": bt}, num_warps=nw, num_stages=1) for bt in (16, 32, 64) for nw in (1, 2, 4, 8)
+    ]
+
+
+# --------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------
+@triton.jit
+def _softplus(x):
+    # torch's softplus: x above 20, else log1p(exp(x)); log1p as
+    # log(u) * e / (u - 1) keeps precision where exp(x) is tiny.
+    e = tl.exp(tl.minimum(x, 20.0))
+    u = 1.0 + e
+    lp = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
+    return tl.where(x > 20.0, x, lp)
+
+
+@triton.jit
+def _tile_states(
+    x, dt, B, dt_bias, seq_idx, b_A2, b_h,
+    i_b, i_t, i_g, o_d, o_n, m_n, L, N,
+    s_xb, s_xt, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg, s_sb, s_st,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+):
+    """States h_t of one tile, from the state b_h before it."""
+    i_b64 = tl.cast(i_b, tl.int64)
+    t0 = tl.cast(i_t, tl.int64) * BT
+    o_tl = tl.arange(0, BT)
+    o_t = i_t * BT + o_tl
+    m_t = o_t < L
+    p_x = x + i_b64 * s_xb + t0 * s_xt + o_tl[:, None] * s_xt + o_d[None, :]
+    p_dt = dt + i_b64 * s_dtb + t0 * s_dtt + o_tl[:, None] * s_dtt + o_d[None, :]
+    b_x = tl.load(p_x, mask=m_t[:, None], other=0.0).to(tl.float32)  # [BT, BD]
+    b_dtr = tl.load(p_dt, mask=m_t[:, None], other=0.0).to(tl.float32)  # [BT, BD]
+    if HAS_BIAS:
+        b_dtr += tl.load(dt_bias + o_d).to(tl.float32)[None, :]
+    if SOFTPLUS:
+        b_dt = _softplus(b_dtr)
+    else:
+        b_dt = b_dtr
+    # steps past the end: decay 1, input 0, so the state passes through
+    b_dt = tl.where(m_t[:, None], b_dt, 0.0)
+    b_a = tl.exp2(b_dt[:, :, None] * b_A2[None, :, :])  # [BT, BD, BN]
+    if HAS_SEQ:
+        p_s = seq_idx + i_b64 * s_sb + t0 * s_st + o_tl * s_st
+        b_s = tl.load(p_s, mask=m_t, other=0)
+        b_sp = tl.load(p_s - s_st, mask=m_t & (o_t > 0), other=0)
+        # a new document zeroes the decay, i.e. drops h_{t-1}
+        b_same = (b_s == b_sp) | (o_t == 0) | (~m_t)
+        b_a = tl.where(b_same[:, None, None], b_a, 0.0)
+    b_u = b_dt * b_x  # [BT, BD]
+    p_B = B + i_b64 * s_Bb + t0 * s_Bt + i_g * s_Bg + o_tl[:, None] * s_Bt + o_n[None, :]
+    b_B = tl.load(p_B, mask=m_t[:, None] & m_n[None, :], other=0.0).to(tl.float32)  # [BT, BN]
+    b_ub = b_u[:, :, None] * b_B[:, None, :]  # [BT, BD, BN]
+    # fold the carried state into the first step, so the scanned b is h itself
+    b_in = tl.where((o_tl == 0)[:, None, None], b_ub + b_a * b_h[None, :, :], b_ub)
+    _, b_hs = tl.associative_scan((b_a, b_in), 0, _affine_combine)  # [BT, BD, BN]
+    return b_x, b_dtr, b_dt, b_a, b_u, b_B, b_ub, b_hs
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=["D", "N", "GSIZE", "BATCH"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _fwd_kernel(
+    x, dt, A, B, C, Dp, z, dt_bias, h0, seq_idx,
+    y, hT, ckpt,
+    L, D, N, GSIZE, S, BATCH,
+    s_xb, s_xt, s_dtb, s_dtt, s_zb, s_zt,
+    s_Bb, s_Bt, s_Bg, s_Cb, s_Ct, s_Cg, s_sb, s_st,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+):
+    i_d, i_b = tl.program_id(0), tl.program_id(1)
+    i_b64 = tl.cast(i_b, tl.int64)
+    o_d = i_d * BD + tl.arange(0, BD)
+    o_n = tl.arange(0, BN)
+    m_n = o_n < N
+    # BD divides GSIZE (the host sees to it): one group per program
+    i_g = (i_d * BD) // GSIZE
+    o_dn = o_d[:, None] * N + o_n[None, :]  # [BD, BN]
+    b_A2 = tl.load(A + o_dn, mask=m_n[None, :], other=0.0) * LOG2E
+    if HAS_H0:
+        b_h = tl.load(h0 + i_b64 * D * N + o_dn, mask=m_n[None, :], other=0.0).to(tl.float32)
+    else:
+        b_h = tl.zeros([BD, BN], dtype=tl.float32)
+    if HAS_D:
+        b_D = tl.load(Dp + o_d).to(tl.float32)
+    o_tl = tl.arange(0, BT)
+    TPS = S // BT
+    NT = tl.cdiv(L, BT)
+    for i_t in range(0, NT):
+        if i_t % TPS == 0:
+            p_ck = ckpt + (i_b64 * tl.cdiv(L, S) + i_t // TPS) * D * N + o_dn
+            tl.store(p_ck, b_h, mask=m_n[None, :])
+        b_x, b_dtr, b_dt, b_a, b_u, b_B, b_ub, b_hs = _tile_states(
+            x, dt, B, dt_bias, seq_idx, b_A2, b_h,
+            i_b, i_t, i_g, o_d, o_n, m_n, L, N,
+            s_xb, s_xt, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg, s_sb, s_st,
+            HAS_BIAS, SOFTPLUS, HAS_SEQ, BT, BD, BN,
+        )
+        t0 = tl.cast(i_t, tl.int64) * BT
+        m_t = i_t * BT + o_tl < L
+        p_C = C + i_b64 * s_Cb + t0 * s_Ct + i_g * s_Cg + o_tl[:, None] * s_Ct + o_n[None, :]
+        b_C = tl.load(p_C, mask=m_t[:, None] & m_n[None, :], other=0.0).to(tl.float32)  # [BT, BN]
+        b_y = tl.sum(b_hs * b_C[:, None, :], axis=2)  # [BT, BD]
+        if HAS_D:
+            b_y += b_x * b_D[None, :]
+        if HAS_Z:
+            p_z = z + i_b64 * s_zb + t0 * s_zt + o_tl[:, None] * s_zt + o_d[None, :]
+            b_z = tl.load(p_z, mask=m_t[:, None], other=0.0).to(tl.float32)
+            b_y *= b_z * tl.sigmoid(b_z)
+        p_y = y + (i_b64 * L + t0) * D + o_tl[:, None] * D + o_d[None, :]
+        tl.store(p_y, b_y.to(y.dtype.element_ty), mask=m_t[:, None])
+        b_h = tl.sum(tl.where((o_tl == BT - 1)[:, None, None], b_hs, 0.0), axis=0)  # [BD, BN]
+    tl.store(hT + i_b64 * D * N + o_dn, b_h, mask=m_n[None, :])
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=["D", "N", "GSIZE", "BD"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _bwd_kernel(
+    x, dt, A, B, C, Dp, z, dt_bias, seq_idx, dout, dhT, ckpt, scratch,
+    dx, ddt, dz, dB_part, dC_part, dA_part, dD_part, dbias_part, dh0,
+    L, D, N, GSIZE, S, NBLK,
+    s_xb, s_xt, s_dtb, s_dtt, s_zb, s_zt, s_dob, s_dot,
+    s_Bb, s_Bt, s_Bg, s_Cb, s_Ct, s_Cg, s_sb, s_st, s_scb, s_sck,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr,
+    HAS_DHT: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+):
+    i_d, i_b = tl.program_id(0), tl.program_id(1)
+    i_b64 = tl.cast(i_b, tl.int64)
+    o_d = i_d * BD + tl.arange(0, BD)
+    o_n = tl.arange(0, BN)
+    m_n = o_n < N
+    i_g = (i_d * BD) // GSIZE
+    o_dn = o_d[:, None] * N + o_n[None, :]  # [BD, BN]
+    b_A = tl.load(A + o_dn, mask=m_n[None, :], other=0.0)
+    b_A2 = b_A * LOG2E
+    if HAS_D:
+        b_D = tl.load(Dp + o_d).to(tl.float32)
+    # adjoint flowing into the step after the current tile: a_{t+1} g_{t+1}
+    if HAS_DHT:
+        b_c = tl.load(dhT + i_b64 * D * N + o_dn, mask=m_n[None, :], other=0.0).to(tl.float32)
+    else:
+        b_c = tl.zeros([BD, BN], dtype=tl.float32)
+    b_dA = tl.zeros([BD, BN], dtype=tl.float32)
+    b_dD = tl.zeros([BD], dtype=tl.float32)
+    b_dbias = tl.zeros([BD], dtype=tl.float32)
+    o_tl = tl.arange(0, BT)
+    o_scr = o_d[:, None] * BN + o_n[None, :]  # [BD, BN]
+    p_scr = scratch + i_b64 * s_scb
+    TPS = S // BT
+    NT = tl.cdiv(L, BT)
+    NS = tl.cdiv(L, S)
+    for i_s in range(0, NS):
+        i_seg = NS - 1 - i_s
+        t_first = i_seg * TPS
+        n_tiles = tl.minimum(TPS, NT - t_first)
+        b_h = tl.load(ckpt + (i_b64 * NS + i_seg) * D * N + o_dn, mask=m_n[None, :], other=0.0)
+        # phase 1: states at the start of every tile of the segment, to scratch
+        for k in range(0, n_tiles - 1):
+            tl.store(p_scr + k * s_sck + o_scr, b_h)
+            _, _, _, _, _, _, _, b_hs = _tile_states(
+                x, dt, B, dt_bias, seq_idx, b_A2, b_h,
+                i_b, t_first + k, i_g, o_d, o_n, m_n, L, N,
+                s_xb, s_xt, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg, s_sb, s_st,
+                HAS_BIAS, SOFTPLUS, HAS_SEQ, BT, BD, BN,
+            )
+            b_h = tl.sum(tl.where((o_tl == BT - 1)[:, None, None], b_hs, 0.0), axis=0)
+        tl.store(p_scr + (n_tiles - 1) * s_sck + o_scr, b_h)
+        # scratch is written and read by different threads of the program
+        tl.debug_barrier()
+        # phase 2: tiles last to first, adjoint as a reverse scan
+        for kk in range(0, n_tiles):
+            k = n_tiles - 1 - kk
+            i_t = t_first + k
+            b_h0 = tl.load(p_scr + k * s_sck + o_scr)
+            b_x, b_dtr, b_dt, b_a, b_u, b_B, b_ub, b_hs = _tile_states(
+                x, dt, B, dt_bias, seq_idx, b_A2, b_h0,
+                i_b, i_t, i_g, o_d, o_n, m_n, L, N,
+                s_xb, s_xt, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg, s_sb, s_st,
+                HAS_BIAS, SOFTPLUS, HAS_SEQ, BT, BD, BN,
+            )
+            t0 = tl.cast(i_t, tl.int64) * BT
+            m_t = i_t * BT + o_tl < L
+            p_C = C + i_b64 * s_Cb + t0 * s_Ct + i_g * s_Cg + o_tl[:, None] * s_Ct + o_n[None, :]
+            b_C = tl.load(p_C, mask=m_t[:, None] & m_n[None, :], other=0.0).to(tl.float32)  # [BT, BN]
+            p_do = dout + i_b64 * s_dob + t0 * s_dot + o_tl[:, None] * s_dot + o_d[None, :]
+            b_do = tl.load(p_do, mask=m_t[:, None], other=0.0).to(tl.float32)  # [BT, BD]
+            if HAS_Z:
+                p_z = z + i_b64 * s_zb + t0 * s_zt + o_tl[:, None] * s_zt + o_d[None, :]
+                b_z = tl.load(p_z, mask=m_t[:, None], other=0.0).to(tl.float32)
+                b_sig = tl.sigmoid(b_z)
+                b_dy = b_do * (b_z * b_sig)
+            else:
+                b_dy = b_do
+            b_beta = b_dy[:, :, None] * b_C[:, None, :]  # [BT, BD, BN]
+            b_beta = tl.where((o_tl == BT - 1)[:, None, None], b_beta + b_c[None, :, :], b_beta)
+            _, _, b_g = tl.associative_scan(
+                (b_a, tl.full([BT, BD, BN], 1.0, tl.float32), b_beta), 0, _adjoint_combine, reverse=True
+            )  # [BT, BD, BN]
+            b_c = tl.sum(tl.where((o_tl == 0)[:, None, None], b_a * b_g, 0.0), axis=0)
+            # g_t * abar_t * h_{t-1}: the gradient reaching abar_t, times abar_t
+            b_q = b_g * (b_hs - b_ub)
+            b_dA += tl.sum(b_q * b_dt[:, :, None], axis=0)
+            b_du = tl.sum(b_g * b_B[:, None, :], axis=2)  # [BT, BD]
+            b_ddt = b_du * b_x + tl.sum(b_q * b_A[None, :, :], axis=2)
+            b_dx = b_du * b_dt
+            if HAS_D:
+                b_dx += b_dy * b_D[None, :]
+                b_dD += tl.sum(b_dy * b_x, axis=0)
+            if HAS_Z:
+                b_y = tl.sum(b_hs * b_C[:, None, :], axis=2)
+                if HAS_D:
+                    b_y += b_x * b_D[None, :]
+                b_dz = b_do * b_y * b_sig * (1.0 + b_z * (1.0 - b_sig))
+                p_dz = dz + (i_b64 * L + t0) * D + o_tl[:, None] * D + o_d[None, :]
+                tl.store(p_dz, b_dz.to(dz.dtype.element_ty), mask=m_t[:, None])
+            if SOFTPLUS:
+                b_ddt *= tl.sigmoid(b_dtr)
+            # past the end the carried adjoint is not zero: keep it out of the sums
+            b_ddt = tl.where(m_t[:, None], b_ddt, 0.0)
+            b_dbias += tl.sum(b_ddt, axis=0)
+            p_dx = dx + (i_b64 * L + t0) * D + o_tl[:, None] * D + o_d[None, :]
+            tl.store(p_dx, b_dx.to(dx.dtype.element_ty), mask=m_t[:, None])
+            p_ddt = ddt + (i_b64 * L + t0) * D + o_tl[:, None] * D + o_d[None, :]
+            tl.store(p_ddt, b_ddt.to(ddt.dtype.element_ty), mask=m_t[:, None])
+            # per-program partial sums over the block's channels, summed on the host
+            b_dB = tl.sum(b_g * b_u[:, :, None], axis=1)  # [BT, BN]
+            b_dC = tl.sum(b_hs * b_dy[:, :, None], axis=1)  # [BT, BN]
+            o_part = ((i_b64 * L + t0) * NBLK + i_d) * N + o_tl[:, None] * (NBLK * N) + o_n[None, :]
+            m_part = m_t[:, None] & m_n[None, :]
+            tl.store(dB_part + o_part, b_dB, mask=m_part)
+            tl.store(dC_part + o_part, b_dC, mask=m_part)
+        # the next segment's phase 1 overwrites the scratch read above
+        tl.debug_barrier()
+    tl.store(dA_part + i_b64 * D * N + o_dn, b_dA, mask=m_n[None, :])
+    tl.store(dD_part + i_b64 * D + o_d, b_dD)
+    tl.store(dbias_part + i_b64 * D + o_d, b_dbias)
+    if HAS_H0:
+        tl.store(dh0 + i_b64 * D * N + o_dn, b_c, mask=m_n[None, :])
+
+
+# --------------------------------------------------------------------------
+# host launchers
+# --------------------------------------------------------------------------
+def _pow2_divisor(n: int, cap: int) -> int:
+    """Largest power of two that divides n, at most cap."""
+    p = 1
+    while p * 2 <= cap and n % (p * 2) == 0:
+        p *= 2
+    return p
+
+
+def _empty(*shape, device, dtype=torch.float32):
+    t = torch.empty(*shape, device=device, dtype=dtype)
+    return t.fill_(float("nan")) if _DEBUG_NAN else t
+
+
+def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    # kernels index the last dim with stride 1 and take the other strides as given
+    if t is None or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
+
+
+def _check_steps() -> None:
+    bts = [c.kwargs["BT"] for c in _FWD_CONFIGS + _BWD_CONFIGS]
+    assert CHECKPOINT_STEPS % max(bts) == 0, "CHECKPOINT_STEPS must be a multiple of every BT"
+
+
+def _scratch_bt() -> int:
+    return min(c.kwargs["BT"] for c in _BWD_CONFIGS)
+
+
+def _bwd_block_d(batch: int, channels: int, gsize: int) -> int:
+    # Channels per backward program. Each program writes d_state fp32 partial
+    # sums of dB and dC per step, so larger blocks move fewer bytes; smaller
+    # ones give more programs. Aim at >= 128 programs (H100: 132 SMs).
+    bd = 32
+    while bd > 4 and batch * (channels // bd) < 128:
+        bd //= 2
+    return _pow2_divisor(gsize, bd)
+
+
+def _fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx):
+    batch, length, channels = x.shape
+    groups, d_state = B.shape[2], B.shape[3]
+    assert channels % groups == 0, "channels must be divisible by groups"
+    gsize = channels // groups
+    x, dt, z, B, C, seq_idx = (_rows(t) for t in (x, dt, z, B, C, seq_idx))
+    A = A.float().contiguous()
+    D = None if D is None else D.contiguous()
+    dt_bias = None if dt_bias is None else dt_bias.contiguous()
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    dev = x.device
+    y = _empty(batch, length, channels, device=dev, dtype=x.dtype)
+    hT = _empty(batch, channels, d_state, device=dev)
+    _check_steps()
+    nseg = triton.cdiv(length, CHECKPOINT_STEPS)
+    ckpt = _empty(batch, nseg, channels, d_state, device=dev)
+    if length == 0:
+        return y, (h0.clone() if h0 is not None else hT.zero_()), ckpt
+    sB, sC = B.stride(), C.stride()
+    s_seq = seq_idx.stride() if seq_idx is not None else (0, 0)
+    s_z = z.stride() if z is not None else (0, 0, 0)
+    grid = lambda meta: (channels // meta["BD"], batch)  # noqa: E731
+    _fwd_kernel[grid](
+        x, dt, A, B, C, D, z, dt_bias, h0, seq_idx,
+        y, hT, ckpt,
+        length, channels, d_state, gsize, CHECKPOINT_STEPS, batch,
+        x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), s_z[0], s_z[1],
+        sB[0], sB[1], sB[2], sC[0], sC[1], sC[2], s_seq[0], s_seq[1],
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
+        SOFTPLUS=dt_softplus, HAS_H0=h0 is not None, HAS_SEQ=seq_idx is not None,
+        BN=triton.next_power_of_2(d_state),
+    )
+    return y, hT, ckpt
+
+
+def _bwd(dout, dhT, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx, ckpt):
+    batch, length, channels = x.shape
+    groups, d_state = B.shape[2], B.shape[3]
+    gsize = channels // groups
+    dev = x.device
+    x, dt, z, B, C, seq_idx, dout = (_rows(t) for t in (x, dt, z, B, C, seq_idx, dout))
+    A32 = A.float().contiguous()
+    Dc = None if D is None else D.contiguous()
+    bias = None if dt_bias is None else dt_bias.contiguous()
+    dhT = None if dhT is None else dhT.float().contiguous()
+    bn = triton.next_power_of_2(d_state)
+    bd = _bwd_block_d(batch, channels, gsize)
+    nblk = channels // bd
+    scratch = _empty(batch, CHECKPOINT_STEPS // _scratch_bt(), channels, bn, device=dev)
+    dx = _empty(batch, length, channels, device=dev, dtype=x.dtype)
+    ddt = _empty(batch, length, channels, device=dev, dtype=dt.dtype)
+    dz = _empty(batch, length, channels, device=dev, dtype=z.dtype) if z is not None else None
+    dB_part = _empty(batch, length, nblk, d_state, device=dev)
+    dC_part = _empty(batch, length, nblk, d_state, device=dev)
+    dA_part = _empty(batch, channels, d_state, device=dev)
+    dD_part = _empty(batch, channels, device=dev)
+    dbias_part = _empty(batch, channels, device=dev)
+    dh0 = _empty(batch, channels, d_state, device=dev) if initial_state is not None else None
+    sB, sC = B.stride(), C.stride()
+    s_seq = seq_idx.stride() if seq_idx is not None else (0, 0)
+    s_z = z.stride() if z is not None else (0, 0, 0)
+    if length > 0:
+        _bwd_kernel[(nblk, batch)](
+            x, dt, A32, B, C, Dc, z, bias, seq_idx, dout, dhT, ckpt, scratch,
+            dx, ddt, dz, dB_part, dC_part, dA_part, dD_part, dbias_part, dh0,
+            length, channels, d_state, gsize, CHECKPOINT_STEPS, nblk,
+            x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), s_z[0], s_z[1],
+            dout.stride(0), dout.stride(1),
+            sB[0], sB[1], sB[2], sC[0], sC[1], sC[2], s_seq[0], s_seq[1],
+            scratch.stride(0), scratch.stride(1),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
+            SOFTPLUS=dt_softplus, HAS_H0=initial_state is not None, HAS_SEQ=seq_idx is not None,
+            HAS_DHT=dhT is not None, BD=bd, BN=bn,
+        )
+    else:
+        for t in (dA_part, dD_part, dbias_part):
+            t.zero_()
+        if dh0 is not None:
+            dh0.copy_(dhT if dhT is not None else torch.zeros_like(dh0))
+    # deterministic reductions of the per-program partial sums
+    per = gsize // bd
+    dB = dB_part.view(batch, length, groups, per, d_state).sum(3).to(B.dtype)
+    dC = dC_part.view(batch, length, groups, per, d_state).sum(3).to(C.dtype)
+    dA = dA_part.sum(0).to(A.dtype)
+    # absent inputs get empty gradients: a custom op returns tensors only
+    dD = dD_part.sum(0).to(D.dtype) if D is not None else x.new_empty(0)
+    dbias = dbias_part.sum(0).to(dt_bias.dtype) if dt_bias is not None else x.new_empty(0)
+    dh0 = dh0.to(initial_state.dtype) if initial_state is not None else x.new_empty(0)
+    dz = dz if dz is not None else x.new_empty(0)
+    return dx, ddt, dA, dB, dC, dD, dz, dbias, dh0
+
+
+# --------------------------------------------------------------------------
+# custom op + autograd
+# --------------------------------------------------------------------------
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("mambatrain::selective_scan_fwd", mutates_args=())
+def _selective_scan_fwd(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+    D: Tensor | None, z: Tensor | None, dt_bias: Tensor | None, dt_softplus: bool,
+    initial_state: Tensor | None, seq_idx: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx)
+
+
+@_selective_scan_fwd.register_fake
+def _(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx):
+    batch, length, channels = x.shape
+    d_state = B.shape[3]
+    nseg = (length + CHECKPOINT_STEPS - 1) // CHECKPOINT_STEPS
+    f32 = torch.float32
+    return (
+        x.new_empty(batch, length, channels),
+        x.new_empty(batch, channels, d_state, dtype=f32),
+        x.new_empty(batch, nseg, channels, d_state, dtype=f32),
+    )
+
+
+@torch.library.custom_op("mambatrain::selective_scan_bwd", mutates_args=())
+def _selective_scan_bwd(
+    dout: Tensor, dhT: Tensor | None, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+    D: Tensor | None, z: Tensor | None, dt_bias: Tensor | None, dt_softplus: bool,
+    initial_state: Tensor | None, seq_idx: Tensor | None, ckpt: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _bwd(dout, dhT, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx, ckpt)
+
+
+@_selective_scan_bwd.register_fake
+def _(dout, dhT, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx, ckpt):
+    def like(t):
+        return torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else x.new_empty(0)
+
+    return like(x), like(dt), like(A), like(B), like(C), like(D), like(z), like(dt_bias), like(initial_state)
+
+
+def _setup_context(ctx, inputs, output):
+    x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx = inputs
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, output[2])
+    ctx.dt_softplus = dt_softplus
+    ctx.mark_non_differentiable(output[2])
+
+
+def _backward(ctx, dy, dhT, _dckpt):
+    x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, ckpt = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(x)
+    dx, ddt, dA, dB, dC, dD, dz, dbias, dh0 = _selective_scan_bwd(
+        dy, dhT, x, dt, A, B, C, D, z, dt_bias, ctx.dt_softplus, initial_state, seq_idx, ckpt
+    )
+
+    def opt(g, t):
+        return g if t is not None else None
+
+    return (dx, ddt, dA, dB, dC, opt(dD, D), opt(dz, z), opt(dbias, dt_bias), None, opt(dh0, initial_state), None)
+
+
+_selective_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------
+# public function
+# --------------------------------------------------------------------------
+def selective_scan(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    initial_state: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    return_final_state: bool = False,
+):
+    """Mamba-1 selective scan (Triton), differentiable in every tensor input.
+
+        dt_t = softplus(dt_t + dt_bias)                  (bias, softplus optional)
+        h_t  = exp(dt_t * A) * h_{t-1} + (dt_t * x_t) * B_t      # (channels, d_state)
+        y_t  = (h_t @ C_t + D * x_t) * silu(z_t)         (D, z optional)
+
+    with h_{-1} = initial_state (or 0) and h_{t-1} taken as 0 where seq_idx
+    changes between t-1 and t. Shapes: x, dt, z (batch, length, channels);
+    A (channels, d_state) fp32; B, C (batch, length, groups, d_state) with
+    channels divisible by groups; D, dt_bias (channels,); initial_state
+    (batch, channels, d_state); seq_idx (batch, length) int32. Inputs may be
+    strided views. The state is fp32 whatever the input dtype.
+    Returns y (batch, length, channels) in x's dtype, and with
+    ``return_final_state`` also h_{length-1} (batch, channels, d_state) fp32.
+    """
+    y, final_state, _ = _selective_scan_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx)
+    return (y, final_state) if return_final_state else y
