@@ -1,0 +1,93 @@
+"""``mambatrain``: the command line. Each subcommand maps to one function."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config.schema import RecipeError
+
+DESCRIPTION = """\
+mambatrain trains Mamba, Transformer and hybrid language models on long contexts.
+
+  mambatrain fit recipes/quickstart.yaml                     train as the recipe says
+  mambatrain fit recipes/quickstart.yaml --print-config      show the resolved recipe, then stop
+  mambatrain fit recipes/quickstart.yaml --trainer.max_steps 10 --model.d_model 128
+                                                             override any recipe key
+  mambatrain fit recipes/quickstart.yaml --resume last       continue the newest run of that name
+"""
+
+
+def _fit_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mambatrain fit", formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False,
+        description="Train a model from a YAML recipe. Any recipe key can be overridden as --section.key VALUE.")
+    parser.add_argument("recipe", help="path of the YAML recipe (see recipes/)")
+    parser.add_argument("--print-config", "--print_config", action="store_true",
+                        help="print the fully resolved recipe (defaults filled in) and exit")
+    parser.add_argument("--resume", metavar="last|PATH",
+                        help="continue a run: 'last' for the newest checkpoint of logging.run_name, or a .ckpt path")
+    parser.add_argument("-h", "--help", action="store_true", help="show this help and every recipe key, then exit")
+    return parser
+
+
+def _fit_help() -> str:
+    from .config.load import recipe_parser
+    keys = recipe_parser(with_docs=True).format_help()
+    # Keep the documented options and drop jsonargparse's usage line, which lists every key a second time.
+    keys = keys[keys.index("\n\n") + 2:] if "\n\n" in keys else keys
+    return (_fit_parser().format_help()
+            + "\nrecipe keys (set them in the YAML, or override them as --section.key VALUE):\n\n" + keys)
+
+
+def fit_command(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_fit_help())
+        return 0
+    args, overrides = _fit_parser().parse_known_args(argv)
+    if args.help:
+        print(_fit_help())
+        return 0
+    from .config.load import load_recipe, recipe_to_yaml
+    recipe = load_recipe(args.recipe, overrides)
+    if args.print_config:
+        print(recipe_to_yaml(recipe), end="")
+        return 0
+    from .run import fit
+    fit(recipe, resume=args.resume)
+    return 0
+
+
+COMMANDS = {"fit": fit_command}
+
+
+def _configure_logging() -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    ours = logging.getLogger("mambatrain")
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
+    # Lightning's start-up chatter (accelerator tips, advertising) hides our own summary.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(DESCRIPTION)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"error: unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+            return 2
+        return 0
+    _configure_logging()
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except RecipeError as error:
+        print(f"recipe error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Recipe YAML (+ dotted command-line overrides) -> a validated ``Recipe``.
+
+jsonargparse does the typing and the overrides over our own dataclasses; this
+module adds what a tired researcher needs on top: unknown keys with the keys
+that are allowed, required sections, and every error on one line naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import re
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+from jsonargparse import ArgumentParser, set_parsing_settings
+
+from .schema import Recipe, RecipeError
+
+REQUIRED_SECTIONS = ("model", "data")
+
+
+def recipe_parser(prog: str = "mambatrain fit", with_docs: bool = False) -> ArgumentParser:
+    """The jsonargparse parser of every recipe key, as ``--section.key`` options.
+
+    ``with_docs`` reads the fields' docstrings into the help (slower: only for --help).
+    """
+    set_parsing_settings(docstring_parse_attribute_docstrings=with_docs)
+    parser = ArgumentParser(prog=prog, exit_on_error=False, default_meta=False)
+    parser.add_class_arguments(Recipe, fail_untyped=True)
+    return parser
+
+
+def _nested_dataclass(tp: Any) -> type | None:
+    """The dataclass inside a field type such as ``ModelConfig`` or ``Optional[ModelConfig]``."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in typing.get_args(tp):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _check_keys(values: dict, schema: type, prefix: str) -> None:
+    hints = typing.get_type_hints(schema)
+    allowed = [f.name for f in dataclasses.fields(schema)]
+    for key, value in values.items():
+        where = f"{prefix}{key}"
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            section = prefix.rstrip(".") or "the recipe"
+            raise RecipeError(f"{where}: unknown key{hint}; {section} accepts: {', '.join(allowed)}")
+        sub = _nested_dataclass(hints[key])
+        if sub is not None:
+            if not isinstance(value, dict):
+                raise RecipeError(f"{where}: expected a section of keys ({', '.join(f.name for f in dataclasses.fields(sub))}), "
+                                  f"got {value!r}")
+            _check_keys(value, sub, f"{where}.")
+
+
+def _one_line(error: Exception) -> str:
+    """jsonargparse's multi-line messages as one line that starts with the key."""
+    text = str(error)
+    match = re.search(r'Parser key "([^"]+)":\s*(.*)', text, re.S)
+    if match:
+        key, detail = match.groups()
+        detail = re.sub(r"<class '(\w+)'>", r"\1", detail.strip().splitlines()[0])
+        detail = re.sub(r"typing\.Literal\[(.*)\]", lambda m: "one of " + m.group(1).replace("'", ""), detail)
+        detail = re.sub(r"^Expected a ", "expected ", detail)
+        detail = re.sub(r"\.? Got value:", "; got", detail)
+        return f"{key}: {detail}"
+    return " ".join(text.split())
+
+
+def _overrides_to_dict(overrides: Sequence[str]) -> dict:
+    """``["--trainer.max_steps", "10"]`` (or ``--trainer.max_steps=10``) -> ``{"trainer": {"max_steps": 10}}``."""
+    result: dict = {}
+    items = list(overrides)
+    i = 0
+    while i < len(items):
+        flag = items[i]
+        if not flag.startswith("--") or len(flag) == 2:
+            raise RecipeError(f"{flag}: expected an override such as --trainer.max_steps 10")
+        if "=" in flag:
+            key, raw = flag[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(items):
+                raise RecipeError(f"{flag[2:]}: override has no value; write {flag} VALUE")
+            key, raw = flag[2:], items[i + 1]
+            i += 2
+        node = result
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"{key}: {part} is a value, not a section")
+        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+    return result
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_recipe_file(path: str | Path) -> dict:
+    """The raw YAML mapping of a recipe file, with a clear error for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections (model:, data:, ...), got {type(raw).__name__}")
+    return raw
+
+
+def load_recipe(path: str | Path | None = None, overrides: Sequence[str] = (), values: dict | None = None) -> Recipe:
+    """Read, merge, type-check and validate a recipe; raise ``RecipeError`` naming the key on any problem."""
+    raw = read_recipe_file(path) if path is not None else {}
+    raw = _merge(raw, values or {})
+    raw = _merge(raw, _overrides_to_dict(overrides))
+    _check_keys(raw, Recipe, "")
+    for section in REQUIRED_SECTIONS:
+        if section not in raw:
+            raise RecipeError(f"{section}: missing section; every recipe needs {' and '.join(REQUIRED_SECTIONS)} "
+                              f"(see recipes/quickstart.yaml)")
+    parser = recipe_parser()
+    try:
+        sections = parser.instantiate(parser.parse_object(raw))
+        return Recipe(**{f.name: sections[f.name] for f in dataclasses.fields(Recipe)})
+    except RecipeError:
+        raise
+    except (argparse.ArgumentError, TypeError, ValueError) as error:
+        raise RecipeError(_one_line(error)) from None
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The fully resolved recipe (defaults filled in, hybrid ratio resolved to a pattern)."""
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)

@@ -1,0 +1,347 @@
+"""The recipe schema: one small dataclass per concern.
+
+Every field carries a docstring (jsonargparse shows them in ``--help``), and
+``__post_init__`` rejects bad values with a message that names the recipe key.
+Derived values (the hybrid layer pattern, Mamba's dt rank) are resolved here so
+that ``--print-config`` shows exactly what will be built.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+class RecipeError(ValueError):
+    """A recipe value that cannot work; the message names the key and the fix."""
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise RecipeError(f"{key}: {message}")
+
+
+MAMBA, ATTENTION = "M", "A"
+
+
+def pattern_from_ratio(n_layers: int, attention_ratio: float) -> str:
+    """Place ``round(ratio * n_layers)`` attention layers evenly through the stack.
+
+    The stack is cut into as many equal segments as there are attention layers,
+    and the layer at the middle of each segment (index ``floor((k + 0.5) * n / a)``)
+    is attention; the rest are Mamba. 10 layers at 0.3 give ``MAMMMAMMAM``.
+    The rule keeps layer 0 a Mamba layer whenever there are at least two
+    Mamba layers per attention layer, so position information comes from the
+    recurrence before the first attention layer.
+    """
+    n_attention = round(attention_ratio * n_layers)
+    slots = {math.floor((k + 0.5) * n_layers / n_attention) for k in range(n_attention)}
+    return "".join(ATTENTION if i in slots else MAMBA for i in range(n_layers))
+
+
+@dataclass
+class MambaConfig:
+    """Settings of every Mamba (M) block."""
+
+    version: Literal[1, 2] = 2
+    """1: Mamba-1, per-channel diagonal decay A (channels x d_state). 2: Mamba-2, one scalar decay per head."""
+    d_state: int = 64
+    """State size N per channel (Mamba-1) or per head (Mamba-2)."""
+    d_conv: int = 4
+    """Width of the short causal depthwise convolution."""
+    expand: int = 2
+    """Inner width = expand * d_model."""
+    head_dim: int = 64
+    """Mamba-2 only: channels per head; expand * d_model must be divisible by it."""
+    n_groups: int = 1
+    """Mamba-2 only: groups of heads sharing B and C (like kv heads in GQA)."""
+    chunk_size: int = 256
+    """Mamba-2 only: chunk length of the SSD scan (64 to 256, a power of two)."""
+    dt_rank: Optional[int] = None
+    """Mamba-1 only: rank of the dt projection; null means ceil(d_model / 16)."""
+    dt_min: float = 0.001
+    """Smallest initial step size dt (sampled log-uniformly in [dt_min, dt_max])."""
+    dt_max: float = 0.1
+    """Largest initial step size dt."""
+    dt_init_floor: float = 1e-4
+    """Initial dt values are clamped to at least this."""
+    a_init_min: float = 1.0
+    """Mamba-2 only: the per-head decay rate -A starts uniform in [a_init_min, a_init_max]."""
+    a_init_max: float = 16.0
+    """Mamba-2 only: see a_init_min."""
+    conv_bias: bool = True
+    """Bias in the depthwise convolution."""
+    backend: Literal["auto", "triton", "reference"] = "auto"
+    """Scan implementation: triton kernels on CUDA tensors, the PyTorch reference otherwise (auto), or forced."""
+
+    def validate(self, d_model: int, prefix: str = "model.mamba") -> None:
+        for key in ("d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size"):
+            _require(getattr(self, key) > 0, f"{prefix}.{key}", f"must be positive, got {getattr(self, key)}")
+        _require(0 < self.dt_min <= self.dt_max, f"{prefix}.dt_min",
+                 f"need 0 < dt_min <= dt_max, got dt_min={self.dt_min}, dt_max={self.dt_max}")
+        _require(0 < self.a_init_min <= self.a_init_max, f"{prefix}.a_init_min",
+                 f"need 0 < a_init_min <= a_init_max, got {self.a_init_min} and {self.a_init_max}")
+        if self.version == 2:
+            d_inner = self.expand * d_model
+            _require(d_inner % self.head_dim == 0, f"{prefix}.head_dim",
+                     f"expand * d_model = {d_inner} is not divisible by head_dim {self.head_dim}; "
+                     f"pick a head_dim that divides {d_inner}")
+            n_heads = d_inner // self.head_dim
+            _require(n_heads % self.n_groups == 0, f"{prefix}.n_groups",
+                     f"the {n_heads} heads are not divisible into {self.n_groups} groups")
+            _require(64 <= self.chunk_size <= 256 and self.chunk_size & (self.chunk_size - 1) == 0,
+                     f"{prefix}.chunk_size", f"must be 64, 128 or 256, got {self.chunk_size}")
+        if self.dt_rank is None:
+            self.dt_rank = math.ceil(d_model / 16)
+        _require(self.dt_rank > 0, f"{prefix}.dt_rank", f"must be positive, got {self.dt_rank}")
+
+
+@dataclass
+class AttentionConfig:
+    """Settings of every attention (A) block: causal, RoPE, grouped-query."""
+
+    n_heads: int = 8
+    """Query heads; d_model must be divisible by it."""
+    n_kv_heads: Optional[int] = None
+    """Key/value heads for grouped-query attention; null means n_heads (plain multi-head)."""
+    rope_base: float = 10000.0
+    """Base of the rotary position embedding frequencies."""
+    sliding_window: Optional[int] = None
+    """Attend only to the last this-many tokens; null means the whole causal prefix."""
+
+    def validate(self, d_model: int, prefix: str = "model.attention") -> None:
+        _require(self.n_heads > 0, f"{prefix}.n_heads", f"must be positive, got {self.n_heads}")
+        _require(d_model % self.n_heads == 0, f"{prefix}.n_heads",
+                 f"d_model {d_model} is not divisible by n_heads {self.n_heads}; "
+                 f"pick n_heads among the divisors of {d_model}")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        _require(self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0, f"{prefix}.n_kv_heads",
+                 f"n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads}")
+        _require((d_model // self.n_heads) % 2 == 0, f"{prefix}.n_heads",
+                 f"head size d_model / n_heads = {d_model // self.n_heads} must be even for RoPE")
+        _require(self.rope_base > 0, f"{prefix}.rope_base", f"must be positive, got {self.rope_base}")
+        _require(self.sliding_window is None or self.sliding_window > 0, f"{prefix}.sliding_window",
+                 f"must be positive or null, got {self.sliding_window}")
+
+
+@dataclass
+class ModelConfig:
+    """The language model: embedding -> blocks -> final RMSNorm -> LM head."""
+
+    kind: Literal["mamba", "transformer", "hybrid"] = "hybrid"
+    """mamba: every block is Mamba. transformer: every block is attention. hybrid: set pattern or attention_ratio."""
+    d_model: int = 256
+    """Width of the residual stream."""
+    n_layers: int = 4
+    """Number of blocks (mixer + optional MLP each)."""
+    vocab_size: int = 256
+    """Rows of the embedding; token ids must be below it."""
+    pattern: Optional[str] = None
+    """Hybrid only: one letter per layer, M for Mamba and A for attention, e.g. MMMAMMMAMM."""
+    attention_ratio: Optional[float] = None
+    """Hybrid only: fraction of attention layers, placed evenly (see --print-config for the resolved pattern)."""
+    d_mlp: int = 0
+    """Hidden width of the SwiGLU MLP after each mixer; 0 for no MLP (pure Mamba stacks usually have none)."""
+    tie_embeddings: bool = True
+    """Share the input embedding with the output head."""
+    norm_eps: float = 1e-5
+    """Epsilon of every RMSNorm."""
+    init_std: float = 0.02
+    """Standard deviation of the initial linear and embedding weights."""
+    mamba: MambaConfig = field(default_factory=MambaConfig)
+    """Mamba block settings (used by M layers)."""
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    """Attention block settings (used by A layers)."""
+
+    def __post_init__(self) -> None:
+        for key in ("d_model", "n_layers", "vocab_size"):
+            _require(getattr(self, key) > 0, f"model.{key}", f"must be positive, got {getattr(self, key)}")
+        _require(self.d_mlp >= 0, "model.d_mlp", f"must be 0 (no MLP) or positive, got {self.d_mlp}")
+        self._resolve_pattern()
+        if MAMBA in self.pattern:
+            self.mamba.validate(self.d_model)
+        if ATTENTION in self.pattern:
+            self.attention.validate(self.d_model)
+
+    def _resolve_pattern(self) -> None:
+        if self.kind != "hybrid":
+            _require(self.attention_ratio is None, "model.attention_ratio",
+                     f"only used with kind: hybrid (kind is {self.kind})")
+            letter = MAMBA if self.kind == "mamba" else ATTENTION
+            _require(self.pattern in (None, letter * self.n_layers), "model.pattern",
+                     f"kind: {self.kind} means every layer is {letter}; use kind: hybrid for a mixed pattern")
+            self.pattern = letter * self.n_layers
+            return
+        if self.pattern is not None and self.attention_ratio is not None:
+            resolved = pattern_from_ratio(self.n_layers, self.attention_ratio)
+            _require(resolved == self.pattern, "model.attention_ratio",
+                     "give either pattern or attention_ratio for a hybrid, not both")
+        if self.pattern is None:
+            _require(self.attention_ratio is not None, "model.pattern",
+                     "kind: hybrid needs a pattern (e.g. MMAM) or an attention_ratio (e.g. 0.3)")
+            _require(0 < self.attention_ratio < 1, "model.attention_ratio",
+                     f"must be between 0 and 1 (exclusive), got {self.attention_ratio}")
+            n_attention = round(self.attention_ratio * self.n_layers)
+            _require(0 < n_attention < self.n_layers, "model.attention_ratio",
+                     f"{self.attention_ratio} of {self.n_layers} layers rounds to {n_attention} attention "
+                     f"layers; a hybrid needs at least one of each kind")
+            self.pattern = pattern_from_ratio(self.n_layers, self.attention_ratio)
+            self.attention_ratio = None
+        _require(set(self.pattern) <= {MAMBA, ATTENTION}, "model.pattern",
+                 f"use only the letters M (Mamba) and A (attention), got {self.pattern!r}")
+        _require(len(self.pattern) == self.n_layers, "model.pattern",
+                 f"has {len(self.pattern)} letters but model.n_layers is {self.n_layers}")
+
+
+@dataclass
+class MQARConfig:
+    """Multi-query associative recall (Zoology): key-value pairs, then queries of the keys."""
+
+    num_kv_pairs: int = 8
+    """Key-value pairs at the start of each sequence; each is queried once later on."""
+    train_samples_seed: int = 0
+    """Seed of the training stream (sample i is a pure function of the seed and i)."""
+    val_samples: int = 256
+    """Size of the fixed validation set, drawn from a different seed."""
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from and how they are batched."""
+
+    source: Literal["mqar"] = "mqar"
+    """mqar: a synthetic associative-recall stream generated on the fly (no download)."""
+    seq_len: int = 128
+    """Tokens per sequence."""
+    batch_size: int = 16
+    """Sequences per micro-batch and device."""
+    num_workers: int = 0
+    """DataLoader worker processes per device."""
+    mqar: MQARConfig = field(default_factory=MQARConfig)
+    """Settings of the mqar source."""
+
+    def __post_init__(self) -> None:
+        for key in ("seq_len", "batch_size"):
+            _require(getattr(self, key) > 0, f"data.{key}", f"must be positive, got {getattr(self, key)}")
+        _require(self.num_workers >= 0, "data.num_workers", f"must be 0 or more, got {self.num_workers}")
+        _require(self.mqar.num_kv_pairs > 0, "data.mqar.num_kv_pairs",
+                 f"must be positive, got {self.mqar.num_kv_pairs}")
+        _require(self.mqar.val_samples > 0, "data.mqar.val_samples",
+                 f"must be positive, got {self.mqar.val_samples}")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW. Norm weights, biases and the SSM's A, D and dt bias get no weight decay."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay of matrices and embeddings."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optimizer.lr", f"must be positive, got {self.lr}")
+        _require(self.weight_decay >= 0, "optimizer.weight_decay", f"must be 0 or more, got {self.weight_decay}")
+        for key in ("beta1", "beta2"):
+            _require(0 <= getattr(self, key) < 1, f"optimizer.{key}", f"must be in [0, 1), got {getattr(self, key)}")
+
+
+@dataclass
+class SchedulerConfig:
+    """Learning rate: linear warmup, then cosine decay to min_lr_ratio * lr at trainer.max_steps."""
+
+    kind: Literal["cosine", "constant"] = "cosine"
+    """cosine: warmup then cosine decay. constant: warmup then flat."""
+    warmup_steps: int = 100
+    """Optimizer steps of linear warmup from 0."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak (cosine only)."""
+
+    def __post_init__(self) -> None:
+        _require(self.warmup_steps >= 0, "scheduler.warmup_steps", f"must be 0 or more, got {self.warmup_steps}")
+        _require(0 <= self.min_lr_ratio <= 1, "scheduler.min_lr_ratio",
+                 f"must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class TrainerConfig:
+    """The training loop (Lightning Trainer)."""
+
+    max_steps: int = 1000
+    """Optimizer steps to train for."""
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    """auto picks the GPU when there is one."""
+    devices: int = 1
+    """Devices per node."""
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
+    """auto: bf16-mixed on GPU (fp32 weights, bf16 compute), 32-true on CPU."""
+    gradient_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    accumulate_grad_batches: int = 1
+    """Micro-batches per optimizer step."""
+    val_every_n_steps: int = 100
+    """Run validation every this many optimizer steps (and at the end)."""
+    limit_val_batches: int = 8
+    """Validation batches per validation run."""
+    log_every_n_steps: int = 10
+    """Write metrics every this many steps."""
+    checkpoint_every_n_steps: int = 100
+    """Save a checkpoint every this many steps (and at the end)."""
+    seed: int = 1234
+    """Seed of model initialisation and every random number generator."""
+    loss_chunk_size: int = 8192
+    """Tokens per chunk of the fused output projection + cross-entropy (logits are never built whole)."""
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "devices", "accumulate_grad_batches", "val_every_n_steps",
+                    "limit_val_batches", "log_every_n_steps", "checkpoint_every_n_steps", "loss_chunk_size"):
+            _require(getattr(self, key) > 0, f"trainer.{key}", f"must be positive, got {getattr(self, key)}")
+        _require(self.gradient_clip >= 0, "trainer.gradient_clip", f"must be 0 or more, got {self.gradient_clip}")
+
+
+@dataclass
+class LoggingConfig:
+    """Where the run directory goes and which logger writes metrics."""
+
+    root_dir: str = "runs"
+    """Runs go to root_dir/run_name/version_N."""
+    run_name: str = "run"
+    """Name of the run folder."""
+    logger: Literal["csv", "tensorboard", "wandb"] = "csv"
+    """csv and tensorboard write locally; wandb runs offline when no API key is configured."""
+    wandb_project: str = "mambatrain"
+    """Project name for the wandb logger."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.run_name) and "/" not in self.run_name, "logging.run_name",
+                 f"must be a non-empty folder name without '/', got {self.run_name!r}")
+
+
+@dataclass
+class Recipe:
+    """A whole training run."""
+
+    model: ModelConfig
+    data: DataConfig
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.source == "mqar":
+            needed = 2 * self.data.mqar.num_kv_pairs + 2 * self.data.mqar.num_kv_pairs
+            _require(self.data.seq_len >= needed, "data.seq_len",
+                     f"mqar with {self.data.mqar.num_kv_pairs} pairs needs seq_len >= {needed}, "
+                     f"got {self.data.seq_len}")
+            needed_vocab = 1 + 2 * self.data.mqar.num_kv_pairs
+            _require(self.model.vocab_size >= needed_vocab, "model.vocab_size",
+                     f"mqar with {self.data.mqar.num_kv_pairs} pairs needs vocab_size >= {needed_vocab}")

@@ -1,0 +1,58 @@
+"""Multi-query associative recall (MQAR, from the Zoology paper), generated on the fly.
+
+Each sequence opens with key-value pairs ``k1 v1 k2 v2 ...``; later, each key
+comes back once as a query and the model must answer with its value. Solving it
+needs recall over the whole context, which is what long-context layers are for.
+
+Token 0 is filler; keys come from the lower half of the remaining vocabulary and
+values from the upper half. Sample ``i`` is a pure function of (seed, i), so any
+position in the stream can be regenerated exactly after a resume.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.loss import IGNORE_INDEX
+
+FILLER = 0
+
+
+def mqar_sample(index: int, seed: int, seq_len: int, vocab_size: int, num_kv_pairs: int) -> dict[str, torch.Tensor]:
+    """One sequence: ``input_ids`` (seq_len,) and ``labels`` (seq_len,), -100 except at the queries."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    n_keys = (vocab_size - 1) // 2
+    keys = 1 + torch.randperm(n_keys, generator=gen)[:num_kv_pairs]
+    values = 1 + n_keys + torch.randint(0, vocab_size - 1 - n_keys, (num_kv_pairs,), generator=gen)
+    input_ids = torch.full((seq_len,), FILLER, dtype=torch.long)
+    labels = torch.full((seq_len,), IGNORE_INDEX, dtype=torch.long)
+    input_ids[0: 2 * num_kv_pairs: 2] = keys
+    input_ids[1: 2 * num_kv_pairs: 2] = values
+    # Queries sit in two-token slots after the pairs: the key, then its value as the answer.
+    n_slots = (seq_len - 2 * num_kv_pairs) // 2
+    slots = torch.randperm(n_slots, generator=gen)[:num_kv_pairs]
+    order = torch.randperm(num_kv_pairs, generator=gen)
+    positions = 2 * num_kv_pairs + 2 * slots
+    input_ids[positions] = keys[order]
+    input_ids[positions + 1] = values[order]
+    labels[positions] = values[order]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+class MQARBatches(torch.utils.data.Dataset):
+    """Batch ``b`` of one data-parallel rank: samples ``(b * world + rank) * batch_size + j``."""
+
+    def __init__(self, num_batches: int, batch_size: int, seq_len: int, vocab_size: int, num_kv_pairs: int,
+                 seed: int, rank: int = 0, world_size: int = 1):
+        self.num_batches, self.batch_size, self.seq_len = num_batches, batch_size, seq_len
+        self.vocab_size, self.num_kv_pairs, self.seed = vocab_size, num_kv_pairs, seed
+        self.rank, self.world_size = rank, world_size
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __getitem__(self, batch_index: int) -> dict[str, torch.Tensor]:
+        first = (batch_index * self.world_size + self.rank) * self.batch_size
+        samples = [mqar_sample(first + j, self.seed, self.seq_len, self.vocab_size, self.num_kv_pairs)
+                   for j in range(self.batch_size)]
+        return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}

@@ -1,0 +1,60 @@
+"""Throughput (tokens/s) and model FLOPs utilisation, from the analytic FLOPs of the recipe."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+
+from ..plan import peak_flops, training_flops_per_token
+
+
+class ThroughputMonitor(L.Callback):
+    """Logs train/tokens_per_sec (on the progress bar) and train/mfu every ``log_every_n_steps``.
+
+    Times whole windows of steps and synchronises the GPU only at window edges, so
+    measuring does not slow training down.
+    """
+
+    def __init__(self, tokens_per_batch: int, flops_per_token: float, log_every_n_steps: int):
+        self.tokens_per_batch = tokens_per_batch
+        self.flops_per_token = flops_per_token
+        self.every = log_every_n_steps
+        self._window_start: float | None = None
+        self._window_tokens = 0
+        self._peak: float | None = None
+
+    @classmethod
+    def from_recipe(cls, recipe) -> "ThroughputMonitor":
+        data = recipe.data
+        return cls(data.batch_size * data.seq_len, training_flops_per_token(recipe.model, data.seq_len),
+                   recipe.trainer.log_every_n_steps)
+
+    def _sync(self, pl_module) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if pl_module.device.type == "cuda":
+            self._peak = peak_flops(torch.cuda.get_device_name(pl_module.device))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._window_start is None:
+            self._sync(pl_module)
+            self._window_start = time.perf_counter()
+            self._window_tokens = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._window_tokens += self.tokens_per_batch
+        step_done = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        if not step_done or trainer.global_step % self.every != 0:
+            return
+        self._sync(pl_module)
+        elapsed = time.perf_counter() - self._window_start
+        tokens_per_sec = self._window_tokens * trainer.world_size / elapsed
+        pl_module.log("train/tokens_per_sec", tokens_per_sec, prog_bar=True, rank_zero_only=True)
+        if self._peak is not None:
+            mfu = tokens_per_sec * self.flops_per_token / (self._peak * trainer.world_size)
+            pl_module.log("train/mfu", mfu, rank_zero_only=True)
+        self._window_start = None

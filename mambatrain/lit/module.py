@@ -1,0 +1,95 @@
+"""The LightningModule: next-token loss, metrics, optimizer, and RNG state in checkpoints."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import lightning as L
+import numpy as np
+import torch
+
+from ..config.load import recipe_to_dict
+from ..config.schema import Recipe
+from ..models.lm import LanguageModel
+from ..models.loss import IGNORE_INDEX
+from .optim import build_optimizer
+
+
+def collect_rng_states() -> dict:
+    """Every generator's state, as tensors and plain values (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"torch": torch.get_rng_state(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                        cached), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class LanguageModelModule(L.LightningModule):
+    def __init__(self, recipe: Recipe):
+        super().__init__()
+        self.recipe = recipe
+        self.save_hyperparameters({"recipe": recipe_to_dict(recipe)})
+        self.model = LanguageModel(recipe.model)
+        self._rng_to_restore: dict | None = None
+
+    def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids, seq_idx)
+
+    def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model(batch["input_ids"], batch.get("seq_idx"))
+        return self.model.loss(hidden, batch["labels"], self.recipe.trainer.loss_chunk_size), hidden
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, _ = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", torch.exp(loss.detach().clamp(max=20)))
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, hidden = self._loss(batch)
+        targets = batch["labels"] != IGNORE_INDEX
+        # Accuracy over labelled positions only: logits for those tokens, never the whole (B, T, vocab).
+        predictions = self.model.logits(hidden[targets]).argmax(-1)
+        accuracy = (predictions == batch["labels"][targets]).float().mean()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(loss.clamp(max=20)), sync_dist=True)
+        self.log("val/accuracy", accuracy, prog_bar=True, sync_dist=True)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad.detach().float().norm() for p in self.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.stack(grads).norm())
+
+    def configure_optimizers(self):
+        optimizer, scheduler = build_optimizer(self.model, self.recipe.optimizer, self.recipe.scheduler,
+                                               self.recipe.trainer.max_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # A Lightning checkpoint holds no RNG state by itself; a resumed run must draw the same numbers.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_states"] = collect_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Restored at the first training batch: building dataloaders in between draws random numbers.
+        self._rng_to_restore = checkpoint.get("rng_states")
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:
+            restore_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 20.0))

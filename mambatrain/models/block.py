@@ -1,0 +1,25 @@
+"""One residual block: norm -> mixer -> residual, then (optionally) norm -> MLP -> residual.
+
+The block does not care which mixer it holds; the factory decides.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, kind: str, mixer: nn.Module, d_model: int, norm_cls, mlp: nn.Module | None = None):
+        super().__init__()
+        self.kind = kind  # "M" or "A": the letter of the recipe's pattern
+        self.norm = norm_cls(d_model)
+        self.mixer = mixer
+        self.mlp_norm = norm_cls(d_model) if mlp is not None else None
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.mixer(self.norm(x), seq_idx=seq_idx)
+        if self.mlp is not None:
+            x = x + self.mlp(self.mlp_norm(x))
+        return x

@@ -1,0 +1,130 @@
+"""Mamba mixers: Mamba-1 (per-channel diagonal decay) and Mamba-2 (per-head scalar decay).
+
+Both: in-projection -> short causal depthwise conv -> SiLU -> selective SSM
+(with the D skip) -> gate -> out-projection. Parameter names follow mamba_ssm
+(in_proj, conv1d, x_proj, dt_proj, dt_bias, A_log, D, norm, out_proj) so that
+checkpoints map one to one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...config.schema import MambaConfig
+from .. import scan
+from .norm import GatedRMSNorm
+
+
+def causal_conv1d(x: torch.Tensor, conv: nn.Conv1d, seq_idx: torch.Tensor | None) -> torch.Tensor:
+    """Depthwise causal convolution over time of x (B, T, C); taps never cross a document boundary."""
+    width = conv.kernel_size[0]
+    if seq_idx is None:
+        y = F.conv1d(x.transpose(1, 2), conv.weight, conv.bias, padding=width - 1, groups=conv.groups)
+        return y[..., : x.shape[1]].transpose(1, 2)
+    # Sum of shifted copies, each masked where the tap reaches into another document.
+    weight = conv.weight[:, 0, :].to(x.dtype)  # (C, width); tap width-1 multiplies x[t]
+    y = x * weight[:, width - 1]
+    for shift in range(1, width):
+        shifted = F.pad(x, (0, 0, shift, 0))[:, : x.shape[1]]
+        same_doc = F.pad(seq_idx, (shift, 0), value=-1)[:, : x.shape[1]] == seq_idx
+        y = y + shifted * same_doc[..., None].to(x.dtype) * weight[:, width - 1 - shift]
+    if conv.bias is not None:
+        y = y + conv.bias.to(x.dtype)
+    return y
+
+
+def _dt_bias_init(size: int, config: MambaConfig) -> torch.Tensor:
+    """Inverse softplus of dt drawn log-uniformly in [dt_min, dt_max] (Mamba papers)."""
+    dt = torch.exp(torch.rand(size) * (math.log(config.dt_max) - math.log(config.dt_min)) + math.log(config.dt_min))
+    dt = dt.clamp(min=config.dt_init_floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+class Mamba1Mixer(nn.Module):
+    def __init__(self, d_model: int, config: MambaConfig):
+        super().__init__()
+        self.config = config
+        d_inner = config.expand * d_model
+        self.d_inner, self.d_state, self.dt_rank = d_inner, config.d_state, config.dt_rank
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.conv1d = nn.Conv1d(d_inner, d_inner, config.d_conv, groups=d_inner, bias=config.conv_bias)
+        self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * self.d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
+        self.D = nn.Parameter(torch.ones(d_inner))
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
+        self.dt_proj.bias.copy_(_dt_bias_init(self.d_inner, self.config))
+        self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1))
+        self.D.fill_(1.0)
+        for p in (self.dt_proj.bias, self.A_log, self.D):
+            p._no_weight_decay = True
+
+    def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, _ = hidden.shape
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (B, T, d_inner) each
+        x = F.silu(causal_conv1d(x, self.conv1d, seq_idx))
+        dt_low, Bmat, Cmat = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = dt_low @ self.dt_proj.weight.t().to(dt_low.dtype)  # bias and softplus happen inside the scan
+        y = scan.selective_scan(
+            self.config.backend, x, dt, -torch.exp(self.A_log.float()),
+            Bmat.view(B, T, 1, self.d_state), Cmat.view(B, T, 1, self.d_state),
+            D=self.D.float(), z=z, dt_bias=self.dt_proj.bias.float(), dt_softplus=True, seq_idx=seq_idx,
+        )
+        return self.out_proj(y)
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, d_model: int, config: MambaConfig, norm_eps: float = 1e-5):
+        super().__init__()
+        self.config = config
+        d_inner = config.expand * d_model
+        self.d_inner, self.d_state, self.head_dim = d_inner, config.d_state, config.head_dim
+        self.n_heads, self.n_groups = d_inner // config.head_dim, config.n_groups
+        conv_dim = d_inner + 2 * self.n_groups * self.d_state
+        self.in_proj = nn.Linear(d_model, d_inner + conv_dim + self.n_heads, bias=False)  # z, xBC, dt
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, config.d_conv, groups=conv_dim, bias=config.conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
+        self.A_log = nn.Parameter(torch.empty(self.n_heads))
+        self.D = nn.Parameter(torch.ones(self.n_heads))
+        self.norm = GatedRMSNorm(d_inner, eps=norm_eps, group_size=d_inner // self.n_groups)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        self.dt_bias.copy_(_dt_bias_init(self.n_heads, self.config))
+        self.A_log.copy_(torch.log(torch.empty(self.n_heads).uniform_(self.config.a_init_min, self.config.a_init_max)))
+        self.D.fill_(1.0)
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True
+
+    def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, _ = hidden.shape
+        gn = self.n_groups * self.d_state
+        z, xBC, dt = self.in_proj(hidden).split([self.d_inner, self.d_inner + 2 * gn, self.n_heads], dim=-1)
+        xBC = F.silu(causal_conv1d(xBC, self.conv1d, seq_idx))
+        x, Bmat, Cmat = xBC.split([self.d_inner, gn, gn], dim=-1)
+        y = scan.ssd_scan(
+            self.config.backend,
+            x.view(B, T, self.n_heads, self.head_dim), dt, -torch.exp(self.A_log.float()),
+            Bmat.view(B, T, self.n_groups, self.d_state), Cmat.view(B, T, self.n_groups, self.d_state),
+            D=self.D.float(), dt_bias=self.dt_bias.float(), dt_softplus=True, seq_idx=seq_idx,
+            chunk_size=self.config.chunk_size,
+        )
+        y = self.norm(y.reshape(B, T, self.d_inner), z)
+        return self.out_proj(y)
+
+
+def mamba_mixer(d_model: int, config: MambaConfig, norm_eps: float = 1e-5) -> nn.Module:
+    if config.version == 1:
+        return Mamba1Mixer(d_model, config)
+    return Mamba2Mixer(d_model, config, norm_eps)

@@ -1,0 +1,25 @@
+"""Every recipe shipped in recipes/ loads, and its model builds at full size (on the meta device)."""
+
+import pytest
+import torch
+
+from mambatrain.config.load import load_recipe
+from mambatrain.models.lm import LanguageModel
+
+from conftest import RECIPES
+
+ALL_RECIPES = sorted(RECIPES.rglob("*.yaml"))
+
+
+def test_there_are_recipes():
+    assert ALL_RECIPES
+
+
+@pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda p: str(p.relative_to(RECIPES)))
+def test_recipe_loads_and_builds(path):
+    recipe = load_recipe(path)
+    with torch.device("meta"):
+        model = LanguageModel(recipe.model)
+    counts = model.parameter_counts()
+    assert counts["total"] > 0
+    assert len(model.blocks) == recipe.model.n_layers
