@@ -1,0 +1,326 @@
+"""Mamba-2 (SSD) chunked scan in Triton: forward and backward, deterministic.
+
+Kernels live in ``triton_fwd.py`` / ``triton_bwd.py``; this file holds the host
+launchers, the ``torch.library`` custom ops (so ``torch.compile`` traces
+through with ``fullgraph=True``), their autograd, and the public ``ssd_scan``.
+The maths and the memory budget are in README.md.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from .chunked import document_ids
+from .triton_bwd import ssd_dcb_bwd_kernel, ssd_ddt_bwd_kernel, ssd_dx_bwd_kernel, ssd_state_bwd_kernel
+from .triton_fwd import (
+    INTERPRET,
+    ssd_bmm_fwd_kernel,
+    ssd_chunk_cumsum_fwd_kernel,
+    ssd_output_fwd_kernel,
+    ssd_state_fwd_kernel,
+)
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _strides4(t: Tensor | None) -> tuple[int, int, int, int]:
+    return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
+
+
+def _tiles(x: Tensor, B: Tensor, chunk_size: int) -> dict:
+    """Block sizes fixed by the shapes (the rest is autotuned)."""
+    batch, length, heads, head_dim = x.shape
+    groups, d_state = B.shape[2], B.shape[3]
+    L = chunk_size
+    if L < 64 or L > 256 or L & (L - 1):
+        raise ValueError(f"chunk_size must be 64, 128 or 256, got {L}")
+    if d_state > 256:
+        raise ValueError(f"d_state up to 256 is supported, got {d_state}")
+    if heads % groups:
+        raise ValueError(f"heads ({heads}) must be divisible by groups ({groups})")
+    # d_state is never tiled in the per-block kernels (it is a reduction or an
+    # accumulator kept whole); a smaller time block keeps d_state 256 in registers.
+    BT = 64 if d_state <= 128 else 32
+    BN = max(16, triton.next_power_of_2(d_state))
+    BV = max(16, triton.next_power_of_2(head_dim)) if head_dim <= 128 else 64
+    fp32 = x.dtype == torch.float32
+    return dict(L=L, NT=triton.cdiv(length, L), BT=BT, NB=L // BT, BN=BN, BV=BV,
+                precision="ieee" if fp32 else "tf32", precise=fp32)
+
+
+def _num_splits(x: Tensor, programs: int, heads_per_group: int) -> int:
+    """Split a group's heads over programs until the per-group backward kernels fill the GPU."""
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    for d in range(1, heads_per_group + 1):
+        if heads_per_group % d == 0 and programs * d >= 4 * sms:
+            return d
+    return heads_per_group
+
+
+def _small(t: Tensor | None) -> Tensor | None:
+    # per-head parameters may arrive as strided views; they are tiny
+    return t.contiguous() if t is not None else None
+
+
+def ssd_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chunk_size):
+    A, D, dt_bias = _small(A), _small(D), _small(dt_bias)
+    batch, length, heads, head_dim = x.shape
+    groups, d_state = B.shape[2], B.shape[3]
+    k = _tiles(x, B, chunk_size)
+    L, NT, BT, NB = k["L"], k["NT"], k["BT"], k["NB"]
+    dev, f32 = x.device, torch.float32
+    dtp = torch.empty(batch, heads, length, device=dev, dtype=f32)
+    # (hi, lo) planes of the in-chunk cumsum; lo only for fp32 inputs (see the kernel)
+    dA_cs = torch.empty(2 if k["precise"] else 1, batch, heads, length, device=dev, dtype=f32)
+    BH = min(32, triton.next_power_of_2(heads))
+    ssd_chunk_cumsum_fwd_kernel[(NT, batch, triton.cdiv(heads, BH))](
+        dt, A, dt_bias if dt_bias is not None else A, dtp, dA_cs[0], dA_cs[-1],
+        length, *dt.stride(), H=heads, L=L, BH=BH, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
+        PRECISE=k["precise"],
+    )
+    # fp32: S is rounded once more (times decay and dt) before it meets x
+    S = torch.empty(batch, groups, NT, L, L, device=dev, dtype=f32)
+    ssd_bmm_fwd_kernel[(NT * NB, batch * groups)](
+        C, B, S, length, NT, *C.stride(), *B.stride(),
+        G=groups, N=d_state, L=L, BT=BT, BN=k["BN"], PRECISION=k["precision"],
+    )
+    states = torch.empty(batch, heads, NT, head_dim, d_state, device=dev, dtype=f32)
+    final = torch.empty(batch, heads, head_dim, d_state, device=dev, dtype=f32)
+    h0 = initial_state.float().contiguous() if initial_state is not None else final
+    docp = doc if doc is not None else dtp
+
+    def grid_state(meta):
+        return (triton.cdiv(d_state, meta["BK"]), triton.cdiv(head_dim, meta["BV"]), batch * heads)
+
+    ssd_state_fwd_kernel[grid_state](
+        x, B, dtp, dA_cs[0], dA_cs[-1], docp, h0, states, final, length, NT, *x.stride(), *B.stride(),
+        H=heads, G=groups, P=head_dim, N=d_state, L=L,
+        HAS_INIT=initial_state is not None, HAS_DOC=doc is not None, PRECISE=k["precise"],
+        PRECISION=k["precision"],
+    )
+    out = torch.empty(batch, length, heads, head_dim, device=dev, dtype=x.dtype)
+    ypre = torch.empty_like(out) if z is not None else out.new_empty(0)
+    NV = triton.cdiv(head_dim, k["BV"])
+    ssd_output_fwd_kernel[(NT * NB * batch * heads * NV,)](
+        x, z if z is not None else x, C, S, D if D is not None else A, dtp, dA_cs[0], dA_cs[-1], docp, states, out,
+        ypre if z is not None else out,
+        length, NT, batch * heads, *x.stride(), *_strides4(z), *C.stride(),
+        H=heads, G=groups, P=head_dim, N=d_state, L=L, BT=BT, BN=k["BN"], BV=k["BV"],
+        HAS_D=D is not None, D_2D=D is not None and D.dim() == 2, HAS_Z=z is not None,
+        HAS_DOC=doc is not None, PRECISE=k["precise"], PRECISION=k["precision"],
+    )
+    return out, final, ypre, states, dtp, dA_cs, S
+
+
+def ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chunk_size,
+            ypre, states, dtp, dA_cs, S):
+    A, D, dt_bias = _small(A), _small(D), _small(dt_bias)
+    batch, length, heads, head_dim = x.shape
+    groups, d_state = B.shape[2], B.shape[3]
+    k = _tiles(x, B, chunk_size)
+    L, NT, BT, NB = k["L"], k["NT"], k["BT"], k["NB"]
+    dev, f32 = x.device, torch.float32
+    docp = doc if doc is not None else dtp
+    zp = z if z is not None else x
+
+    dstates = torch.empty(batch, heads, NT, head_dim, d_state, device=dev, dtype=f32)
+    dh0 = torch.empty(batch, heads, head_dim, d_state, device=dev, dtype=f32)
+    dhT = dfinal.float().contiguous() if dfinal is not None else dh0
+
+    def grid_state(meta):
+        return (triton.cdiv(d_state, meta["BK"]), triton.cdiv(head_dim, meta["BV"]), batch * heads)
+
+    ssd_state_bwd_kernel[grid_state](
+        dout, zp, C, dtp, dA_cs[0], docp, dhT, dstates, dh0,
+        length, NT, *dout.stride(), *_strides4(z), *C.stride(),
+        H=heads, G=groups, P=head_dim, N=d_state, L=L,
+        HAS_DFINAL=dfinal is not None, HAS_Z=z is not None, HAS_DOC=doc is not None, PRECISION=k["precision"],
+    )
+
+    hpg = heads // groups
+    nsplit = _num_splits(x, NT * NB * batch * groups, hpg)
+    dS = torch.empty(nsplit, batch, groups, NT, L, L, device=dev, dtype=x.dtype)
+    dC_part = torch.empty(nsplit, batch, length, groups, d_state, device=dev, dtype=f32)
+    grid_group = (NT * NB * batch * groups * nsplit,)
+    common = dict(H=heads, G=groups, P=head_dim, N=d_state, L=L, BT=BT, BN=k["BN"], BV=k["BV"],
+                  NSPLIT=nsplit, HPS=hpg // nsplit, HAS_Z=z is not None, HAS_DOC=doc is not None,
+                  PRECISE=k["precise"], PRECISION=k["precision"])
+    npair = NB * (NB + 1) // 2
+    R_part = torch.empty(batch, heads, NT, npair, BT, device=dev, dtype=f32)
+    K_pair = torch.empty_like(R_part)
+    T_pair = torch.empty(batch, heads, NT, npair, device=dev, dtype=f32)
+    ssd_dcb_bwd_kernel[grid_group](
+        x, dout, zp, B, S, dtp, dA_cs[0], dA_cs[-1], docp, dS, dC_part, R_part, K_pair, T_pair,
+        length, NT, batch * groups, *x.stride(), *dout.stride(), *_strides4(z), *B.stride(), **common,
+    )
+
+    dx = torch.empty(batch, length, heads, head_dim, device=dev, dtype=x.dtype)
+    dz = torch.empty_like(dx) if z is not None else dx.new_empty(0)
+    # one split: write the final dtype directly; several: fp32 partials summed below
+    dB_out = torch.empty(nsplit, batch, length, groups, d_state, device=dev, dtype=B.dtype if nsplit == 1 else f32)
+    dC_out = torch.empty(nsplit, batch, length, groups, d_state, device=dev, dtype=C.dtype if nsplit == 1 else f32)
+    ddt_x = torch.empty(batch, heads, length, device=dev, dtype=f32)
+    dsum = torch.empty_like(ddt_x)
+    K_part = torch.empty(batch, heads, NT, NB, device=dev, dtype=f32)
+    dD_part = torch.empty(batch, NT, NB, heads, head_dim, device=dev, dtype=f32) if D is not None else dsum
+    ssd_dx_bwd_kernel[grid_group](
+        x, dout, zp, ypre, B, C, S, dS, D if D is not None else A, dtp, dA_cs[0], dA_cs[-1], docp, states, dstates,
+        dC_part,
+        dx, dz if z is not None else dx, dB_out, dC_out, ddt_x, dsum, K_part, dD_part,
+        length, NT, batch * groups, *x.stride(), *dout.stride(), *_strides4(z), *B.stride(), *C.stride(),
+        HAS_D=D is not None, D_2D=D is not None and D.dim() == 2, **common,
+    )
+
+    ddt = torch.empty(batch, length, heads, device=dev, dtype=dt.dtype)
+    dA_part = torch.empty(batch, NT, heads, device=dev, dtype=f32)
+    dbias_part = torch.empty_like(dA_part) if dt_bias is not None else dA_part
+    BH = min(32, triton.next_power_of_2(heads))
+    ssd_ddt_bwd_kernel[(NT, batch, triton.cdiv(heads, BH))](
+        dt, A, dt_bias if dt_bias is not None else A, dtp, ddt_x, dsum, K_part, R_part, K_pair, T_pair,
+        ddt, dA_part, dbias_part, length, NT, *dt.stride(), H=heads, L=L, BT=BT, BH=BH,
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
+    )
+
+    empty = x.new_empty(0)
+    dB = dB_out[0] if nsplit == 1 else dB_out.sum(0).to(B.dtype)
+    dC = dC_out[0] if nsplit == 1 else dC_out.sum(0).to(C.dtype)
+    dA = dA_part.sum((0, 1)).to(A.dtype)
+    if D is not None:
+        dD = dD_part.sum((0, 1, 2))
+        dD = (dD if D.dim() == 2 else dD.sum(-1)).to(D.dtype)
+    else:
+        dD = empty
+    dbias = dbias_part.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else empty
+    dinit = dh0.to(initial_state.dtype) if initial_state is not None else empty
+    return dx, ddt, dA, dB, dC, dD, dz, dbias, dinit
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("mambatrain::ssd_scan_fwd", mutates_args=())
+def _ssd_scan_fwd(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+    dt_bias: Optional[Tensor], dt_softplus: bool, initial_state: Optional[Tensor], doc: Optional[Tensor],
+    chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return ssd_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chunk_size)
+
+
+@_ssd_scan_fwd.register_fake
+def _(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chunk_size):
+    batch, length, heads, head_dim = x.shape
+    groups, d_state = B.shape[2], B.shape[3]
+    nt = (length + chunk_size - 1) // chunk_size
+    f32 = torch.float32
+    out = x.new_empty(batch, length, heads, head_dim)
+    return (
+        out,
+        x.new_empty(batch, heads, head_dim, d_state, dtype=f32),
+        x.new_empty(batch, length, heads, head_dim) if z is not None else x.new_empty(0),
+        x.new_empty(batch, heads, nt, head_dim, d_state, dtype=f32),
+        x.new_empty(batch, heads, length, dtype=f32),
+        x.new_empty(2 if x.dtype == torch.float32 else 1, batch, heads, length, dtype=f32),
+        x.new_empty(batch, groups, nt, chunk_size, chunk_size, dtype=f32),
+    )
+
+
+@torch.library.custom_op("mambatrain::ssd_scan_bwd", mutates_args=())
+def _ssd_scan_bwd(
+    dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+    D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool,
+    initial_state: Optional[Tensor], doc: Optional[Tensor], chunk_size: int,
+    ypre: Tensor, states: Tensor, dtp: Tensor, dA_cs: Tensor, S: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chunk_size,
+                   ypre, states, dtp, dA_cs, S)
+
+
+@_ssd_scan_bwd.register_fake
+def _(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chunk_size,
+      ypre, states, dtp, dA_cs, S):
+    def like(t):
+        return torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else x.new_empty(0)
+    return like(x), like(dt), like(A), like(B), like(C), like(D), like(z), like(dt_bias), like(initial_state)
+
+
+def _setup_context(ctx, inputs, output):
+    x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chunk_size = inputs
+    out, final, ypre, states, dtp, dA_cs, S = output
+    # the gate's input is needed for dz only
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, doc,
+                          ypre if z is not None else None, states, dtp, dA_cs, S)
+    ctx.dt_softplus, ctx.chunk_size = dt_softplus, chunk_size
+
+
+def _backward(ctx, dout, dfinal, *_unused):
+    x, dt, A, B, C, D, z, dt_bias, initial_state, doc, ypre, states, dtp, dA_cs, S = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(x)
+    grads = _ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, ctx.dt_softplus, initial_state, doc,
+                          ctx.chunk_size, ypre if z is not None else x, states, dtp, dA_cs, S)
+    dx, ddt, dA, dB, dC, dD, dz, dbias, dinit = grads
+    return (dx, ddt, dA, dB, dC,
+            dD if D is not None else None,
+            dz if z is not None else None,
+            dbias if dt_bias is not None else None,
+            None,
+            dinit if initial_state is not None else None,
+            None, None)
+
+
+torch.library.register_autograd("mambatrain::ssd_scan_fwd", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public function
+
+
+def ssd_scan(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    initial_state: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    return_final_state: bool = False,
+    chunk_size: int = 256,
+):
+    """Mamba-2 (SSD) scan, chunked, on Triton kernels; results as ``ssd_naive``.
+
+    Per head (one scalar decay A per head, state h of (head_dim, d_state)):
+
+        dt_t = softplus(dt_t + dt_bias)                         (if dt_softplus)
+        h_t  = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T,  h_{t-1} = 0 where seq_idx changes at t
+        y_t  = (h_t C_t + D x_t) * silu(z_t)
+
+    Shapes: x, z (batch, length, heads, head_dim); dt (batch, length, heads);
+    A, dt_bias (heads,); D (heads,) or (heads, head_dim); B, C (batch, length,
+    groups, d_state), heads divisible by groups; initial_state (batch, heads,
+    head_dim, d_state); seq_idx (batch, length) integer document ids.
+    Returns y (batch, length, heads, head_dim) in x's dtype, and with
+    ``return_final_state`` the fp32 final state (batch, heads, head_dim, d_state).
+    ``chunk_size`` (64, 128 or 256) changes the order of the sums only.
+    Inputs may be strided views; every input gets a gradient, and the final
+    state passes one back. B, C and z are used in x's dtype.
+    """
+    if not (x.is_cuda or INTERPRET):
+        raise RuntimeError("ssd_scan runs on CUDA tensors (or under TRITON_INTERPRET=1); use ssd_chunked_torch on CPU")
+    if B.dtype != x.dtype:
+        B = B.to(x.dtype)
+    if C.dtype != x.dtype:
+        C = C.to(x.dtype)
+    if z is not None and z.dtype != x.dtype:
+        z = z.to(x.dtype)
+    doc = document_ids(seq_idx) if seq_idx is not None else None
+    out, final = torch.ops.mambatrain.ssd_scan_fwd(
+        x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chunk_size)[:2]
+    return (out, final) if return_final_state else out

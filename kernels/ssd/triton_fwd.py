@@ -1,0 +1,285 @@
+"""Forward kernels of the chunked SSD scan (see README.md for the maths).
+
+Four launches, one kernel each:
+
+1. ``ssd_chunk_cumsum_fwd_kernel``: dt -> dt' = softplus(dt + bias), and the
+   cumulative sum of dt' * A inside each chunk, both fp32 in (batch, heads, T).
+2. ``ssd_bmm_fwd_kernel``: S = C B^T for each chunk and group, the blocks on and
+   below the diagonal, fp32; shared by all heads of the group, so computed once.
+3. ``ssd_state_fwd_kernel``: the state entering each chunk, fp32. One program
+   per (state tile, batch*head) walks the chunks in order: it computes the
+   chunk's own state (one matmul over the chunk) and passes the carried one on.
+   This fuses "chunk states" and "state passing" so no chunk-local state ever
+   reaches memory.
+4. ``ssd_output_fwd_kernel``: per (chunk, row block, head): C h_prev plus the
+   masked quadratic form over the chunk, then the D skip and the silu(z) gate.
+
+Vocabulary as in flash-linear-attention: ``i_`` program ids, ``o_`` offsets,
+``m_`` masks, ``p_`` pointers, ``b_`` block values. Offsets that scale with
+the length (batch, time) are int64; offsets inside a chunk stay int32.
+"""
+
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Triton's interpreter multiplies the raw bits of bf16 operands in tl.dot
+# (3.7.1); there, and only there, upcast: bf16 products are exact in fp32
+# and the GPU accumulates in fp32 too, so the result is the same.
+DOT_UPCAST = tl.constexpr(INTERPRET)
+
+
+def configs(space: list[dict], default: dict) -> list[triton.Config]:
+    """Autotune space on a GPU; one config in the interpreter, where tuning is far too slow.
+
+    Each entry of ``space`` holds kernel meta-parameters plus num_warps / num_stages.
+    """
+    def make(d):
+        d = dict(d)
+        return triton.Config(d, num_warps=d.pop("num_warps", 4), num_stages=d.pop("num_stages", 1))
+    return [make(default)] if INTERPRET else [make(d) for d in space]
+
+
+@triton.jit
+def dot(a, b, PRECISION: tl.constexpr):
+    """a @ b with fp32 accumulation; PRECISION "ieee" for fp32 inputs (no tf32)."""
+    if DOT_UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def softplus(v):
+    # log1p(exp(v)) with the log1p correction: plain log(1 + e) loses the
+    # relative precision of small dt, which fp32 tests see.
+    e = tl.exp(tl.minimum(v, 20.0))
+    w = 1.0 + e
+    lp = tl.where(w == 1.0, e, tl.log(w) * e / (w - 1.0))
+    return tl.where(v > 20.0, v, lp)
+
+
+@triton.jit
+def ssd_chunk_cumsum_fwd_kernel(
+    dt, A, dt_bias, dtp, dA_cs, dA_lo,
+    T, s_db, s_dt, s_dh,
+    H: tl.constexpr, L: tl.constexpr, BH: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, PRECISE: tl.constexpr,
+):
+    i_c, i_b, i_hb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_t = i_c * L + tl.arange(0, L)
+    o_h = i_hb * BH + tl.arange(0, BH)
+    m_t, m_h = o_t < T, o_h < H
+    m = m_t[:, None] & m_h[None, :]
+    # [L, BH]
+    p_dt = dt + i_b.to(tl.int64) * s_db + o_t[:, None].to(tl.int64) * s_dt + o_h[None, :] * s_dh
+    b_dt = tl.load(p_dt, mask=m, other=0.).to(tl.float32)
+    if HAS_BIAS:
+        b_dt += tl.load(dt_bias + o_h, mask=m_h, other=0.).to(tl.float32)[None, :]
+    if SOFTPLUS:
+        b_dt = softplus(b_dt)
+    # padded steps: dt' = 0, so they neither decay nor write the state
+    b_dt = tl.where(m, b_dt, 0.)
+    b_A = tl.load(A + o_h, mask=m_h, other=0.).to(tl.float32)
+    p_o = (i_b * H + o_h[None, :]).to(tl.int64) * T + o_t[:, None]
+    tl.store(dtp + p_o, b_dt, mask=m)
+    if PRECISE:
+        # Decays are exp of differences of these sums: late in a chunk the sums
+        # are large and their difference small, so fp32 would lose ~1e-5 there.
+        # Keep the sum as hi + lo; consumers subtract the hi parts (exact when
+        # close) and the lo parts separately.
+        b_cs64 = tl.cumsum(b_dt.to(tl.float64) * b_A.to(tl.float64)[None, :], axis=0)
+        b_cs = b_cs64.to(tl.float32)
+        tl.store(dA_lo + p_o, (b_cs64 - b_cs.to(tl.float64)).to(tl.float32), mask=m)
+    else:
+        b_cs = tl.cumsum(b_dt * b_A[None, :], axis=0)
+    tl.store(dA_cs + p_o, b_cs, mask=m)
+
+
+@triton.autotune(
+    configs=configs([{"num_warps": 4}, {"num_warps": 8}], {"num_warps": 4}),
+    key=["N", "L", "BT"],
+)
+@triton.jit
+def ssd_bmm_fwd_kernel(
+    C, B, S,
+    T, NT, s_Cb, s_Ct, s_Cg, s_Cn, s_Bb, s_Bt, s_Bg, s_Bn,
+    G: tl.constexpr, N: tl.constexpr, L: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    NB: tl.constexpr = L // BT
+    i_ci, i_bg = tl.program_id(0), tl.program_id(1)
+    i_c, i_i = i_ci // NB, i_ci % NB
+    i_b, i_g = i_bg // G, i_bg % G
+    t0 = i_c * L
+    o_i = i_i * BT + tl.arange(0, BT)
+    o_n = tl.arange(0, BN)
+    m_i, m_n = t0 + o_i < T, o_n < N
+    p_C = C + i_b.to(tl.int64) * s_Cb + t0.to(tl.int64) * s_Ct + i_g * s_Cg + o_i[:, None] * s_Ct + o_n[None, :] * s_Cn
+    # [BT, BN]
+    b_C = tl.load(p_C, mask=m_i[:, None] & m_n[None, :], other=0.)
+    p_B0 = B + i_b.to(tl.int64) * s_Bb + t0.to(tl.int64) * s_Bt + i_g * s_Bg
+    p_S0 = S + (i_bg.to(tl.int64) * NT + i_c) * (L * L)
+    # only blocks on and below the diagonal are ever read
+    for i_j in range(0, i_i + 1):
+        o_j = i_j * BT + tl.arange(0, BT)
+        m_j = t0 + o_j < T
+        # [BN, BT]: B_j^T, transposed by the pointers
+        b_Bt = tl.load(p_B0 + o_j[None, :] * s_Bt + o_n[:, None] * s_Bn, mask=m_n[:, None] & m_j[None, :], other=0.)
+        b_S = dot(b_C, b_Bt, PRECISION)
+        tl.store(p_S0 + o_i[:, None] * L + o_j[None, :], b_S)
+
+
+@triton.autotune(
+    configs=configs(
+        [{"BK": bk, "BV": bv, "num_warps": w, "num_stages": s}
+         for bk in (32, 64) for bv in (32, 64) for w in (4, 8) for s in (2, 3)],
+        {"BK": 32, "BV": 32, "num_warps": 4},
+    ),
+    key=["P", "N", "L"],
+)
+@triton.jit
+def ssd_state_fwd_kernel(
+    x, B, dtp, dA_cs, dA_lo, doc, h0, states, hT,
+    T, NT, s_xb, s_xt, s_xh, s_xp, s_Bb, s_Bt, s_Bg, s_Bn,
+    H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, L: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr,
+    HAS_INIT: tl.constexpr, HAS_DOC: tl.constexpr, PRECISE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_g = i_h // (H // G)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_l = tl.arange(0, L)
+    m_k, m_v = o_k < N, o_v < P
+    m_vk = m_v[:, None] & m_k[None, :]
+    # [BV, BK] tile of a (P, N) state
+    o_vk = o_v[:, None] * N + o_k[None, :]
+    p_x0 = x + i_b.to(tl.int64) * s_xb + i_h * s_xh
+    p_B0 = B + i_b.to(tl.int64) * s_Bb + i_g * s_Bg
+    o_a0 = i_bh.to(tl.int64) * T
+    o_d0 = i_b.to(tl.int64) * T
+
+    b_h = tl.zeros([BV, BK], dtype=tl.float32)
+    if HAS_INIT:
+        b_h += tl.load(h0 + i_bh.to(tl.int64) * (P * N) + o_vk, mask=m_vk, other=0.)
+    for i_c in range(NT):
+        tl.store(states + (i_bh.to(tl.int64) * NT + i_c) * (P * N) + o_vk, b_h, mask=m_vk)
+        t0 = i_c * L
+        m_t = t0 + o_l < T
+        i_end = tl.minimum(t0 + L, T) - 1
+        b_a = tl.load(dA_cs + o_a0 + t0 + o_l, mask=m_t, other=0.)
+        b_dt = tl.load(dtp + o_a0 + t0 + o_l, mask=m_t, other=0.)
+        b_a_end = tl.load(dA_cs + o_a0 + i_end)
+        b_seg = b_a_end - b_a
+        if PRECISE:
+            b_seg += tl.load(dA_lo + o_a0 + i_end) - tl.load(dA_lo + o_a0 + t0 + o_l, mask=m_t, other=0.)
+        # [L] weight of each step in the chunk's own state: decay to the chunk end times dt
+        b_w = tl.where(m_t, tl.exp(b_seg) * b_dt, 0.)
+        b_decay = tl.exp(b_a_end)
+        if HAS_DOC:
+            b_doc = tl.load(doc + o_d0 + t0 + o_l, mask=m_t, other=-1)
+            b_doc_end = tl.load(doc + o_d0 + i_end)
+            b_doc_prev = tl.load(doc + o_d0 + tl.maximum(t0 - 1, 0))
+            b_w = tl.where(b_doc == b_doc_end, b_w, 0.)
+            b_decay = tl.where(b_doc_end == b_doc_prev, b_decay, 0.)
+        # [BV, L]: x^T, transposed by the pointers
+        p_xt = p_x0 + t0.to(tl.int64) * s_xt + o_l[None, :] * s_xt + o_v[:, None] * s_xp
+        b_xt = tl.load(p_xt, mask=m_v[:, None] & m_t[None, :], other=0.)
+        b_xt = (b_xt * b_w[None, :]).to(b_xt.dtype)
+        # [L, BK]
+        p_B = p_B0 + t0.to(tl.int64) * s_Bt + o_l[:, None] * s_Bt + o_k[None, :] * s_Bn
+        b_B = tl.load(p_B, mask=m_t[:, None] & m_k[None, :], other=0.)
+        b_h = b_h * b_decay + dot(b_xt, b_B, PRECISION)
+    tl.store(hT + i_bh.to(tl.int64) * (P * N) + o_vk, b_h, mask=m_vk)
+
+
+@triton.autotune(
+    configs=configs(
+        [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2, 3)],
+        {"num_warps": 4},
+    ),
+    key=["P", "N", "L", "BT", "BV"],
+)
+@triton.jit
+def ssd_output_fwd_kernel(
+    x, z, C, S, D, dtp, dA_cs, dA_lo, doc, states, out, ypre,
+    T, NT, BHt, s_xb, s_xt, s_xh, s_xp, s_zb, s_zt, s_zh, s_zp, s_Cb, s_Ct, s_Cg, s_Cn,
+    H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, L: tl.constexpr,
+    BT: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr,
+    HAS_D: tl.constexpr, D_2D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DOC: tl.constexpr,
+    PRECISE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    NB: tl.constexpr = L // BT
+    NV: tl.constexpr = (P + BV - 1) // BV
+    # heads vary fastest so the programs reading one S block run together (L2)
+    i_pid = tl.program_id(0)
+    i_v, i_r = i_pid % NV, i_pid // NV
+    i_bh, i_ci = i_r % BHt, i_r // BHt
+    i_c, i_i = i_ci // NB, i_ci % NB
+    i_b, i_h = i_bh // H, i_bh % H
+    i_g = i_h // (H // G)
+    t0 = i_c * L
+    o_i = i_i * BT + tl.arange(0, BT)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_n = tl.arange(0, BN)
+    m_i, m_v, m_n = t0 + o_i < T, o_v < P, o_n < N
+    o_a0 = i_bh.to(tl.int64) * T + t0
+    o_d0 = i_b.to(tl.int64) * T + t0
+
+    b_a_i = tl.load(dA_cs + o_a0 + o_i, mask=m_i, other=0.)
+    if PRECISE:
+        b_l_i = tl.load(dA_lo + o_a0 + o_i, mask=m_i, other=0.)
+    b_g = tl.exp(b_a_i)
+    if HAS_DOC:
+        b_doc_i = tl.load(doc + o_d0 + o_i, mask=m_i, other=-1)
+        b_doc_prev = tl.load(doc + i_b.to(tl.int64) * T + tl.maximum(t0 - 1, 0))
+        b_g = tl.where(b_doc_i == b_doc_prev, b_g, 0.)
+    # what the carried state gives: exp(a_cs_t) C_t h_prev^T
+    p_C = C + i_b.to(tl.int64) * s_Cb + t0.to(tl.int64) * s_Ct + i_g * s_Cg + o_i[:, None] * s_Ct + o_n[None, :] * s_Cn
+    b_C = tl.load(p_C, mask=m_i[:, None] & m_n[None, :], other=0.)
+    # [BN, BV]: the state transposed by the pointers
+    p_ht = states + (i_bh.to(tl.int64) * NT + i_c) * (P * N) + o_n[:, None] + o_v[None, :] * N
+    b_ht = tl.load(p_ht, mask=m_n[:, None] & m_v[None, :], other=0.).to(b_C.dtype)
+    b_y = dot(b_C, b_ht, PRECISION) * b_g[:, None]
+
+    # inside the chunk: sum_s S_ts exp(a_cs_t - a_cs_s) dt_s x_s over s <= t, same document
+    p_x0 = x + i_b.to(tl.int64) * s_xb + t0.to(tl.int64) * s_xt + i_h * s_xh
+    p_S0 = S + ((i_b * G + i_g).to(tl.int64) * NT + i_c) * (L * L)
+    for i_j in range(0, i_i + 1):
+        o_j = i_j * BT + tl.arange(0, BT)
+        m_j = t0 + o_j < T
+        b_a_j = tl.load(dA_cs + o_a0 + o_j, mask=m_j, other=0.)
+        b_dt_j = tl.load(dtp + o_a0 + o_j, mask=m_j, other=0.)
+        m_ij = (o_i[:, None] >= o_j[None, :]) & m_j[None, :]
+        if HAS_DOC:
+            b_doc_j = tl.load(doc + o_d0 + o_j, mask=m_j, other=-2)
+            m_ij = m_ij & (b_doc_i[:, None] == b_doc_j[None, :])
+        # [BT, BT]
+        b_S = tl.load(p_S0 + o_i[:, None] * L + o_j[None, :])  # fp32
+        b_seg = b_a_i[:, None] - b_a_j[None, :]
+        if PRECISE:
+            b_seg += b_l_i[:, None] - tl.load(dA_lo + o_a0 + o_j, mask=m_j, other=0.)[None, :]
+        b_W = b_S * tl.exp(tl.where(m_ij, b_seg, float("-inf"))) * b_dt_j[None, :]
+        # [BT, BV]
+        b_x = tl.load(p_x0 + o_j[:, None] * s_xt + o_v[None, :] * s_xp, mask=m_j[:, None] & m_v[None, :], other=0.)
+        b_y += dot(b_W.to(b_x.dtype), b_x, PRECISION)
+
+    m_iv = m_i[:, None] & m_v[None, :]
+    if HAS_D:
+        b_xi = tl.load(p_x0 + o_i[:, None] * s_xt + o_v[None, :] * s_xp, mask=m_iv, other=0.).to(tl.float32)
+        if D_2D:
+            b_D = tl.load(D + i_h * P + o_v, mask=m_v, other=0.).to(tl.float32)[None, :]
+        else:
+            b_D = tl.load(D + i_h).to(tl.float32)
+        b_y += b_xi * b_D
+    # outputs are contiguous (batch, T, heads, P)
+    o_out = ((i_b.to(tl.int64) * T + t0 + o_i[:, None]) * H + i_h) * P + o_v[None, :]
+    if HAS_Z:
+        tl.store(ypre + o_out, b_y.to(ypre.dtype.element_ty), mask=m_iv)
+        p_z = z + i_b.to(tl.int64) * s_zb + t0.to(tl.int64) * s_zt + i_h * s_zh + o_i[:, None] * s_zt + o_v[None, :] * s_zp
+        b_z = tl.load(p_z, mask=m_iv, other=0.).to(tl.float32)
+        b_y = b_y * b_z * tl.sigmoid(b_z)
+    tl.store(out + o_out, b_y.to(out.dtype.element_ty), mask=m_iv)
