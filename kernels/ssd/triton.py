@@ -185,7 +185,9 @@ def ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_st
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
     )
 
-    empty = x.new_empty(0)
+    def empty():  # absent gradients: distinct tensors (custom op outputs may not alias)
+        return x.new_empty(0)
+
     dB = dB_out[0] if nsplit == 1 else dB_out.sum(0).to(B.dtype)
     dC = dC_out[0] if nsplit == 1 else dC_out.sum(0).to(C.dtype)
     dA = dA_part.sum((0, 1)).to(A.dtype)
@@ -193,9 +195,9 @@ def ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_st
         dD = dD_part.sum((0, 1, 2))
         dD = (dD if D.dim() == 2 else dD.sum(-1)).to(D.dtype)
     else:
-        dD = empty
-    dbias = dbias_part.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else empty
-    dinit = dh0.to(initial_state.dtype) if initial_state is not None else empty
+        dD = empty()
+    dbias = dbias_part.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else empty()
+    dinit = dh0.to(initial_state.dtype) if initial_state is not None else empty()
     return dx, ddt, dA, dB, dC, dD, dz, dbias, dinit
 
 
