@@ -10,14 +10,14 @@ backward walks the segments from last to first, recomputes the states of a
 segment, and runs the adjoint recurrence as a reverse scan.
 """
 
-import math
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 # Time steps between two saved states. The forward stores
 # batch * channels * d_state fp32 values per segment (1M steps, 1536 x 16:
@@ -77,8 +77,8 @@ def _prune(configs, named_args, **kwargs):
 
 
 if _INTERPRET:  # autotuning in the interpreter costs minutes
-    _FWD_CONFIGS = [triton.Config({"BT": 16, "BD": 8}, num_warps=4)]
-    _BWD_CONFIGS = [triton.Config({"BT": 16}, num_warps=4)]
+    _FWD_CONFIGS = [triton.Config({"BT": 32, "BD": 8}, num_warps=4)]
+    _BWD_CONFIGS = [triton.Config({"BT": 32}, num_warps=4)]
 else:
     _FWD_CONFIGS = _all_configs((4, 8, 16, 32))
     _BWD_CONFIGS = [
@@ -390,8 +390,15 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx):
     sB, sC = B.stride(), C.stride()
     s_seq = seq_idx.stride() if seq_idx is not None else (0, 0)
     s_z = z.stride() if z is not None else (0, 0, 0)
-    grid = lambda meta: (channels // meta["BD"], batch)  # noqa: E731
-    _fwd_kernel[grid](
+    bn = triton.next_power_of_2(d_state)
+    if not any(gsize % c.kwargs["BD"] == 0 for c in _FWD_CONFIGS):
+        # no config fits the group size (odd groups): launch one that does
+        bd = _pow2_divisor(gsize, 32)
+        kernel = functools.partial(_fwd_kernel.fn[(channels // bd, batch)], BT=32, BD=bd,
+                                   num_warps=max(1, min(8, bd * bn // 32)))
+    else:
+        kernel = _fwd_kernel[lambda meta: (channels // meta["BD"], batch)]
+    kernel(
         x, dt, A, B, C, D, z, dt_bias, h0, seq_idx,
         y, hT, ckpt,
         length, channels, d_state, gsize, CHECKPOINT_STEPS, batch,
@@ -399,7 +406,7 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx):
         sB[0], sB[1], sB[2], sC[0], sC[1], sC[2], s_seq[0], s_seq[1],
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
         SOFTPLUS=dt_softplus, HAS_H0=h0 is not None, HAS_SEQ=seq_idx is not None,
-        BN=triton.next_power_of_2(d_state),
+        BN=bn,
     )
     return y, hT, ckpt
 

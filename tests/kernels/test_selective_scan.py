@@ -1,0 +1,281 @@
+"""The Triton selective scan against the naive loop: outputs and every gradient.
+
+Without a GPU the kernels run in Triton's interpreter; shapes are kept small
+so the whole file takes well under two minutes on a CPU.
+"""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+os.environ["MAMBATRAIN_KERNEL_DEBUG"] = "1"
+
+import mambatrain_kernels.selective_scan.triton as sst  # noqa: E402
+from mambatrain_kernels.selective_scan import selective_scan, selective_scan_naive  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _fold_along_axis(self, inputs):
+    """Triton 3.x interpreter's generic scan, one slice along the axis at a time.
+
+    The stock version calls the combine function once per element from Python
+    (seconds per tile); this is the same left fold, on whole slices.
+    """
+    datas = [t.handle.data for t in inputs]
+    dtypes = [t.dtype for t in inputs]
+    outs = [np.empty_like(d) for d in datas]
+    acc = None
+    for i in range(datas[0].shape[self.axis]):
+        cur = [np.take(d, i, axis=self.axis) for d in datas]
+        if acc is None:
+            acc = cur
+        else:
+            ret = self.combine_fn.fn(*(self.to_tensor(a, dt) for a, dt in zip(acc, dtypes)),
+                                     *(self.to_tensor(c, dt) for c, dt in zip(cur, dtypes)))
+            ret = ret if isinstance(ret, tuple) else (ret,)
+            acc = [np.broadcast_to(r.handle.data, c.shape).astype(c.dtype) for r, c in zip(ret, cur)]
+        for o, a in zip(outs, acc):
+            idx = [slice(None)] * o.ndim
+            idx[self.axis] = i
+            o[tuple(idx)] = a
+    return [self.to_tensor(o, dt) for o, dt in zip(outs, dtypes)]
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from triton.runtime import interpreter
+
+    _STOCK_SCAN = interpreter.ScanOps.generic_scan
+    interpreter.ScanOps.generic_scan = _fold_along_axis
+# outputs the host allocates start as NaN: an unwritten element fails a test
+sst._DEBUG_NAN = True
+
+NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
+
+
+def make_inputs(batch, length, channels, groups, d_state, *, z=True, D=True, bias=True, h0=True, seq=True,
+                dtype=torch.float32, strided=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0, shift=0.0):
+        return torch.randn(*shape, generator=g) * scale + shift
+
+    if strided:  # x, z, dt sliced out of one projection, B and C out of another
+        proj = randn(batch, length, 3 * channels + 5)
+        x, zz, dt = proj[..., :channels], proj[..., channels:2 * channels], proj[..., 2 * channels + 5:]
+        dt = dt * 0.5 - 1.0 if bias else torch.nn.functional.softplus(dt - 1.0)
+        bc = randn(batch, length, groups, 2 * d_state + 3)
+        B, C = bc[..., :d_state], bc[..., d_state + 3:]
+    else:
+        x, zz = randn(batch, length, channels), randn(batch, length, channels)
+        # with softplus: a raw dt; without: already in softplus range
+        dt = randn(batch, length, channels, scale=0.5, shift=-1.0)
+        if not bias:
+            dt = torch.nn.functional.softplus(dt)
+        B, C = randn(batch, length, groups, d_state), randn(batch, length, groups, d_state)
+    inputs = {
+        "x": x, "dt": dt, "A": -torch.exp(randn(channels, d_state)), "B": B, "C": C,
+        "D": randn(channels) if D else None,
+        "z": zz if z else None,
+        "dt_bias": randn(channels, scale=0.5) if bias else None,
+        "initial_state": randn(batch, channels, d_state) if h0 else None,
+    }
+    cast = {"x", "dt", "B", "C", "z"}
+    inputs = {k: (v.to(dtype) if k in cast and v is not None else v) for k, v in inputs.items()}
+    seq_idx = None
+    if seq:  # a few documents per row, boundaries at random places
+        seq_idx = torch.sort(torch.randint(0, 4, (batch, length), generator=g), dim=1).values.to(torch.int32)
+    return inputs, seq_idx
+
+
+def leafs(inputs, dtype=None):
+    out = {}
+    for k, v in inputs.items():
+        if v is None:
+            out[k] = None
+            continue
+        v = v.detach().to(DEVICE)
+        if dtype is not None:
+            v = v.to(dtype)
+        out[k] = v.requires_grad_()
+    return out
+
+
+def rel_err(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def run(fn, inputs, seq_idx, softplus, gy, gh):
+    y, hT = fn(**inputs, dt_softplus=softplus, seq_idx=seq_idx, return_final_state=True)
+    grads = [gy.to(y.dtype)]
+    outs = [y]
+    if gh is not None:
+        outs.append(hT)
+        grads.append(gh.to(hT.dtype))
+    torch.autograd.backward(outs, grads)
+    return y, hT, {k: v.grad for k, v in inputs.items() if v is not None}
+
+
+def check(batch, length, channels, groups, d_state, dtype=torch.float32, tol=1e-5, dhT=True, **kw):
+    softplus = kw.get("bias", True)
+    inputs, seq_idx = make_inputs(batch, length, channels, groups, d_state, dtype=dtype, **kw)
+    seq_dev = seq_idx.to(DEVICE) if seq_idx is not None else None
+    gen = torch.Generator().manual_seed(1)
+    gy = torch.randn(batch, length, channels, generator=gen)
+    gh = torch.randn(batch, channels, d_state, generator=gen) if dhT else None
+
+    tri = leafs(inputs)
+    y, hT, grads = run(selective_scan, tri, seq_dev, softplus, gy.to(DEVICE), None if gh is None else gh.to(DEVICE))
+    # the reference sees the very same (possibly bf16-rounded) values, in float64
+    ref = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in inputs.items()}
+    y_ref, hT_ref, grads_ref = run(selective_scan_naive, ref, seq_idx, softplus, gy.double(),
+                                   None if gh is None else gh.double())
+
+    assert y.dtype == inputs["x"].dtype and hT.dtype == torch.float32
+    errs = {"y": rel_err(y, y_ref), "final_state": rel_err(hT, hT_ref)}
+    for k in grads_ref:
+        assert grads[k].shape == inputs[k].shape and grads[k].dtype == inputs[k].dtype, k
+        errs["d" + k] = rel_err(grads[k], grads_ref[k])
+    for name, t in [("y", y), ("final_state", hT), *grads.items()]:
+        assert not torch.isnan(t).any(), f"NaN in {name}"
+    bad = {k: v for k, v in errs.items() if not v < tol}
+    assert not bad, f"relative errors over {tol}: {bad}"
+    return errs
+
+
+@pytest.mark.parametrize("length", [1, 17, 255, 256])
+def test_lengths_fp32(length):
+    check(2, length, 16, 2, 8)
+
+
+def test_long_fp32_multi_segment(monkeypatch):
+    # 1000 steps over segments of 128: the backward recomputes 8 segments
+    monkeypatch.setattr(sst, "CHECKPOINT_STEPS", 128)
+    check(2, 1000, 16, 2, 8)
+
+
+def test_long_fp32_one_segment():
+    check(1, 1000, 8, 1, 16)
+
+
+def test_segments_boundaries(monkeypatch):
+    # segment boundaries inside documents, a last segment of one step
+    monkeypatch.setattr(sst, "CHECKPOINT_STEPS", 64)
+    check(2, 193, 8, 1, 4)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(z=False, D=False, bias=False, h0=False, seq=False),
+        dict(z=True, D=False, bias=False, h0=True, seq=False),
+        dict(z=False, D=True, bias=True, h0=False, seq=True),
+    ],
+    ids=["plain", "z-h0", "D-bias-seq"],
+)
+def test_optional_inputs(opts):
+    check(2, 45, 16, 1, 8, **opts)
+
+
+@pytest.mark.parametrize(
+    "batch,channels,groups,d_state",
+    [(1, 8, 8, 4), (3, 12, 4, 5), (1, 64, 2, 16)],
+    ids=["group-per-channel", "odd-sizes", "wide"],
+)
+def test_shapes(batch, channels, groups, d_state):
+    check(batch, 23, channels, groups, d_state)
+
+
+def test_strided_inputs():
+    check(2, 40, 16, 2, 8, strided=True)
+
+
+def test_no_final_state_gradient():
+    check(2, 40, 16, 2, 8, dhT=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(dtype):
+    errs = check(2, 50, 16, 2, 8, dtype=dtype, tol=1e-2)
+    assert errs["y"] < 1e-2
+
+
+def test_return_types():
+    inputs, _ = make_inputs(1, 5, 8, 1, 4, seq=False)
+    inputs = {k: (v.to(DEVICE) if v is not None else None) for k, v in inputs.items()}
+    y = selective_scan(**inputs)
+    assert isinstance(y, torch.Tensor) and y.shape == (1, 5, 8)
+    y2, hT = selective_scan(**inputs, return_final_state=True)
+    assert torch.equal(y, y2) and hT.shape == (1, 8, 4) and hT.dtype == torch.float32
+
+
+def test_deterministic():
+    inputs, seq_idx = make_inputs(2, 40, 16, 2, 8)
+    gy = torch.randn(2, 40, 16).to(DEVICE)
+    runs = []
+    for _ in range(2):
+        tri = leafs(inputs)
+        y, _, grads = run(selective_scan, tri, seq_idx.to(DEVICE), True, gy, None)
+        runs.append((y, grads))
+    assert torch.equal(runs[0][0], runs[1][0])
+    for k in runs[0][1]:
+        assert torch.equal(runs[0][1][k], runs[1][1][k]), k
+
+
+def test_torch_compile_fullgraph():
+    # tracing is what is checked: aot_eager runs the custom ops as they are
+    inputs, seq_idx = make_inputs(1, 20, 8, 1, 4)
+    tri = leafs(inputs)
+    seq_dev = seq_idx.to(DEVICE)
+
+    def f(x, dt, A, B, C, D, z, dt_bias, initial_state):
+        y, h = selective_scan(x, dt, A, B, C, D, z, dt_bias, True, initial_state, seq_dev, True)
+        return y.sum() + h.sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    out = compiled(*tri.values())
+    out.backward()
+    got = {k: v.grad.clone() for k, v in tri.items()}
+    tri2 = leafs(inputs)
+    ref = f(*tri2.values())
+    ref.backward()
+    assert torch.allclose(out, ref)
+    for k in got:
+        assert torch.equal(got[k], tri2[k].grad), k
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter only")
+def test_fast_interpreter_scan_matches_stock():
+    # the slice-wise fold this module installs gives what Triton's own does
+    import triton
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    @triton.jit
+    def scan3(a, b, c, oa, ob, oc, REV: tl.constexpr):
+        o = tl.arange(0, 8)[:, None, None] * 8 + tl.arange(0, 2)[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
+        ra, rb, rc = tl.associative_scan((tl.load(a + o), tl.load(b + o), tl.load(c + o)), 0,
+                                         sst._adjoint_combine, reverse=REV)
+        tl.store(oa + o, ra)
+        tl.store(ob + o, rb)
+        tl.store(oc + o, rc)
+
+    ins = [torch.rand(8, 2, 4) + 0.5 for _ in range(3)]
+    for rev in (False, True):
+        got = [torch.empty(8, 2, 4) for _ in range(3)]
+        scan3[(1,)](*ins, *got, rev)
+        fast = interpreter.ScanOps.generic_scan
+        stock = [torch.empty(8, 2, 4) for _ in range(3)]
+        try:
+            interpreter.ScanOps.generic_scan = _STOCK_SCAN
+            scan3[(1,)](*ins, *stock, rev)
+        finally:
+            interpreter.ScanOps.generic_scan = fast
+        for g, s in zip(got, stock):
+            assert torch.equal(g, s)
