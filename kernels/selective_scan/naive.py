@@ -47,8 +47,6 @@ def selective_scan_naive(
         dtf = dtf + dt_bias.float()
     if dt_softplus:
         dtf = F.softplus(dtf)
-    Bf = _expand_groups(B.float(), channels)
-    Cf = _expand_groups(C.float(), channels)
     Af = A.float()
     h = x.new_zeros(batch, channels, A.shape[1], dtype=torch.float32)
     if initial_state is not None:
@@ -59,8 +57,10 @@ def selective_scan_naive(
         if seq_idx is not None and t > 0:
             same_doc = (seq_idx[:, t] == seq_idx[:, t - 1]).float()[:, None, None]
             h = h * same_doc
-        h = decay * h + (dtf[:, t] * xf[:, t])[:, :, None] * Bf[:, t]
-        ys.append((h * Cf[:, t]).sum(-1))
+        # Groups are widened one step at a time: widening all of B and C at once costs length x channels x d_state.
+        B_t, C_t = _expand_groups(B[:, t, None].float(), channels)[:, 0], _expand_groups(C[:, t, None].float(), channels)[:, 0]
+        h = decay * h + (dtf[:, t] * xf[:, t])[:, :, None] * B_t
+        ys.append((h * C_t).sum(-1))
     y = torch.stack(ys, dim=1)
     if D is not None:
         y = y + xf * D.float()

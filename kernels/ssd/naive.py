@@ -51,8 +51,6 @@ def ssd_naive(
         dtf = dtf + dt_bias.float()
     if dt_softplus:
         dtf = F.softplus(dtf)
-    Bf = _expand_groups(B.float(), heads)
-    Cf = _expand_groups(C.float(), heads)
     h = x.new_zeros(batch, heads, head_dim, B.shape[-1], dtype=torch.float32)
     if initial_state is not None:
         h = h + initial_state.float()
@@ -62,9 +60,11 @@ def ssd_naive(
         if seq_idx is not None and t > 0:
             same_doc = (seq_idx[:, t] == seq_idx[:, t - 1]).float()[:, None, None, None]
             h = h * same_doc
-        update = (dtf[:, t, :, None] * xf[:, t])[..., None] * Bf[:, t, :, None, :]
+        # Groups are widened one step at a time: widening all of B and C at once costs length x heads x d_state.
+        B_t, C_t = _expand_groups(B[:, t, None].float(), heads)[:, 0], _expand_groups(C[:, t, None].float(), heads)[:, 0]
+        update = (dtf[:, t, :, None] * xf[:, t])[..., None] * B_t[:, :, None, :]
         h = decay * h + update
-        ys.append((h * Cf[:, t, :, None, :]).sum(-1))
+        ys.append((h * C_t[:, :, None, :]).sum(-1))
     y = torch.stack(ys, dim=1)
     if D is not None:
         Df = D.float() if D.dim() == 2 else D.float()[:, None]

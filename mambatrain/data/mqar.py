@@ -1,8 +1,11 @@
 """Multi-query associative recall (MQAR, from the Zoology paper), generated on the fly.
 
-Each sequence opens with key-value pairs ``k1 v1 k2 v2 ...``; later, each key
-comes back once as a query and the model must answer with its value. Solving it
-needs recall over the whole context, which is what long-context layers are for.
+Each sequence opens with key-value pairs ``k1 v1 k2 v2 ...``; the rest of the
+sequence is queries: a key followed by its value, which the model must predict.
+Every key is queried at least once, in random order, and the remaining query slots
+ask for random keys again, so every second token after the pairs carries a
+training signal. Solving it needs recall over the whole context, which is what
+long-context layers are for.
 
 Token 0 is filler; keys come from the lower half of the remaining vocabulary and
 values from the upper half. Sample ``i`` is a pure function of (seed, i), so any
@@ -28,14 +31,14 @@ def mqar_sample(index: int, seed: int, seq_len: int, vocab_size: int, num_kv_pai
     labels = torch.full((seq_len,), IGNORE_INDEX, dtype=torch.long)
     input_ids[0: 2 * num_kv_pairs: 2] = keys
     input_ids[1: 2 * num_kv_pairs: 2] = values
-    # Queries sit in two-token slots after the pairs: the key, then its value as the answer.
+    # Queries fill two-token slots after the pairs: the key, then its value as the answer.
     n_slots = (seq_len - 2 * num_kv_pairs) // 2
-    slots = torch.randperm(n_slots, generator=gen)[:num_kv_pairs]
-    order = torch.randperm(num_kv_pairs, generator=gen)
-    positions = 2 * num_kv_pairs + 2 * slots
-    input_ids[positions] = keys[order]
-    input_ids[positions + 1] = values[order]
-    labels[positions] = values[order]
+    extra = torch.randint(0, num_kv_pairs, (n_slots - num_kv_pairs,), generator=gen)
+    asked = torch.cat([torch.arange(num_kv_pairs), extra])[torch.randperm(n_slots, generator=gen)]
+    positions = 2 * num_kv_pairs + 2 * torch.arange(n_slots)
+    input_ids[positions] = keys[asked]
+    input_ids[positions + 1] = values[asked]
+    labels[positions] = values[asked]
     return {"input_ids": input_ids, "labels": labels}
 
 
