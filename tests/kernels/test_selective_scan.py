@@ -46,11 +46,39 @@ def _fold_along_axis(self, inputs):
     return [self.to_tensor(o, dt) for o, dt in zip(outs, dtypes)]
 
 
+def _reduce_along_axis(self, inputs):
+    """The interpreter's generic reduction (tl.flip's xor-sum uses it), slice-wise."""
+    original_axis = self.axis
+    inputs, axis = self.unravel(inputs, self.axis)
+    datas = [t.handle.data for t in inputs]
+    dtypes = [t.dtype for t in inputs]
+    acc = None
+    for i in range(datas[0].shape[axis]):
+        cur = [np.take(d, i, axis=axis) for d in datas]
+        if acc is None:
+            acc = cur
+            continue
+        ret = self.combine_fn.fn(*(self.to_tensor(a, dt) for a, dt in zip(acc, dtypes)),
+                                 *(self.to_tensor(c, dt) for c, dt in zip(cur, dtypes)))
+        ret = ret if isinstance(ret, tuple) else (ret,)
+        acc = [np.broadcast_to(r.handle.data, c.shape).astype(c.dtype) for r, c in zip(ret, cur)]
+    out = []
+    for a, dt in zip(acc, dtypes):
+        if self.keep_dims:
+            a = np.expand_dims(a, axis) if original_axis is not None else a.reshape((1,) * datas[0].ndim)
+        elif original_axis is None:
+            a = a.item()
+        out.append(self.to_tensor(a, dt))
+    return out
+
+
 if os.environ.get("TRITON_INTERPRET") == "1":
     from triton.runtime import interpreter
 
     _STOCK_SCAN = interpreter.ScanOps.generic_scan
+    _STOCK_REDUCE = interpreter.ReduceOps.generic_reduce
     interpreter.ScanOps.generic_scan = _fold_along_axis
+    interpreter.ReduceOps.generic_reduce = _reduce_along_axis
 # outputs the host allocates start as NaN: an unwritten element fails a test
 sst._DEBUG_NAN = True
 
@@ -252,7 +280,7 @@ def test_torch_compile_fullgraph():
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter only")
 def test_fast_interpreter_scan_matches_stock():
-    # the slice-wise fold this module installs gives what Triton's own does
+    # the slice-wise folds this module installs give what Triton's own do
     import triton
     import triton.language as tl
     from triton.runtime import interpreter
@@ -262,7 +290,7 @@ def test_fast_interpreter_scan_matches_stock():
         o = tl.arange(0, 8)[:, None, None] * 8 + tl.arange(0, 2)[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
         ra, rb, rc = tl.associative_scan((tl.load(a + o), tl.load(b + o), tl.load(c + o)), 0,
                                          sst._adjoint_combine, reverse=REV)
-        tl.store(oa + o, ra)
+        tl.store(oa + o, tl.flip(ra, 0))
         tl.store(ob + o, rb)
         tl.store(oc + o, rc)
 
@@ -270,12 +298,13 @@ def test_fast_interpreter_scan_matches_stock():
     for rev in (False, True):
         got = [torch.empty(8, 2, 4) for _ in range(3)]
         scan3[(1,)](*ins, *got, rev)
-        fast = interpreter.ScanOps.generic_scan
         stock = [torch.empty(8, 2, 4) for _ in range(3)]
         try:
             interpreter.ScanOps.generic_scan = _STOCK_SCAN
+            interpreter.ReduceOps.generic_reduce = _STOCK_REDUCE
             scan3[(1,)](*ins, *stock, rev)
         finally:
-            interpreter.ScanOps.generic_scan = fast
+            interpreter.ScanOps.generic_scan = _fold_along_axis
+            interpreter.ReduceOps.generic_reduce = _reduce_along_axis
         for g, s in zip(got, stock):
             assert torch.equal(g, s)
