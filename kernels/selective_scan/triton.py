@@ -54,38 +54,57 @@ def _adjoint_combine(f1, q1, v1, f2, q2, v2):
 # --------------------------------------------------------------------------
 # autotune configs
 # --------------------------------------------------------------------------
-# A [BT, BD, BN] tile puts the (channel, state) pairs across threads and time
-# inside each thread (Triton's default layout fills lanes from the last dim),
-# so the scan over time runs in registers. More warps than BD * BN / 32 would
-# put time across warps: pruned. BD must divide the channels of one group.
-def _all_configs(block_ds):
-    return [
-        triton.Config({"BT": bt, "BD": bd}, num_warps=nw, num_stages=1)
-        for bt in (32, 64) for bd in block_ds for nw in (1, 2, 4, 8)
-    ]
+def _pow2_divisor(n: int, cap: int) -> int:
+    """Largest power of two that divides n, at most cap."""
+    p = 1
+    while p * 2 <= cap and n % (p * 2) == 0:
+        p *= 2
+    return p
+
+
+def _fits(cfg, bn: int, gsize: int, bd: int, per_thread: int) -> bool:
+    """A config is legal and sane for d_state padded to bn and this group size.
+
+    BD must divide the channels of one group (a program reads one group's B
+    and C). BD * NL must give every thread its own (channel, state lane):
+    fewer would put time across threads. per_thread caps the elements of one
+    [NI, BT, BD, NL] tile that each thread holds (registers).
+    """
+    ni, bt, nw = cfg.kwargs["NI"], cfg.kwargs["BT"], cfg.num_warps
+    if ni > bn or gsize % bd:
+        return False
+    if _INTERPRET:  # no threads, no registers
+        return True
+    threads_needed = bd * (bn // ni)
+    return threads_needed >= 32 * nw and bt * bd * bn // (32 * nw) <= per_thread
 
 
 def _prune(configs, named_args, **kwargs):
-    bn, gsize = kwargs.get("BN", None), named_args["GSIZE"]
-    if bn is None:
-        bn = triton.next_power_of_2(named_args["N"])
-    bd_of = lambda c: c.kwargs.get("BD", kwargs.get("BD"))  # noqa: E731
-    keep = [c for c in configs if gsize % bd_of(c) == 0 and 32 * c.num_warps <= bd_of(c) * bn <= 128 * c.num_warps]
-    if not keep:  # odd group sizes: the largest block that fits a group
-        bd = _pow2_divisor(gsize, 64)
-        nw = max(1, min(8, bd * bn // 32))
-        keep = [triton.Config({"BT": 32, "BD": bd} if "BD" in configs[0].kwargs else {"BT": 32}, num_warps=nw, num_stages=1)]
-    return keep
+    bn, gsize = kwargs["BN"], named_args["GSIZE"]
+    limit = _PER_THREAD_BWD if "NBLK" in named_args else _PER_THREAD_FWD
+    return [c for c in configs if _fits(c, bn, gsize, c.kwargs.get("BD", kwargs.get("BD")), limit)]
 
 
-if _INTERPRET:  # autotuning in the interpreter costs minutes
-    _FWD_CONFIGS = [triton.Config({"BT": 32, "BD": 8}, num_warps=4)]
-    _BWD_CONFIGS = [triton.Config({"BT": 32}, num_warps=4)]
+_PER_THREAD_FWD, _PER_THREAD_BWD = 64, 32
+if _INTERPRET:  # autotuning in the interpreter costs minutes: one config (tests swap it)
+    _FWD_CONFIGS = [triton.Config({"BT": 32, "BD": 8, "NI": 2}, num_warps=1)]
+    _BWD_CONFIGS = [triton.Config({"BT": 32, "NI": 2}, num_warps=1)]
 else:
-    _FWD_CONFIGS = _all_configs((4, 8, 16, 32))
-    _BWD_CONFIGS = [
-        triton.Config({"BT": bt}, num_warps=nw, num_stages=1) for bt in (16, 32, 64) for nw in (1, 2, 4, 8)
+    _FWD_CONFIGS = [
+        triton.Config({"BT": bt, "BD": bd, "NI": ni}, num_warps=nw, num_stages=1)
+        for bt in (16, 32, 64) for bd in (4, 8, 16, 32) for ni in (1, 2, 4) for nw in (1, 2, 4, 8)
     ]
+    # BD of the backward is the host's choice (it sets the partial-sum buffer's shape)
+    _BWD_CONFIGS = [
+        triton.Config({"BT": bt, "NI": ni}, num_warps=nw, num_stages=1)
+        for bt in (16, 32) for ni in (1, 2, 4) for nw in (1, 2, 4, 8)
+    ]
+
+
+def _fallback_config(bn: int, gsize: int, bd: int | None = None):
+    # for shapes no config fits: one state per thread, the largest block in a group
+    bd = bd or _pow2_divisor(gsize, 16)
+    return bd, {"BT": 16, "NI": 1}, max(1, min(8, bd * bn // 32))
 
 
 # --------------------------------------------------------------------------
@@ -101,15 +120,24 @@ def _softplus(x):
     return tl.where(x > 20.0, x, lp)
 
 
+# Tiles are 4-D, [NI, BT, BD, NL]: state index n = i * NL + j splits into NI
+# values held by each thread (dim 0) and NL lanes (dim 3). Triton's default
+# layout fills lanes and warps from the last dim, so NL and BD take all the
+# threads (BD * NL >= 32 * num_warps, pruned) and NI, BT stay in registers:
+# the scan over time is a chain of FMAs in each thread, and a sum over n is
+# NI - 1 adds in a thread plus log2(NL) shuffle rounds. NI = 1 gives the most
+# threads (batch 1); NI > 1 fewer shuffles per element.
+
+
 @triton.jit
 def _tile_states(
     x, dt, B, dt_bias, seq_idx, b_A2, b_h,
-    i_b, i_t, i_g, o_d, o_n, m_n, L, N,
+    i_b, i_t, i_g, o_d, o_n3, L, N,
     s_xb, s_xt, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg, s_sb, s_st,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
-    BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+    BT: tl.constexpr,
 ):
-    """States h_t of one tile, from the state b_h before it."""
+    """States h_t of one tile from the state b_h before it, and what they are made of."""
     i_b64 = tl.cast(i_b, tl.int64)
     t0 = tl.cast(i_t, tl.int64) * BT
     o_tl = tl.arange(0, BT)
@@ -127,22 +155,35 @@ def _tile_states(
         b_dt = b_dtr
     # steps past the end: decay 1, input 0, so the state passes through
     b_dt = tl.where(m_t[:, None], b_dt, 0.0)
-    b_a = tl.exp2(b_dt[:, :, None] * b_A2[None, :, :])  # [BT, BD, BN]
+    b_a = tl.exp2(b_dt[None, :, :, None] * b_A2[:, None, :, :])  # [NI, BT, BD, NL]
     if HAS_SEQ:
         p_s = seq_idx + i_b64 * s_sb + t0 * s_st + o_tl * s_st
         b_s = tl.load(p_s, mask=m_t, other=0)
         b_sp = tl.load(p_s - s_st, mask=m_t & (o_t > 0), other=0)
         # a new document zeroes the decay, i.e. drops h_{t-1}
         b_same = (b_s == b_sp) | (o_t == 0) | (~m_t)
-        b_a = tl.where(b_same[:, None, None], b_a, 0.0)
+        b_a = tl.where(b_same[None, :, None, None], b_a, 0.0)
     b_u = b_dt * b_x  # [BT, BD]
-    p_B = B + i_b64 * s_Bb + t0 * s_Bt + i_g * s_Bg + o_tl[:, None] * s_Bt + o_n[None, :]
-    b_B = tl.load(p_B, mask=m_t[:, None] & m_n[None, :], other=0.0).to(tl.float32)  # [BT, BN]
-    b_ub = b_u[:, :, None] * b_B[:, None, :]  # [BT, BD, BN]
+    p_B = B + i_b64 * s_Bb + t0 * s_Bt + i_g * s_Bg + o_tl[None, :, None] * s_Bt + o_n3
+    b_B = tl.load(p_B, mask=m_t[None, :, None] & (o_n3 < N), other=0.0).to(tl.float32)  # [NI, BT, NL]
+    b_ub = b_u[None, :, :, None] * b_B[:, :, None, :]  # [NI, BT, BD, NL]
     # fold the carried state into the first step, so the scanned b is h itself
-    b_in = tl.where((o_tl == 0)[:, None, None], b_ub + b_a * b_h[None, :, :], b_ub)
-    _, b_hs = tl.associative_scan((b_a, b_in), 0, _affine_combine)  # [BT, BD, BN]
+    b_in = tl.where((o_tl == 0)[None, :, None, None], b_ub + b_a * b_h[:, None, :, :], b_ub)
+    _, b_hs = tl.associative_scan((b_a, b_in), 1, _affine_combine)  # [NI, BT, BD, NL]
     return b_x, b_dtr, b_dt, b_a, b_u, b_B, b_ub, b_hs
+
+
+@triton.jit
+def _last_step(b, BT: tl.constexpr):
+    # [NI, BT, BD, NL] -> [NI, BD, NL]; time is in registers, so this is a move
+    o_tl = tl.arange(0, BT)
+    return tl.sum(tl.where((o_tl == BT - 1)[None, :, None, None], b, 0.0), axis=1)
+
+
+@triton.jit
+def _sum_n(b):
+    # [NI, BT, BD, NL] -> [BT, BD]: in-thread adds first, then across lanes
+    return tl.sum(tl.sum(b, axis=0), axis=2)
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=["D", "N", "GSIZE", "BATCH"], prune_configs_by={"early_config_prune": _prune})
@@ -155,21 +196,22 @@ def _fwd_kernel(
     s_Bb, s_Bt, s_Bg, s_Cb, s_Ct, s_Cg, s_sb, s_st,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr,
-    BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, NI: tl.constexpr,
 ):
+    NL: tl.constexpr = BN // NI
     i_d, i_b = tl.program_id(0), tl.program_id(1)
     i_b64 = tl.cast(i_b, tl.int64)
     o_d = i_d * BD + tl.arange(0, BD)
-    o_n = tl.arange(0, BN)
-    m_n = o_n < N
+    o_n3 = tl.arange(0, NI)[:, None, None] * NL + tl.arange(0, NL)[None, None, :]  # [NI, 1, NL]
+    m_n3 = o_n3 < N
     # BD divides GSIZE (the host sees to it): one group per program
     i_g = (i_d * BD) // GSIZE
-    o_dn = o_d[:, None] * N + o_n[None, :]  # [BD, BN]
-    b_A2 = tl.load(A + o_dn, mask=m_n[None, :], other=0.0) * LOG2E
+    o_dn = o_d[None, :, None] * N + o_n3  # [NI, BD, NL]
+    b_A2 = tl.load(A + o_dn, mask=m_n3, other=0.0) * LOG2E
     if HAS_H0:
-        b_h = tl.load(h0 + i_b64 * D * N + o_dn, mask=m_n[None, :], other=0.0).to(tl.float32)
+        b_h = tl.load(h0 + i_b64 * D * N + o_dn, mask=m_n3, other=0.0).to(tl.float32)
     else:
-        b_h = tl.zeros([BD, BN], dtype=tl.float32)
+        b_h = tl.zeros([NI, BD, NL], dtype=tl.float32)
     if HAS_D:
         b_D = tl.load(Dp + o_d).to(tl.float32)
     o_tl = tl.arange(0, BT)
@@ -178,18 +220,18 @@ def _fwd_kernel(
     for i_t in range(0, NT):
         if i_t % TPS == 0:
             p_ck = ckpt + (i_b64 * tl.cdiv(L, S) + i_t // TPS) * D * N + o_dn
-            tl.store(p_ck, b_h, mask=m_n[None, :])
+            tl.store(p_ck, b_h, mask=m_n3)
         b_x, b_dtr, b_dt, b_a, b_u, b_B, b_ub, b_hs = _tile_states(
             x, dt, B, dt_bias, seq_idx, b_A2, b_h,
-            i_b, i_t, i_g, o_d, o_n, m_n, L, N,
+            i_b, i_t, i_g, o_d, o_n3, L, N,
             s_xb, s_xt, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg, s_sb, s_st,
-            HAS_BIAS, SOFTPLUS, HAS_SEQ, BT, BD, BN,
+            HAS_BIAS, SOFTPLUS, HAS_SEQ, BT,
         )
         t0 = tl.cast(i_t, tl.int64) * BT
         m_t = i_t * BT + o_tl < L
-        p_C = C + i_b64 * s_Cb + t0 * s_Ct + i_g * s_Cg + o_tl[:, None] * s_Ct + o_n[None, :]
-        b_C = tl.load(p_C, mask=m_t[:, None] & m_n[None, :], other=0.0).to(tl.float32)  # [BT, BN]
-        b_y = tl.sum(b_hs * b_C[:, None, :], axis=2)  # [BT, BD]
+        p_C = C + i_b64 * s_Cb + t0 * s_Ct + i_g * s_Cg + o_tl[None, :, None] * s_Ct + o_n3
+        b_C = tl.load(p_C, mask=m_t[None, :, None] & m_n3, other=0.0).to(tl.float32)  # [NI, BT, NL]
+        b_y = _sum_n(b_hs * b_C[:, :, None, :])  # [BT, BD]
         if HAS_D:
             b_y += b_x * b_D[None, :]
         if HAS_Z:
@@ -198,8 +240,8 @@ def _fwd_kernel(
             b_y *= b_z * tl.sigmoid(b_z)
         p_y = y + (i_b64 * L + t0) * D + o_tl[:, None] * D + o_d[None, :]
         tl.store(p_y, b_y.to(y.dtype.element_ty), mask=m_t[:, None])
-        b_h = tl.sum(tl.where((o_tl == BT - 1)[:, None, None], b_hs, 0.0), axis=0)  # [BD, BN]
-    tl.store(hT + i_b64 * D * N + o_dn, b_h, mask=m_n[None, :])
+        b_h = _last_step(b_hs, BT)  # [NI, BD, NL]
+    tl.store(hT + i_b64 * D * N + o_dn, b_h, mask=m_n3)
 
 
 @triton.autotune(configs=_BWD_CONFIGS, key=["D", "N", "GSIZE", "BD"], prune_configs_by={"early_config_prune": _prune})
@@ -213,30 +255,31 @@ def _bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr,
     HAS_DHT: tl.constexpr,
-    BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, NI: tl.constexpr,
 ):
+    NL: tl.constexpr = BN // NI
     i_d, i_b = tl.program_id(0), tl.program_id(1)
     i_b64 = tl.cast(i_b, tl.int64)
     o_d = i_d * BD + tl.arange(0, BD)
-    o_n = tl.arange(0, BN)
-    m_n = o_n < N
+    o_n3 = tl.arange(0, NI)[:, None, None] * NL + tl.arange(0, NL)[None, None, :]  # [NI, 1, NL]
+    m_n3 = o_n3 < N
     i_g = (i_d * BD) // GSIZE
-    o_dn = o_d[:, None] * N + o_n[None, :]  # [BD, BN]
-    b_A = tl.load(A + o_dn, mask=m_n[None, :], other=0.0)
+    o_dn = o_d[None, :, None] * N + o_n3  # [NI, BD, NL]
+    b_A = tl.load(A + o_dn, mask=m_n3, other=0.0)
     b_A2 = b_A * LOG2E
     if HAS_D:
         b_D = tl.load(Dp + o_d).to(tl.float32)
-    # adjoint flowing into the step after the current tile: a_{t+1} g_{t+1}
+    # adjoint flowing into the step after the current tile: abar_{t+1} g_{t+1}
     if HAS_DHT:
-        b_c = tl.load(dhT + i_b64 * D * N + o_dn, mask=m_n[None, :], other=0.0).to(tl.float32)
+        b_c = tl.load(dhT + i_b64 * D * N + o_dn, mask=m_n3, other=0.0).to(tl.float32)
     else:
-        b_c = tl.zeros([BD, BN], dtype=tl.float32)
-    b_dA = tl.zeros([BD, BN], dtype=tl.float32)
+        b_c = tl.zeros([NI, BD, NL], dtype=tl.float32)
+    b_dA = tl.zeros([NI, BD, NL], dtype=tl.float32)
     # summed over time once at the end: [BT, BD] tiles have time across threads
     b_dD = tl.zeros([BT, BD], dtype=tl.float32)
     b_dbias = tl.zeros([BT, BD], dtype=tl.float32)
     o_tl = tl.arange(0, BT)
-    o_scr = o_d[:, None] * BN + o_n[None, :]  # [BD, BN]
+    o_scr = o_d[None, :, None] * BN + o_n3  # [NI, BD, NL]
     p_scr = scratch + i_b64 * s_scb
     TPS = S // BT
     NT = tl.cdiv(L, BT)
@@ -245,17 +288,17 @@ def _bwd_kernel(
         i_seg = NS - 1 - i_s
         t_first = i_seg * TPS
         n_tiles = tl.minimum(TPS, NT - t_first)
-        b_h = tl.load(ckpt + (i_b64 * NS + i_seg) * D * N + o_dn, mask=m_n[None, :], other=0.0)
+        b_h = tl.load(ckpt + (i_b64 * NS + i_seg) * D * N + o_dn, mask=m_n3, other=0.0)
         # phase 1: states at the start of every tile of the segment, to scratch
         for k in range(0, n_tiles - 1):
             tl.store(p_scr + k * s_sck + o_scr, b_h)
             _, _, _, _, _, _, _, b_hs = _tile_states(
                 x, dt, B, dt_bias, seq_idx, b_A2, b_h,
-                i_b, t_first + k, i_g, o_d, o_n, m_n, L, N,
+                i_b, t_first + k, i_g, o_d, o_n3, L, N,
                 s_xb, s_xt, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg, s_sb, s_st,
-                HAS_BIAS, SOFTPLUS, HAS_SEQ, BT, BD, BN,
+                HAS_BIAS, SOFTPLUS, HAS_SEQ, BT,
             )
-            b_h = tl.sum(tl.where((o_tl == BT - 1)[:, None, None], b_hs, 0.0), axis=0)
+            b_h = _last_step(b_hs, BT)
         tl.store(p_scr + (n_tiles - 1) * s_sck + o_scr, b_h)
         # scratch is written and read by different threads of the program
         tl.debug_barrier()
@@ -266,14 +309,14 @@ def _bwd_kernel(
             b_h0 = tl.load(p_scr + k * s_sck + o_scr)
             b_x, b_dtr, b_dt, b_a, b_u, b_B, b_ub, b_hs = _tile_states(
                 x, dt, B, dt_bias, seq_idx, b_A2, b_h0,
-                i_b, i_t, i_g, o_d, o_n, m_n, L, N,
+                i_b, i_t, i_g, o_d, o_n3, L, N,
                 s_xb, s_xt, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg, s_sb, s_st,
-                HAS_BIAS, SOFTPLUS, HAS_SEQ, BT, BD, BN,
+                HAS_BIAS, SOFTPLUS, HAS_SEQ, BT,
             )
             t0 = tl.cast(i_t, tl.int64) * BT
             m_t = i_t * BT + o_tl < L
-            p_C = C + i_b64 * s_Cb + t0 * s_Ct + i_g * s_Cg + o_tl[:, None] * s_Ct + o_n[None, :]
-            b_C = tl.load(p_C, mask=m_t[:, None] & m_n[None, :], other=0.0).to(tl.float32)  # [BT, BN]
+            p_C = C + i_b64 * s_Cb + t0 * s_Ct + i_g * s_Cg + o_tl[None, :, None] * s_Ct + o_n3
+            b_C = tl.load(p_C, mask=m_t[None, :, None] & m_n3, other=0.0).to(tl.float32)  # [NI, BT, NL]
             p_do = dout + i_b64 * s_dob + t0 * s_dot + o_tl[:, None] * s_dot + o_d[None, :]
             b_do = tl.load(p_do, mask=m_t[:, None], other=0.0).to(tl.float32)  # [BT, BD]
             if HAS_Z:
@@ -283,27 +326,27 @@ def _bwd_kernel(
                 b_dy = b_do * (b_z * b_sig)
             else:
                 b_dy = b_do
-            b_beta = b_dy[:, :, None] * b_C[:, None, :]  # [BT, BD, BN]
-            b_beta = tl.where((o_tl == BT - 1)[:, None, None], b_beta + b_c[None, :, :], b_beta)
+            b_beta = b_dy[None, :, :, None] * b_C[:, :, None, :]  # [NI, BT, BD, NL]
+            b_beta = tl.where((o_tl == BT - 1)[None, :, None, None], b_beta + b_c[:, None, :, :], b_beta)
             # reverse scan as flip + forward scan: with time inside each thread
             # the flips are register renames, while reverse=True costs ~15
             # shuffles per element on sm_90 (Triton 3.7)
             _, _, b_g = tl.associative_scan(
-                (tl.flip(b_a, 0), tl.full([BT, BD, BN], 1.0, tl.float32), tl.flip(b_beta, 0)), 0, _adjoint_combine
+                (tl.flip(b_a, 1), tl.full([NI, BT, BD, NL], 1.0, tl.float32), tl.flip(b_beta, 1)), 1, _adjoint_combine
             )
-            b_g = tl.flip(b_g, 0)  # [BT, BD, BN]
-            b_c = tl.sum(tl.where((o_tl == 0)[:, None, None], b_a * b_g, 0.0), axis=0)
+            b_g = tl.flip(b_g, 1)  # [NI, BT, BD, NL]
+            b_c = tl.sum(tl.where((o_tl == 0)[None, :, None, None], b_a * b_g, 0.0), axis=1)
             # g_t * abar_t * h_{t-1}: the gradient reaching abar_t, times abar_t
             b_q = b_g * (b_hs - b_ub)
-            b_dA += tl.sum(b_q * b_dt[:, :, None], axis=0)
-            b_du = tl.sum(b_g * b_B[:, None, :], axis=2)  # [BT, BD]
-            b_ddt = b_du * b_x + tl.sum(b_q * b_A[None, :, :], axis=2)
+            b_dA += tl.sum(b_q * b_dt[None, :, :, None], axis=1)
+            b_du = _sum_n(b_g * b_B[:, :, None, :])  # [BT, BD]
+            b_ddt = b_du * b_x + _sum_n(b_q * b_A[:, None, :, :])
             b_dx = b_du * b_dt
             if HAS_D:
                 b_dx += b_dy * b_D[None, :]
                 b_dD += b_dy * b_x
             if HAS_Z:
-                b_y = tl.sum(b_hs * b_C[:, None, :], axis=2)
+                b_y = _sum_n(b_hs * b_C[:, :, None, :])
                 if HAS_D:
                     b_y += b_x * b_D[None, :]
                 b_dz = b_do * b_y * b_sig * (1.0 + b_z * (1.0 - b_sig))
@@ -319,32 +362,24 @@ def _bwd_kernel(
             p_ddt = ddt + (i_b64 * L + t0) * D + o_tl[:, None] * D + o_d[None, :]
             tl.store(p_ddt, b_ddt.to(ddt.dtype.element_ty), mask=m_t[:, None])
             # per-program partial sums over the block's channels, summed on the host
-            b_dB = tl.sum(b_g * b_u[:, :, None], axis=1)  # [BT, BN]
-            b_dC = tl.sum(b_hs * b_dy[:, :, None], axis=1)  # [BT, BN]
-            o_part = ((i_b64 * L + t0) * NBLK + i_d) * N + o_tl[:, None] * (NBLK * N) + o_n[None, :]
-            m_part = m_t[:, None] & m_n[None, :]
+            b_dB = tl.sum(b_g * b_u[None, :, :, None], axis=2)  # [NI, BT, NL]
+            b_dC = tl.sum(b_hs * b_dy[None, :, :, None], axis=2)  # [NI, BT, NL]
+            o_part = ((i_b64 * L + t0) * NBLK + i_d) * N + o_tl[None, :, None] * (NBLK * N) + o_n3
+            m_part = m_t[None, :, None] & m_n3
             tl.store(dB_part + o_part, b_dB, mask=m_part)
             tl.store(dC_part + o_part, b_dC, mask=m_part)
         # the next segment's phase 1 overwrites the scratch read above
         tl.debug_barrier()
-    tl.store(dA_part + i_b64 * D * N + o_dn, b_dA, mask=m_n[None, :])
+    tl.store(dA_part + i_b64 * D * N + o_dn, b_dA, mask=m_n3)
     tl.store(dD_part + i_b64 * D + o_d, tl.sum(b_dD, axis=0))
     tl.store(dbias_part + i_b64 * D + o_d, tl.sum(b_dbias, axis=0))
     if HAS_H0:
-        tl.store(dh0 + i_b64 * D * N + o_dn, b_c, mask=m_n[None, :])
+        tl.store(dh0 + i_b64 * D * N + o_dn, b_c, mask=m_n3)
 
 
 # --------------------------------------------------------------------------
 # host launchers
 # --------------------------------------------------------------------------
-def _pow2_divisor(n: int, cap: int) -> int:
-    """Largest power of two that divides n, at most cap."""
-    p = 1
-    while p * 2 <= cap and n % (p * 2) == 0:
-        p *= 2
-    return p
-
-
 def _empty(*shape, device, dtype=torch.float32):
     t = torch.empty(*shape, device=device, dtype=dtype)
     return t.fill_(float("nan")) if _DEBUG_NAN else t
@@ -363,7 +398,8 @@ def _check_steps() -> None:
 
 
 def _scratch_bt() -> int:
-    return min(c.kwargs["BT"] for c in _BWD_CONFIGS)
+    # smallest BT the backward may run with (configs or the fallback's 16)
+    return min([16] + [c.kwargs["BT"] for c in _BWD_CONFIGS])
 
 
 def _bwd_block_d(batch: int, channels: int, gsize: int) -> int:
@@ -398,13 +434,11 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx):
     s_seq = seq_idx.stride() if seq_idx is not None else (0, 0)
     s_z = z.stride() if z is not None else (0, 0, 0)
     bn = triton.next_power_of_2(d_state)
-    if not any(gsize % c.kwargs["BD"] == 0 for c in _FWD_CONFIGS):
-        # no config fits the group size (odd groups): launch one that does
-        bd = _pow2_divisor(gsize, 32)
-        kernel = functools.partial(_fwd_kernel.fn[(channels // bd, batch)], BT=32, BD=bd,
-                                   num_warps=max(1, min(8, bd * bn // 32)))
-    else:
+    if any(_fits(c, bn, gsize, c.kwargs["BD"], _PER_THREAD_FWD) for c in _FWD_CONFIGS):
         kernel = _fwd_kernel[lambda meta: (channels // meta["BD"], batch)]
+    else:  # nothing fits (odd group sizes, tiny d_state): a plain launch
+        bd, kw, nw = _fallback_config(bn, gsize)
+        kernel = functools.partial(_fwd_kernel.fn[(channels // bd, batch)], BD=bd, num_warps=nw, **kw)
     kernel(
         x, dt, A, B, C, D, z, dt_bias, h0, seq_idx,
         y, hT, ckpt,
@@ -444,8 +478,13 @@ def _bwd(dout, dhT, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, s
     sB, sC = B.stride(), C.stride()
     s_seq = seq_idx.stride() if seq_idx is not None else (0, 0)
     s_z = z.stride() if z is not None else (0, 0, 0)
+    if any(_fits(c, bn, gsize, bd, _PER_THREAD_BWD) for c in _BWD_CONFIGS):
+        kernel = _bwd_kernel[(nblk, batch)]
+    else:
+        _, kw, nw = _fallback_config(bn, gsize, bd)
+        kernel = functools.partial(_bwd_kernel.fn[(nblk, batch)], num_warps=nw, **kw)
     if length > 0:
-        _bwd_kernel[(nblk, batch)](
+        kernel(
             x, dt, A32, B, C, Dc, z, bias, seq_idx, dout, dhT, ckpt, scratch,
             dx, ddt, dz, dB_part, dC_part, dA_part, dD_part, dbias_part, dh0,
             length, channels, d_state, gsize, CHECKPOINT_STEPS, nblk,

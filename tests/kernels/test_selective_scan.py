@@ -219,6 +219,23 @@ def test_shapes(batch, channels, groups, d_state):
     check(batch, 23, channels, groups, d_state)
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter: swaps the single config")
+@pytest.mark.parametrize("bt,ni", [(16, 1), (64, 4), (16, 8)], ids=["bt16-ni1", "bt64-ni4", "bt16-ni8"])
+def test_tile_configs(monkeypatch, bt, ni):
+    # other tile shapes than the interpreter's default config: time tiles of
+    # 16 and 64 steps, 1, 4 or 8 states per thread
+    import triton
+
+    fwd = [triton.Config({"BT": bt, "BD": 8, "NI": ni}, num_warps=1)]
+    bwd = [triton.Config({"BT": bt, "NI": ni}, num_warps=1)]
+    monkeypatch.setattr(sst, "_FWD_CONFIGS", fwd)
+    monkeypatch.setattr(sst, "_BWD_CONFIGS", bwd)
+    monkeypatch.setattr(sst._fwd_kernel, "configs", fwd)
+    monkeypatch.setattr(sst._bwd_kernel, "configs", bwd)
+    monkeypatch.setattr(sst, "CHECKPOINT_STEPS", 128)
+    check(2, 300, 16, 2, 8)
+
+
 def test_strided_inputs():
     check(2, 40, 16, 2, 8, strided=True)
 
