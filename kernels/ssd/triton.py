@@ -52,6 +52,14 @@ def _tiles(x: Tensor, B: Tensor, chunk_size: int) -> dict:
                 precision="ieee" if fp32 else "tf32", precise=fp32)
 
 
+def _s_dtype(x: Tensor) -> torch.dtype:
+    """Storage of S = C B^T. bf16 halves the traffic of the most re-read
+    intermediate (every head of the group reads it, forward and backward) for
+    one more bf16 rounding (y: ~2.4e-3 -> 2.9e-3 relative). fp16 keeps fp32:
+    its range is too small for long d_state sums."""
+    return torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+
+
 def _num_splits(x: Tensor, programs: int, heads_per_group: int) -> int:
     """Split a group's heads over programs until the per-group backward kernels fill the GPU."""
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
@@ -82,8 +90,7 @@ def ssd_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chun
         length, *dt.stride(), H=heads, L=L, BH=BH, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         PRECISE=k["precise"],
     )
-    # fp32: S is rounded once more (times decay and dt) before it meets x
-    S = torch.empty(batch, groups, NT, L, L, device=dev, dtype=f32)
+    S = torch.empty(batch, groups, NT, L, L, device=dev, dtype=_s_dtype(x))
     ssd_bmm_fwd_kernel[(NT * NB, batch * groups)](
         C, B, S, length, NT, *C.stride(), *B.stride(),
         G=groups, N=d_state, L=L, BT=BT, BN=k["BN"], PRECISION=k["precision"],
@@ -105,7 +112,7 @@ def ssd_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chun
     out = torch.empty(batch, length, heads, head_dim, device=dev, dtype=x.dtype)
     ypre = torch.empty_like(out) if z is not None else out.new_empty(0)
     NV = triton.cdiv(head_dim, k["BV"])
-    ssd_output_fwd_kernel[(NT * NB * batch * heads * NV,)](
+    ssd_output_fwd_kernel[(NT * batch * heads * NV,)](
         x, z if z is not None else x, C, S, D if D is not None else A, dtp, dA_cs[0], dA_cs[-1], docp, states, out,
         ypre if z is not None else out,
         length, NT, batch * heads, *x.stride(), *_strides4(z), *C.stride(),
@@ -130,21 +137,28 @@ def ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_st
     dstates = torch.empty(batch, heads, NT, head_dim, d_state, device=dev, dtype=f32)
     dh0 = torch.empty(batch, heads, head_dim, d_state, device=dev, dtype=f32)
     dhT = dfinal.float().contiguous() if dfinal is not None else dh0
+    # one slot per state tile; the tile count depends on the autotuned tiles: zeros fill the rest
+    kc_tiles = triton.cdiv(d_state, 32) * triton.cdiv(head_dim, 32)
+    Kc_part = torch.zeros(batch, heads, NT, kc_tiles, device=dev, dtype=f32)
 
     def grid_state(meta):
         return (triton.cdiv(d_state, meta["BK"]), triton.cdiv(head_dim, meta["BV"]), batch * heads)
 
     ssd_state_bwd_kernel[grid_state](
-        dout, zp, C, dtp, dA_cs[0], docp, dhT, dstates, dh0,
+        dout, zp, C, dtp, dA_cs[0], docp, states, dhT, dstates, dh0, Kc_part,
         length, NT, *dout.stride(), *_strides4(z), *C.stride(),
-        H=heads, G=groups, P=head_dim, N=d_state, L=L,
+        H=heads, G=groups, P=head_dim, N=d_state, L=L, KC_TILES=kc_tiles,
         HAS_DFINAL=dfinal is not None, HAS_Z=z is not None, HAS_DOC=doc is not None, PRECISION=k["precision"],
     )
 
     hpg = heads // groups
     nsplit = _num_splits(x, NT * NB * batch * groups, hpg)
     dS = torch.empty(nsplit, batch, groups, NT, L, L, device=dev, dtype=x.dtype)
-    dC_part = torch.empty(nsplit, batch, length, groups, d_state, device=dev, dtype=f32)
+    # one split: write the final dtype directly; several: fp32 partials summed below
+    part = f32 if nsplit > 1 else None
+    dB_out = torch.empty(nsplit, batch, length, groups, d_state, device=dev, dtype=part or B.dtype)
+    dC_out = torch.empty(nsplit, batch, length, groups, d_state, device=dev, dtype=part or C.dtype)
+    dsum = torch.empty(batch, heads, length, device=dev, dtype=f32)
     grid_group = (NT * NB * batch * groups * nsplit,)
     common = dict(H=heads, G=groups, P=head_dim, N=d_state, L=L, BT=BT, BN=k["BN"], BV=k["BV"],
                   NSPLIT=nsplit, HPS=hpg // nsplit, HAS_Z=z is not None, HAS_DOC=doc is not None,
@@ -154,23 +168,20 @@ def ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_st
     K_pair = torch.empty_like(R_part)
     T_pair = torch.empty(batch, heads, NT, npair, device=dev, dtype=f32)
     ssd_dcb_bwd_kernel[grid_group](
-        x, dout, zp, B, S, dtp, dA_cs[0], dA_cs[-1], docp, dS, dC_part, R_part, K_pair, T_pair,
-        length, NT, batch * groups, *x.stride(), *dout.stride(), *_strides4(z), *B.stride(), **common,
+        x, dout, zp, B, C, S, dtp, dA_cs[0], dA_cs[-1], docp, states, dS, dC_out, dsum, R_part, K_pair, T_pair,
+        length, NT, batch * groups, *x.stride(), *dout.stride(), *_strides4(z), *B.stride(), *C.stride(),
+        **common,
     )
 
     dx = torch.empty(batch, length, heads, head_dim, device=dev, dtype=x.dtype)
     dz = torch.empty_like(dx) if z is not None else dx.new_empty(0)
-    # one split: write the final dtype directly; several: fp32 partials summed below
-    dB_out = torch.empty(nsplit, batch, length, groups, d_state, device=dev, dtype=B.dtype if nsplit == 1 else f32)
-    dC_out = torch.empty(nsplit, batch, length, groups, d_state, device=dev, dtype=C.dtype if nsplit == 1 else f32)
     ddt_x = torch.empty(batch, heads, length, device=dev, dtype=f32)
-    dsum = torch.empty_like(ddt_x)
+    vsum = torch.empty_like(ddt_x)
     K_part = torch.empty(batch, heads, NT, NB, device=dev, dtype=f32)
     dD_part = torch.empty(batch, NT, NB, heads, head_dim, device=dev, dtype=f32) if D is not None else dsum
     ssd_dx_bwd_kernel[grid_group](
-        x, dout, zp, ypre, B, C, S, dS, D if D is not None else A, dtp, dA_cs[0], dA_cs[-1], docp, states, dstates,
-        dC_part,
-        dx, dz if z is not None else dx, dB_out, dC_out, ddt_x, dsum, K_part, dD_part,
+        x, dout, zp, ypre, B, C, S, dS, D if D is not None else A, dtp, dA_cs[0], dA_cs[-1], docp, dstates,
+        dx, dz if z is not None else dx, dB_out, ddt_x, vsum, K_part, dD_part,
         length, NT, batch * groups, *x.stride(), *dout.stride(), *_strides4(z), *B.stride(), *C.stride(),
         HAS_D=D is not None, D_2D=D is not None and D.dim() == 2, **common,
     )
@@ -180,8 +191,8 @@ def ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_st
     dbias_part = torch.empty_like(dA_part) if dt_bias is not None else dA_part
     BH = min(32, triton.next_power_of_2(heads))
     ssd_ddt_bwd_kernel[(NT, batch, triton.cdiv(heads, BH))](
-        dt, A, dt_bias if dt_bias is not None else A, dtp, ddt_x, dsum, K_part, R_part, K_pair, T_pair,
-        ddt, dA_part, dbias_part, length, NT, *dt.stride(), H=heads, L=L, BT=BT, BH=BH,
+        dt, A, dt_bias if dt_bias is not None else A, dtp, ddt_x, dsum, vsum, K_part, Kc_part, R_part, K_pair,
+        T_pair, ddt, dA_part, dbias_part, length, NT, *dt.stride(), H=heads, L=L, BT=BT, BH=BH, KC_TILES=kc_tiles,
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
     )
 
@@ -227,7 +238,7 @@ def _(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chunk_size
         x.new_empty(batch, heads, nt, head_dim, d_state, dtype=f32),
         x.new_empty(batch, heads, length, dtype=f32),
         x.new_empty(2 if x.dtype == torch.float32 else 1, batch, heads, length, dtype=f32),
-        x.new_empty(batch, groups, nt, chunk_size, chunk_size, dtype=f32),
+        x.new_empty(batch, groups, nt, chunk_size, chunk_size, dtype=_s_dtype(x)),
     )
 
 

@@ -3,15 +3,16 @@
 Four launches:
 
 1. ``ssd_state_bwd_kernel``: the gradient of the state leaving each chunk,
-   dh_c, fp32: the forward state kernel run backwards over the chunks.
+   dh_c, fp32: the forward state kernel run backwards over the chunks (and
+   <dh_c, h_c-1>, which the decay gradient needs).
 2. ``ssd_dcb_bwd_kernel``: per (chunk, row block i, group): the gradient of
    S = C B^T, dS_ij = sum over the group's heads of the decay-masked dy_i u_j^T,
-   stored for the next kernel, and the in-chunk part of dC_i = sum_j dS_ij B_j.
-   Summing over heads inside the program is what keeps dB and dC per group.
+   stored for the next kernel, and dC_i = sum_j dS_ij B_j + sum_h (dy_i h_prev);
+   plus the pieces of the decay gradient that need dy_i. Summing over heads
+   inside the program is what keeps dB and dC per group.
 3. ``ssd_dx_bwd_kernel``: per (chunk, column block j, group), heads in a loop:
    du_j = sum_i W_ij^T dy_i + (B_j decayed) dh^T per head, hence dx, dz, the dt
-   terms and the D partials; then, summed over heads, the carried-state part of
-   dC_j (dy_j h_prev) and all of dB_j (u_j dh + sum_i dS_ij^T C_i).
+   terms and the D partials; then, summed over heads, dB_j = u_j dh + sum_i dS_ij^T C_i.
 4. ``ssd_ddt_bwd_kernel``: the gradient of the in-chunk cumulative sums becomes
    the gradient of dt' (a reversed cumsum), then of the raw dt, A and dt_bias.
 
@@ -23,7 +24,7 @@ are too few chunks to fill the GPU; each split writes its own partial dB / dC
 import triton
 import triton.language as tl
 
-from .triton_fwd import configs, dot
+from .triton_fwd import configs, decay_block, dot
 
 
 @triton.autotune(
@@ -36,10 +37,10 @@ from .triton_fwd import configs, dot
 )
 @triton.jit
 def ssd_state_bwd_kernel(
-    dout, z, C, dtp, dA_cs, doc, dhT, dstates, dh0,
+    dout, z, C, dtp, dA_cs, doc, states, dhT, dstates, dh0, Kc_part,
     T, NT, s_ob, s_ot, s_oh, s_op, s_zb, s_zt, s_zh, s_zp, s_Cb, s_Ct, s_Cg, s_Cn,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, L: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, KC_TILES: tl.constexpr,
     HAS_DFINAL: tl.constexpr, HAS_Z: tl.constexpr, HAS_DOC: tl.constexpr, PRECISION: tl.constexpr,
 ):
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -63,7 +64,9 @@ def ssd_state_bwd_kernel(
         b_dh += tl.load(dhT + i_bh.to(tl.int64) * (P * N) + o_vk, mask=m_vk, other=0.)
     for i_r in range(NT):
         i_c = NT - 1 - i_r
-        tl.store(dstates + (i_bh.to(tl.int64) * NT + i_c) * (P * N) + o_vk, b_dh, mask=m_vk)
+        o_st = (i_bh.to(tl.int64) * NT + i_c) * (P * N) + o_vk
+        tl.store(dstates + o_st, b_dh, mask=m_vk)
+        b_h = tl.load(states + o_st, mask=m_vk, other=0.)
         t0 = i_c * L
         m_t = t0 + o_l < T
         i_end = tl.minimum(t0 + L, T) - 1
@@ -77,6 +80,10 @@ def ssd_state_bwd_kernel(
             b_doc_prev = tl.load(doc + o_d0 + tl.maximum(t0 - 1, 0))
             b_g = tl.where(b_doc == b_doc_prev, b_g, 0.)
             b_decay = tl.where(b_doc_end == b_doc_prev, b_decay, 0.)
+        # <dh_c, exp(a_end) h_{c-1}>: how the carried state's decay over the chunk
+        # moves the loss; every a of the chunk gets it (ssd_ddt_bwd_kernel)
+        tl.store(Kc_part + (i_bh.to(tl.int64) * NT + i_c) * KC_TILES + i_k * tl.cdiv(P, BV) + i_v,
+                 b_decay * tl.sum(tl.sum(b_dh * b_h, axis=1), axis=0))
         m_vt = m_v[:, None] & m_t[None, :]
         # [BV, L]: dy^T, transposed by the pointers
         b_dyt = tl.load(p_o0 + t0.to(tl.int64) * s_ot + o_l[None, :] * s_ot + o_v[:, None] * s_op,
@@ -112,9 +119,9 @@ def load_dy(dout, z, o_row, o_v, m, s_ot, s_op, s_zt, s_zp, HAS_Z: tl.constexpr)
 )
 @triton.jit
 def ssd_dcb_bwd_kernel(
-    x, dout, z, B, S, dtp, dA_cs, dA_lo, doc, dS, dC_part, R_part, K_pair, T_pair,
+    x, dout, z, B, C, S, dtp, dA_cs, dA_lo, doc, states, dS, dC_out, dsum, R_part, K_pair, T_pair,
     T, NT, BGt, s_xb, s_xt, s_xh, s_xp, s_ob, s_ot, s_oh, s_op, s_zb, s_zt, s_zh, s_zp,
-    s_Bb, s_Bt, s_Bg, s_Bn,
+    s_Bb, s_Bt, s_Bg, s_Bn, s_Cb, s_Ct, s_Cg, s_Cn,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, L: tl.constexpr,
     BT: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, NSPLIT: tl.constexpr, HPS: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_DOC: tl.constexpr, PRECISE: tl.constexpr, PRECISION: tl.constexpr,
@@ -131,6 +138,7 @@ def ssd_dcb_bwd_kernel(
     o_n = tl.arange(0, BN)
     m_i, m_n = t0 + o_i < T, o_n < N
     o_d0 = i_b.to(tl.int64) * T + t0
+    i_last = tl.minimum(L, T - t0) - 1
     if HAS_DOC:
         b_doc_i = tl.load(doc + o_d0 + o_i, mask=m_i, other=-1)
     i_h0 = i_g * (H // G) + i_sp * HPS
@@ -139,24 +147,60 @@ def ssd_dcb_bwd_kernel(
     p_B0 = B + i_b.to(tl.int64) * s_Bb + t0.to(tl.int64) * s_Bt + i_g * s_Bg
     NPAIR: tl.constexpr = NB * (NB + 1) // 2
 
+    if HAS_DOC:
+        b_doc_prev = tl.load(doc + i_b.to(tl.int64) * T + tl.maximum(t0 - 1, 0))
     # [BT, BN]
+    b_Ci = tl.load(C + i_b.to(tl.int64) * s_Cb + t0.to(tl.int64) * s_Ct + i_g * s_Cg + o_i[:, None] * s_Ct
+                   + o_n[None, :] * s_Cn, mask=m_i[:, None] & m_n[None, :], other=0.)
+    # dC_i through the carried state: sum over heads of (exp(a_i) dy_i) h_prev
     b_dc = tl.zeros([BT, BN], dtype=tl.float32)
+    for i_hh in range(HPS):
+        i_h = i_h0 + i_hh
+        o_a0 = (i_b * H + i_h).to(tl.int64) * T + t0
+        b_g = tl.exp(tl.load(dA_cs + o_a0 + o_i, mask=m_i, other=0.))
+        b_g = tl.where(m_i, b_g, 0.)
+        if HAS_DOC:
+            b_g = tl.where(b_doc_i == b_doc_prev, b_g, 0.)
+        p_o0 = dout + i_b.to(tl.int64) * s_ob + t0.to(tl.int64) * s_ot + i_h * s_oh
+        p_z0 = z + i_b.to(tl.int64) * s_zb + t0.to(tl.int64) * s_zt + i_h * s_zh
+        p_h0 = states + ((i_b * H + i_h).to(tl.int64) * NT + i_c) * (P * N)
+        b_dch = tl.zeros([BT, BN], dtype=tl.float32)
+        for i_v in range(NV):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_v = o_v < P
+            b_dy = load_dy(p_o0, p_z0, o_i, o_v, m_i[:, None] & m_v[None, :], s_ot, s_op, s_zt, s_zp, HAS_Z)
+            # [BV, BN]
+            b_h = tl.load(p_h0 + o_v[:, None] * N + o_n[None, :], mask=m_v[:, None] & m_n[None, :], other=0.)
+            b_dch += dot((b_dy * b_g[:, None]).to(b_Ci.dtype), b_h.to(b_Ci.dtype), PRECISION)
+        b_dc += b_dch
+        # dy_t . (what the carried state gives y_t): its gradient reaches every a_u, u <= t
+        tl.store(dsum + o_a0 + o_i, tl.sum(b_dch * b_Ci.to(tl.float32), axis=1), mask=m_i)
     for i_j in range(0, i_i + 1):
         o_j = i_j * BT + tl.arange(0, BT)
         m_j = t0 + o_j < T
-        m_ij = (o_i[:, None] >= o_j[None, :]) & m_j[None, :]
+        # padded rows too: their cumsum (0) could overflow the decay
+        m_ij = (o_i[:, None] >= o_j[None, :]) & m_i[:, None] & m_j[None, :]
+        # the decay factors through the column block's last step (used off the diagonal only)
+        i_ref = tl.minimum(i_j * BT + BT - 1, i_last)
         if HAS_DOC:
             b_doc_j = tl.load(doc + o_d0 + o_j, mask=m_j, other=-2)
             m_ij = m_ij & (b_doc_i[:, None] == b_doc_j[None, :])
-        b_S = tl.load(p_S0 + o_i[:, None] * L + o_j[None, :])
+        b_S = tl.load(p_S0 + o_i[:, None] * L + o_j[None, :]).to(tl.float32)
         i_pair = i_i * (i_i + 1) // 2 + i_j
         # [BT, BT] dS_ij summed over this split's heads
         b_ds = tl.zeros([BT, BT], dtype=tl.float32)
         for i_hh in range(HPS):
             i_h = i_h0 + i_hh
             o_a0 = (i_b * H + i_h).to(tl.int64) * T + t0
-            b_a_i = tl.load(dA_cs + o_a0 + o_i, mask=m_i, other=0.)
+            # padded rows take the last real cumsum: finite decays (masked anyway)
+            b_a_i = tl.load(dA_cs + o_a0 + o_i, mask=m_i, other=tl.load(dA_cs + o_a0 + i_last))
             b_a_j = tl.load(dA_cs + o_a0 + o_j, mask=m_j, other=0.)
+            b_a_ref = tl.load(dA_cs + o_a0 + i_ref)
+            b_l_i, b_l_j, b_l_ref = b_a_i, b_a_j, b_a_ref
+            if PRECISE:
+                b_l_i = tl.load(dA_lo + o_a0 + o_i, mask=m_i, other=0.)
+                b_l_j = tl.load(dA_lo + o_a0 + o_j, mask=m_j, other=0.)
+                b_l_ref = tl.load(dA_lo + o_a0 + i_ref)
             b_dt_j = tl.load(dtp + o_a0 + o_j, mask=m_j, other=0.)
             p_x0 = x + i_b.to(tl.int64) * s_xb + t0.to(tl.int64) * s_xt + i_h * s_xh
             p_o0 = dout + i_b.to(tl.int64) * s_ob + t0.to(tl.int64) * s_ot + i_h * s_oh
@@ -170,12 +214,8 @@ def ssd_dcb_bwd_kernel(
                 b_xt = tl.load(p_x0 + o_j[None, :] * s_xt + o_v[:, None] * s_xp,
                                mask=m_v[:, None] & m_j[None, :], other=0.)
                 b_dyx += dot(b_dy.to(b_xt.dtype), b_xt, PRECISION)
-            b_seg = b_a_i[:, None] - b_a_j[None, :]
-            if PRECISE:
-                b_seg += (tl.load(dA_lo + o_a0 + o_i, mask=m_i, other=0.)[:, None]
-                          - tl.load(dA_lo + o_a0 + o_j, mask=m_j, other=0.)[None, :])
-            b_decay = tl.exp(tl.where(m_ij, b_seg, float("-inf"))) * b_dt_j[None, :]
-            b_gd = b_dyx * b_decay
+            b_decay = decay_block(b_a_i, b_l_i, b_a_j, b_l_j, b_a_ref, b_l_ref, m_ij, i_j < i_i, False, PRECISE)
+            b_gd = b_dyx * b_decay * b_dt_j[None, :]
             b_ds += b_gd
             # The gradient of the decays: da_u sums Q_ts over the pairs that
             # straddle u (s < u <= t). Summing rows minus columns instead
@@ -183,13 +223,17 @@ def ssd_dcb_bwd_kernel(
             # useless in bf16), so the straddling sums are formed directly,
             # per block pair; ssd_ddt_bwd_kernel adds the pairs up.
             b_q = b_gd * b_S
-            # E[u, s] = sum_{t >= u} Q[t, s]
-            b_e = tl.cumsum(b_q, axis=0, reverse=True)
-            # to u in block i: s < u within the diagonal block, all s of earlier blocks
-            b_rv = tl.sum(tl.where(o_j[None, :] < o_i[:, None], b_e, 0.), axis=1)
-            # to u in block j < i: the columns s < u; to blocks between j and i: everything
             b_col = tl.sum(b_q, axis=0)
-            b_kv = tl.sum(tl.where(o_j[None, :] < o_j[:, None], b_col[None, :], 0.), axis=1)
+            if i_j < i_i:
+                # to u in block i: all s straddle, rows t >= u; to u in block j: columns s < u
+                b_rv = tl.cumsum(tl.sum(b_q, axis=1), axis=0, reverse=True)
+                b_kv = tl.cumsum(b_col, axis=0) - b_col
+            else:
+                # E[u, s] = sum_{t >= u} Q[t, s], summed over s < u
+                b_e = tl.cumsum(b_q, axis=0, reverse=True)
+                b_rv = tl.sum(tl.where(o_j[None, :] < o_i[:, None], b_e, 0.), axis=1)
+                b_kv = tl.zeros([BT], dtype=tl.float32)
+            # (blocks strictly between j and i get the whole sum)
             o_p = ((i_b * H + i_h).to(tl.int64) * NT + i_c) * NPAIR + i_pair
             tl.store(R_part + o_p * BT + tl.arange(0, BT), b_rv)
             tl.store(K_pair + o_p * BT + tl.arange(0, BT), b_kv)
@@ -198,9 +242,9 @@ def ssd_dcb_bwd_kernel(
         b_ds = b_ds.to(b_B.dtype)
         tl.store(p_dS0 + o_i[:, None] * L + o_j[None, :], b_ds)
         b_dc += dot(b_ds, b_B, PRECISION)
-    # dC_part: (NSPLIT, batch, T, G, N) fp32
+    # (NSPLIT, batch, T, G, N): the final dtype if one split, else fp32 partials
     o_dc = ((i_sp * (BGt // G) + i_b).to(tl.int64) * T + t0 + o_i[:, None]) * (G * N) + i_g * N + o_n[None, :]
-    tl.store(dC_part + o_dc, b_dc, mask=m_i[:, None] & m_n[None, :])
+    tl.store(dC_out + o_dc, b_dc.to(dC_out.dtype.element_ty), mask=m_i[:, None] & m_n[None, :])
 
 
 @triton.autotune(
@@ -212,8 +256,8 @@ def ssd_dcb_bwd_kernel(
 )
 @triton.jit
 def ssd_dx_bwd_kernel(
-    x, dout, z, ypre, B, C, S, dS, D, dtp, dA_cs, dA_lo, doc, states, dstates, dC_part,
-    dx, dz, dB_out, dC_out, ddt_x, dsum, K_part, dD_part,
+    x, dout, z, ypre, B, C, S, dS, D, dtp, dA_cs, dA_lo, doc, dstates,
+    dx, dz, dB_out, ddt_x, vsum, K_part, dD_part,
     T, NT, BGt, s_xb, s_xt, s_xh, s_xp, s_ob, s_ot, s_oh, s_op, s_zb, s_zt, s_zh, s_zp,
     s_Bb, s_Bt, s_Bg, s_Bn, s_Cb, s_Ct, s_Cg, s_Cn,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, L: tl.constexpr,
@@ -240,16 +284,12 @@ def ssd_dx_bwd_kernel(
     if HAS_DOC:
         b_doc_j = tl.load(doc + o_d0 + o_j, mask=m_j, other=-1)
         b_doc_end = tl.load(doc + o_d0 + (i_end - t0))
-        b_doc_prev = tl.load(doc + i_b.to(tl.int64) * T + tl.maximum(t0 - 1, 0))
     p_B0 = B + i_b.to(tl.int64) * s_Bb + t0.to(tl.int64) * s_Bt + i_g * s_Bg
     p_C0 = C + i_b.to(tl.int64) * s_Cb + t0.to(tl.int64) * s_Ct + i_g * s_Cg
     p_S0 = S + (i_bg.to(tl.int64) * NT + i_c) * (L * L)
     p_dS0 = dS + (((i_sp * (BGt // G) + i_b) * G + i_g).to(tl.int64) * NT + i_c) * (L * L)
     # [BT, BN]
-    b_B = tl.load(p_B0 + o_j[:, None] * s_Bt + o_n[None, :] * s_Bn, mask=m_jn, other=0.)
-    b_Cj = tl.load(p_C0 + o_j[:, None] * s_Ct + o_n[None, :] * s_Cn, mask=m_jn, other=0.).to(tl.float32)
     b_db = tl.zeros([BT, BN], dtype=tl.float32)
-    b_dc = tl.zeros([BT, BN], dtype=tl.float32)
     i_h0 = i_g * (H // G) + i_sp * HPS
     for i_hh in range(HPS):
         i_h = i_h0 + i_hh
@@ -259,61 +299,60 @@ def ssd_dx_bwd_kernel(
         b_dt_j = tl.load(dtp + o_a0 + o_j, mask=m_j, other=0.)
         b_a_end = tl.load(dA_cs + o_a0 + (i_end - t0))
         b_seg = b_a_end - b_a_j
+        # the decay factors through this block's last step (used off the diagonal only)
+        b_a_ref = tl.load(dA_cs + o_a0 + tl.minimum(i_j * BT + BT - 1, i_end - t0))
+        b_l_j, b_l_ref = b_a_j, b_a_ref
         if PRECISE:
             b_l_j = tl.load(dA_lo + o_a0 + o_j, mask=m_j, other=0.)
+            b_l_ref = tl.load(dA_lo + o_a0 + tl.minimum(i_j * BT + BT - 1, i_end - t0))
             b_seg += tl.load(dA_lo + o_a0 + (i_end - t0)) - b_l_j
         # decay of step s to the chunk end (its weight in the state passed on)
         b_r = tl.where(m_j, tl.exp(b_seg), 0.)
-        # decay from the chunk start to step t (the weight of the carried state)
-        b_g = tl.where(m_j, tl.exp(b_a_j), 0.)
-        b_keep = tl.exp(b_a_end)
         if HAS_DOC:
             b_r = tl.where(b_doc_j == b_doc_end, b_r, 0.)
-            b_g = tl.where(b_doc_j == b_doc_prev, b_g, 0.)
-            b_keep = tl.where(b_doc_end == b_doc_prev, b_keep, 0.)
-        b_Br = (b_B * b_r[:, None]).to(b_B.dtype)
         p_x0 = x + i_b.to(tl.int64) * s_xb + t0.to(tl.int64) * s_xt + i_h * s_xh
         p_o0 = dout + i_b.to(tl.int64) * s_ob + t0.to(tl.int64) * s_ot + i_h * s_oh
         p_z0 = z + i_b.to(tl.int64) * s_zb + t0.to(tl.int64) * s_zt + i_h * s_zh
-        p_h0 = states + (i_bh.to(tl.int64) * NT + i_c) * (P * N)
         p_dh0 = dstates + (i_bh.to(tl.int64) * NT + i_c) * (P * N)
         # contiguous (batch, T, heads, P) outputs
         o_out0 = ((i_b.to(tl.int64) * T + t0 + o_j[:, None]) * H + i_h) * P
         b_ddt = tl.zeros([BT], dtype=tl.float32)
-        b_q = tl.zeros([BT], dtype=tl.float32)
         b_v = tl.zeros([BT], dtype=tl.float32)
-        b_kc = tl.zeros([BV, BN], dtype=tl.float32)
         for i_v in range(NV):
             o_v = i_v * BV + tl.arange(0, BV)
             m_v = o_v < P
             m_jv = m_j[:, None] & m_v[None, :]
             m_vn = m_v[:, None] & m_n[None, :]
-            # [BN, BV] dh^T and [BV, BN] dh, h: both orientations come from the pointers
-            b_dht = tl.load(p_dh0 + o_n[:, None] + o_v[None, :] * N, mask=m_n[:, None] & m_v[None, :], other=0.)
-            b_dh = tl.load(p_dh0 + o_v[:, None] * N + o_n[None, :], mask=m_vn, other=0.)
-            b_h = tl.load(p_h0 + o_v[:, None] * N + o_n[None, :], mask=m_vn, other=0.)
-            # [BT, BV] gradient of u = dt x through the state passed on
-            b_du_state = dot(b_Br, b_dht.to(b_B.dtype), PRECISION)
+            # (tiles are loaded where they are used, to keep few of them live at once)
+            b_B = tl.load(p_B0 + o_j[:, None] * s_Bt + o_n[None, :] * s_Bn, mask=m_jn, other=0.)
+            # [BN, BV] dh^T, transposed by the pointers
+            # (states are tensor-core operands: rounded once, at the load)
+            b_dht = tl.load(p_dh0 + o_n[:, None] + o_v[None, :] * N, mask=m_n[:, None] & m_v[None, :],
+                            other=0.).to(b_B.dtype)
+            # [BT, BV] gradient of u = dt x through the state passed on: r B_j dh^T
+            b_du = dot((b_B * b_r[:, None]).to(b_B.dtype), b_dht, PRECISION)
+            p_xj = p_x0 + o_j[:, None] * s_xt + o_v[None, :] * s_xp
+            b_v += b_dt_j * tl.sum(tl.load(p_xj, mask=m_jv, other=0.).to(tl.float32) * b_du, axis=1)
             # ... and through the outputs of later steps in the chunk: W_ij^T dy_i
-            b_du = tl.zeros([BT, BV], dtype=tl.float32)
             for i_i in range(i_j, NBv):
                 o_i = i_i * BT + tl.arange(0, BT)
                 m_i = t0 + o_i < T
-                b_a_i = tl.load(dA_cs + o_a0 + o_i, mask=m_i, other=0.)
+                # padded rows take the last real cumsum: finite decays (masked anyway)
+                b_a_i = tl.load(dA_cs + o_a0 + o_i, mask=m_i, other=b_a_end)
+                b_l_i = b_a_i
+                if PRECISE:
+                    b_l_i = tl.load(dA_lo + o_a0 + o_i, mask=m_i, other=0.)
                 m_ji = (o_i[None, :] >= o_j[:, None]) & m_i[None, :] & m_j[:, None]
                 if HAS_DOC:
                     b_doc_i = tl.load(doc + o_d0 + o_i, mask=m_i, other=-2)
                     m_ji = m_ji & (b_doc_j[:, None] == b_doc_i[None, :])
                 # [BT(j), BT(i)]: S_ij^T, transposed by the pointers
-                b_St = tl.load(p_S0 + o_i[None, :] * L + o_j[:, None])
-                b_seg = b_a_i[None, :] - b_a_j[:, None]
-                if PRECISE:
-                    b_seg += tl.load(dA_lo + o_a0 + o_i, mask=m_i, other=0.)[None, :] - b_l_j[:, None]
-                b_Wt = b_St * tl.exp(tl.where(m_ji, b_seg, float("-inf")))
+                b_St = tl.load(p_S0 + o_i[None, :] * L + o_j[:, None]).to(tl.float32)
+                b_Wt = b_St * decay_block(b_a_i, b_l_i, b_a_j, b_l_j, b_a_ref, b_l_ref, m_ji, i_j < i_i, True,
+                                          PRECISE)
                 b_dyi = load_dy(p_o0, p_z0, o_i, o_v, m_i[:, None] & m_v[None, :], s_ot, s_op, s_zt, s_zp, HAS_Z)
                 b_du += dot(b_Wt.to(b_B.dtype), b_dyi.to(b_B.dtype), PRECISION)
-            b_du += b_du_state
-            b_xf = tl.load(p_x0 + o_j[:, None] * s_xt + o_v[None, :] * s_xp, mask=m_jv, other=0.).to(tl.float32)
+            b_xf = tl.load(p_xj, mask=m_jv, other=0.).to(tl.float32)
             b_do = tl.load(p_o0 + o_j[:, None] * s_ot + o_v[None, :] * s_op, mask=m_jv, other=0.).to(tl.float32)
             b_dy = b_do
             if HAS_Z:
@@ -334,24 +373,15 @@ def ssd_dx_bwd_kernel(
                          tl.sum(b_dy * b_xf, axis=0), mask=m_v)
             tl.store(dx + o_out0 + o_v[None, :], b_dx.to(dx.dtype.element_ty), mask=m_jv)
             b_ddt += tl.sum(b_xf * b_du, axis=1)
-            b_v += b_dt_j * tl.sum(b_xf * b_du_state, axis=1)
-            # summed over heads: dC_j += (g dy_j) h_prev, dB_j += (r dt x_j) dh
-            b_dc_h = dot((b_dy * b_g[:, None]).to(b_B.dtype), b_h.to(b_B.dtype), PRECISION)
-            b_dc += b_dc_h
-            # dy_t . (what the carried state gives y_t): its gradient reaches every a_u, u <= t
-            b_q += tl.sum(b_dc_h * b_Cj, axis=1)
+            # summed over heads: dB_j += (r dt x_j) dh, [BV, BN]
+            b_dh = tl.load(p_dh0 + o_v[:, None] * N + o_n[None, :], mask=m_vn, other=0.).to(b_B.dtype)
             b_xr = (b_xf * (b_dt_j * b_r)[:, None]).to(b_B.dtype)
-            b_db += dot(b_xr, b_dh.to(b_B.dtype), PRECISION)
-            b_kc += b_dh * b_h
-        # per step: d(loss)/d(dt') through u = dt' x, and the terms of d(loss)/d(dA)
-        # summed over the steps after (dy.y_inter) or before (v) it: da_u =
-        # revcumsum(q - v)_u + sum(v) + <dh, h_prev> exp(a_end), the last two per block
+            b_db += dot(b_xr, b_dh, PRECISION)
+        # per step: d(loss)/d(dt') through u = dt' x, and v_s = <dh, r_s u_s B_s^T>, the
+        # gradient of the decays of the steps after s through the state passed on
         tl.store(ddt_x + o_a0 + o_j, b_ddt, mask=m_j)
-        tl.store(dsum + o_a0 + o_j, b_q - b_v, mask=m_j)
-        b_k = tl.sum(b_v, axis=0)
-        if i_j == 0:
-            b_k += b_keep * tl.sum(tl.sum(b_kc, axis=1), axis=0)
-        tl.store(K_part + (i_bh.to(tl.int64) * NT + i_c) * NB + i_j, b_k)
+        tl.store(vsum + o_a0 + o_j, b_v, mask=m_j)
+        tl.store(K_part + (i_bh.to(tl.int64) * NT + i_c) * NB + i_j, tl.sum(b_v, axis=0))
 
     # dB_j += sum_i dS_ij^T C_i
     for i_i in range(i_j, NBv):
@@ -362,16 +392,14 @@ def ssd_dx_bwd_kernel(
         b_db += dot(b_dSt, b_C, PRECISION)
     # (NSPLIT, batch, T, G, N)
     o_bn = ((i_sp * (BGt // G) + i_b).to(tl.int64) * T + t0 + o_j[:, None]) * (G * N) + i_g * N + o_n[None, :]
-    b_dc += tl.load(dC_part + o_bn, mask=m_jn, other=0.)
     tl.store(dB_out + o_bn, b_db.to(dB_out.dtype.element_ty), mask=m_jn)
-    tl.store(dC_out + o_bn, b_dc.to(dC_out.dtype.element_ty), mask=m_jn)
 
 
 @triton.jit
 def ssd_ddt_bwd_kernel(
-    dt, A, dt_bias, dtp, ddt_x, dsum, K_part, R_part, K_pair, T_pair, ddt, dA_part, dbias_part,
+    dt, A, dt_bias, dtp, ddt_x, dsum, vsum, K_part, Kc_part, R_part, K_pair, T_pair, ddt, dA_part, dbias_part,
     T, NT, s_db, s_dt, s_dh,
-    H: tl.constexpr, L: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    H: tl.constexpr, L: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, KC_TILES: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):
     NB: tl.constexpr = L // BT
@@ -384,22 +412,24 @@ def ssd_ddt_bwd_kernel(
     b_A = tl.load(A + o_h, mask=m_h, other=0.).to(tl.float32)
     if HAS_BIAS:
         b_bias = tl.load(dt_bias + o_h, mask=m_h, other=0.).to(tl.float32)
-    # [BH] <dh, h> at the chunk end: reaches every step of the chunk
+    # [BH] <dh, h> at the chunk end (sum v + <dh, h_prev> exp(a_end)): reaches every step
     b_k = tl.zeros([BH], dtype=tl.float32)
     for i_j in range(NB):
         b_k += tl.load(K_part + (o_bh * NT + i_c) * NB + i_j, mask=m_h, other=0.)
+    for i_j in range(KC_TILES):
+        b_k += tl.load(Kc_part + (o_bh * NT + i_c) * KC_TILES + i_j, mask=m_h, other=0.)
     b_carry = tl.zeros([BH], dtype=tl.float32)
     b_dA = tl.zeros([BH], dtype=tl.float32)
     b_db = tl.zeros([BH], dtype=tl.float32)
     # blocks last to first: the suffix sums of dsum carry over
-    for i_r in tl.static_range(NB):
-        i_k: tl.constexpr = NB - 1 - i_r
+    for i_k in tl.static_range(NB - 1, -1, -1):
         o_l = tl.arange(0, BT)
         o_t = i_c * L + i_k * BT + o_l
         m = (o_t < T)[:, None] & m_h[None, :]
         # [BT, BH]
         o_a = o_bh[None, :] * T + o_t[:, None]
-        b_ds = tl.load(dsum + o_a, mask=m, other=0.)
+        # revcumsum(q - v) + sum(v) = sum of q after u + sum of v before u
+        b_ds = tl.load(dsum + o_a, mask=m, other=0.) - tl.load(vsum + o_a, mask=m, other=0.)
         b_da = tl.cumsum(b_ds, axis=0, reverse=True) + (b_carry + b_k)[None, :]
         b_carry += tl.sum(b_ds, axis=0)
         # straddling pairs of the quadratic form: rows in this block, ...

@@ -5,14 +5,14 @@ Four launches, one kernel each:
 1. ``ssd_chunk_cumsum_fwd_kernel``: dt -> dt' = softplus(dt + bias), and the
    cumulative sum of dt' * A inside each chunk, both fp32 in (batch, heads, T).
 2. ``ssd_bmm_fwd_kernel``: S = C B^T for each chunk and group, the blocks on and
-   below the diagonal, fp32; shared by all heads of the group, so computed once.
+   below the diagonal; shared by all heads of the group, so computed once.
 3. ``ssd_state_fwd_kernel``: the state entering each chunk, fp32. One program
    per (state tile, batch*head) walks the chunks in order: it computes the
    chunk's own state (one matmul over the chunk) and passes the carried one on.
    This fuses "chunk states" and "state passing" so no chunk-local state ever
    reaches memory.
-4. ``ssd_output_fwd_kernel``: per (chunk, row block, head): C h_prev plus the
-   masked quadratic form over the chunk, then the D skip and the silu(z) gate.
+4. ``ssd_output_fwd_kernel``: per (chunk, head): for each row block, C h_prev
+   plus the masked quadratic form over the chunk, the D skip and the silu(z) gate.
 
 Vocabulary as in flash-linear-attention: ``i_`` program ids, ``o_`` offsets,
 ``m_`` masks, ``p_`` pointers, ``b_`` block values. Offsets that scale with
@@ -48,6 +48,43 @@ def dot(a, b, PRECISION: tl.constexpr):
     if DOT_UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def decay_block(b_a_t, b_l_t, b_a_s, b_l_s, b_a_ref, b_l_ref, m, OFF_DIAG, TRANS: tl.constexpr,
+                PRECISE: tl.constexpr):
+    """exp(a_t - a_s) for t in a row block and s in a column block of the same chunk, zero where not ``m``.
+
+    ``a`` is the in-chunk cumsum (``l`` its low part when PRECISE). Off the
+    diagonal (every s before every t) it factors through ``a_ref``, the last
+    step of the column block, into an outer product of two vectors: both
+    factors lie between the product and 1, so nothing overflows that the
+    product would not, and no [BT, BT] exp is needed. [t, s], or [s, t] if TRANS.
+    """
+    if OFF_DIAG:
+        b_u = b_a_t - b_a_ref
+        b_w = b_a_ref - b_a_s
+        if PRECISE:
+            b_u += b_l_t - b_l_ref
+            b_w += b_l_ref - b_l_s
+        b_u = tl.exp(b_u)
+        b_w = tl.exp(b_w)
+        if TRANS:
+            b_d = b_w[:, None] * b_u[None, :]
+        else:
+            b_d = b_u[:, None] * b_w[None, :]
+        b_d = tl.where(m, b_d, 0.)
+    else:
+        if TRANS:
+            b_seg = b_a_t[None, :] - b_a_s[:, None]
+            if PRECISE:
+                b_seg += b_l_t[None, :] - b_l_s[:, None]
+        else:
+            b_seg = b_a_t[:, None] - b_a_s[None, :]
+            if PRECISE:
+                b_seg += b_l_t[:, None] - b_l_s[None, :]
+        b_d = tl.exp(tl.where(m, b_seg, float("-inf")))
+    return b_d
 
 
 @triton.jit
@@ -128,7 +165,7 @@ def ssd_bmm_fwd_kernel(
         # [BN, BT]: B_j^T, transposed by the pointers
         b_Bt = tl.load(p_B0 + o_j[None, :] * s_Bt + o_n[:, None] * s_Bn, mask=m_n[:, None] & m_j[None, :], other=0.)
         b_S = dot(b_C, b_Bt, PRECISION)
-        tl.store(p_S0 + o_i[:, None] * L + o_j[None, :], b_S)
+        tl.store(p_S0 + o_i[:, None] * L + o_j[None, :], b_S.to(S.dtype.element_ty))
 
 
 @triton.autotune(
@@ -201,7 +238,7 @@ def ssd_state_fwd_kernel(
         [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2, 3)],
         {"num_warps": 4},
     ),
-    key=["P", "N", "L", "BT", "BV"],
+    key=["P", "N", "L", "BT", "BV", "HAS_Z"],
 )
 @triton.jit
 def ssd_output_fwd_kernel(
@@ -212,74 +249,89 @@ def ssd_output_fwd_kernel(
     HAS_D: tl.constexpr, D_2D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DOC: tl.constexpr,
     PRECISE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    NB: tl.constexpr = L // BT
     NV: tl.constexpr = (P + BV - 1) // BV
-    # heads vary fastest so the programs reading one S block run together (L2)
+    # One program per (chunk, head, head_dim tile), row blocks in a loop: the
+    # state is read once per chunk. Heads vary fastest so the programs reading
+    # one chunk's S (shared by the group) run together and hit L2.
     i_pid = tl.program_id(0)
     i_v, i_r = i_pid % NV, i_pid // NV
-    i_bh, i_ci = i_r % BHt, i_r // BHt
-    i_c, i_i = i_ci // NB, i_ci % NB
+    i_bh, i_c = i_r % BHt, i_r // BHt
     i_b, i_h = i_bh // H, i_bh % H
     i_g = i_h // (H // G)
     t0 = i_c * L
-    o_i = i_i * BT + tl.arange(0, BT)
     o_v = i_v * BV + tl.arange(0, BV)
     o_n = tl.arange(0, BN)
-    m_i, m_v, m_n = t0 + o_i < T, o_v < P, o_n < N
+    m_v, m_n = o_v < P, o_n < N
     o_a0 = i_bh.to(tl.int64) * T + t0
     o_d0 = i_b.to(tl.int64) * T + t0
-
-    b_a_i = tl.load(dA_cs + o_a0 + o_i, mask=m_i, other=0.)
-    if PRECISE:
-        b_l_i = tl.load(dA_lo + o_a0 + o_i, mask=m_i, other=0.)
-    b_g = tl.exp(b_a_i)
-    if HAS_DOC:
-        b_doc_i = tl.load(doc + o_d0 + o_i, mask=m_i, other=-1)
-        b_doc_prev = tl.load(doc + i_b.to(tl.int64) * T + tl.maximum(t0 - 1, 0))
-        b_g = tl.where(b_doc_i == b_doc_prev, b_g, 0.)
-    # what the carried state gives: exp(a_cs_t) C_t h_prev^T
-    p_C = C + i_b.to(tl.int64) * s_Cb + t0.to(tl.int64) * s_Ct + i_g * s_Cg + o_i[:, None] * s_Ct + o_n[None, :] * s_Cn
-    b_C = tl.load(p_C, mask=m_i[:, None] & m_n[None, :], other=0.)
-    # [BN, BV]: the state transposed by the pointers
-    p_ht = states + (i_bh.to(tl.int64) * NT + i_c) * (P * N) + o_n[:, None] + o_v[None, :] * N
-    b_ht = tl.load(p_ht, mask=m_n[:, None] & m_v[None, :], other=0.).to(b_C.dtype)
-    b_y = dot(b_C, b_ht, PRECISION) * b_g[:, None]
-
-    # inside the chunk: sum_s S_ts exp(a_cs_t - a_cs_s) dt_s x_s over s <= t, same document
     p_x0 = x + i_b.to(tl.int64) * s_xb + t0.to(tl.int64) * s_xt + i_h * s_xh
+    p_z0 = z + i_b.to(tl.int64) * s_zb + t0.to(tl.int64) * s_zt + i_h * s_zh
+    p_C0 = C + i_b.to(tl.int64) * s_Cb + t0.to(tl.int64) * s_Ct + i_g * s_Cg
     p_S0 = S + ((i_b * G + i_g).to(tl.int64) * NT + i_c) * (L * L)
-    for i_j in range(0, i_i + 1):
-        o_j = i_j * BT + tl.arange(0, BT)
-        m_j = t0 + o_j < T
-        b_a_j = tl.load(dA_cs + o_a0 + o_j, mask=m_j, other=0.)
-        b_dt_j = tl.load(dtp + o_a0 + o_j, mask=m_j, other=0.)
-        m_ij = (o_i[:, None] >= o_j[None, :]) & m_j[None, :]
-        if HAS_DOC:
-            b_doc_j = tl.load(doc + o_d0 + o_j, mask=m_j, other=-2)
-            m_ij = m_ij & (b_doc_i[:, None] == b_doc_j[None, :])
-        # [BT, BT]
-        b_S = tl.load(p_S0 + o_i[:, None] * L + o_j[None, :])  # fp32
-        b_seg = b_a_i[:, None] - b_a_j[None, :]
-        if PRECISE:
-            b_seg += b_l_i[:, None] - tl.load(dA_lo + o_a0 + o_j, mask=m_j, other=0.)[None, :]
-        b_W = b_S * tl.exp(tl.where(m_ij, b_seg, float("-inf"))) * b_dt_j[None, :]
-        # [BT, BV]
-        b_x = tl.load(p_x0 + o_j[:, None] * s_xt + o_v[None, :] * s_xp, mask=m_j[:, None] & m_v[None, :], other=0.)
-        b_y += dot(b_W.to(b_x.dtype), b_x, PRECISION)
-
-    m_iv = m_i[:, None] & m_v[None, :]
+    # [BN, BV]: the carried state, transposed by the pointers
+    p_ht = states + (i_bh.to(tl.int64) * NT + i_c) * (P * N) + o_n[:, None] + o_v[None, :] * N
+    b_ht = tl.load(p_ht, mask=m_n[:, None] & m_v[None, :], other=0.).to(C.dtype.element_ty)
+    if HAS_DOC:
+        b_doc_prev = tl.load(doc + i_b.to(tl.int64) * T + tl.maximum(t0 - 1, 0))
     if HAS_D:
-        b_xi = tl.load(p_x0 + o_i[:, None] * s_xt + o_v[None, :] * s_xp, mask=m_iv, other=0.).to(tl.float32)
         if D_2D:
             b_D = tl.load(D + i_h * P + o_v, mask=m_v, other=0.).to(tl.float32)[None, :]
         else:
             b_D = tl.load(D + i_h).to(tl.float32)
-        b_y += b_xi * b_D
-    # outputs are contiguous (batch, T, heads, P)
-    o_out = ((i_b.to(tl.int64) * T + t0 + o_i[:, None]) * H + i_h) * P + o_v[None, :]
-    if HAS_Z:
-        tl.store(ypre + o_out, b_y.to(ypre.dtype.element_ty), mask=m_iv)
-        p_z = z + i_b.to(tl.int64) * s_zb + t0.to(tl.int64) * s_zt + i_h * s_zh + o_i[:, None] * s_zt + o_v[None, :] * s_zp
-        b_z = tl.load(p_z, mask=m_iv, other=0.).to(tl.float32)
-        b_y = b_y * b_z * tl.sigmoid(b_z)
-    tl.store(out + o_out, b_y.to(out.dtype.element_ty), mask=m_iv)
+    # the last real step of the chunk, and the row blocks that hold real steps
+    i_last = tl.minimum(L, T - t0) - 1
+    NBv = i_last // BT + 1
+    # padded rows take the last real cumsum: finite decays, masked at the end
+    b_a_last = tl.load(dA_cs + o_a0 + i_last)
+    for i_i in range(NBv):
+        o_i = i_i * BT + tl.arange(0, BT)
+        m_i = t0 + o_i < T
+        b_a_i = tl.load(dA_cs + o_a0 + o_i, mask=m_i, other=b_a_last)
+        b_l_i = b_a_i
+        if PRECISE:
+            b_l_i = tl.load(dA_lo + o_a0 + o_i, mask=m_i, other=0.)
+        b_g = tl.exp(b_a_i)
+        if HAS_DOC:
+            b_doc_i = tl.load(doc + o_d0 + o_i, mask=m_i, other=-1)
+            b_g = tl.where(b_doc_i == b_doc_prev, b_g, 0.)
+        # what the carried state gives: exp(a_cs_t) C_t h_prev^T
+        b_C = tl.load(p_C0 + o_i[:, None] * s_Ct + o_n[None, :] * s_Cn, mask=m_i[:, None] & m_n[None, :], other=0.)
+        b_y = dot(b_C, b_ht, PRECISION) * b_g[:, None]
+        # inside the chunk: sum_s S_ts exp(a_cs_t - a_cs_s) dt_s x_s over s <= t, same document
+        for i_j in range(0, i_i + 1):
+            o_j = i_j * BT + tl.arange(0, BT)
+            m_j = t0 + o_j < T
+            b_a_j = tl.load(dA_cs + o_a0 + o_j, mask=m_j, other=0.)
+            b_dt_j = tl.load(dtp + o_a0 + o_j, mask=m_j, other=0.)
+            # the decay factors through the column block's last step (used off the diagonal only)
+            i_ref = tl.minimum(i_j * BT + BT - 1, i_last)
+            b_a_ref = tl.load(dA_cs + o_a0 + i_ref)
+            b_l_j, b_l_ref = b_a_j, b_a_ref
+            if PRECISE:
+                b_l_j = tl.load(dA_lo + o_a0 + o_j, mask=m_j, other=0.)
+                b_l_ref = tl.load(dA_lo + o_a0 + i_ref)
+            # padded rows too: their cumsum (0) could overflow the decay
+            m_ij = (o_i[:, None] >= o_j[None, :]) & m_i[:, None] & m_j[None, :]
+            if HAS_DOC:
+                b_doc_j = tl.load(doc + o_d0 + o_j, mask=m_j, other=-2)
+                m_ij = m_ij & (b_doc_i[:, None] == b_doc_j[None, :])
+            # [BT, BT]
+            b_S = tl.load(p_S0 + o_i[:, None] * L + o_j[None, :]).to(tl.float32)
+            b_W = b_S * decay_block(b_a_i, b_l_i, b_a_j, b_l_j, b_a_ref, b_l_ref, m_ij, i_j < i_i, False,
+                                    PRECISE) * b_dt_j[None, :]
+            # [BT, BV]
+            b_x = tl.load(p_x0 + o_j[:, None] * s_xt + o_v[None, :] * s_xp, mask=m_j[:, None] & m_v[None, :],
+                          other=0.)
+            b_y += dot(b_W.to(b_x.dtype), b_x, PRECISION)
+
+        m_iv = m_i[:, None] & m_v[None, :]
+        if HAS_D:
+            b_xi = tl.load(p_x0 + o_i[:, None] * s_xt + o_v[None, :] * s_xp, mask=m_iv, other=0.).to(tl.float32)
+            b_y += b_xi * b_D
+        # outputs are contiguous (batch, T, heads, P)
+        o_out = ((i_b.to(tl.int64) * T + t0 + o_i[:, None]) * H + i_h) * P + o_v[None, :]
+        if HAS_Z:
+            tl.store(ypre + o_out, b_y.to(ypre.dtype.element_ty), mask=m_iv)
+            b_z = tl.load(p_z0 + o_i[:, None] * s_zt + o_v[None, :] * s_zp, mask=m_iv, other=0.).to(tl.float32)
+            b_y = b_y * b_z * tl.sigmoid(b_z)
+        tl.store(out + o_out, b_y.to(out.dtype.element_ty), mask=m_iv)
