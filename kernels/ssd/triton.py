@@ -52,6 +52,11 @@ def _tiles(x: Tensor, B: Tensor, chunk_size: int) -> dict:
                 precision="ieee" if fp32 else "tf32", precise=fp32)
 
 
+def _bucket(nt: int) -> int:
+    """Autotuning key for the length (see ``triton_fwd.configs``)."""
+    return triton.next_power_of_2(nt)
+
+
 def _s_dtype(x: Tensor) -> torch.dtype:
     """Storage of S = C B^T. bf16 halves the traffic of the most re-read
     intermediate (every head of the group reads it, forward and backward) for
@@ -92,7 +97,7 @@ def ssd_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chun
     )
     S = torch.empty(batch, groups, NT, L, L, device=dev, dtype=_s_dtype(x))
     ssd_bmm_fwd_kernel[(NT * NB, batch * groups)](
-        C, B, S, length, NT, *C.stride(), *B.stride(),
+        C, B, S, length, NT, _bucket(NT), *C.stride(), *B.stride(),
         G=groups, N=d_state, L=L, BT=BT, BN=k["BN"], PRECISION=k["precision"],
     )
     states = torch.empty(batch, heads, NT, head_dim, d_state, device=dev, dtype=f32)
@@ -104,7 +109,7 @@ def ssd_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chun
         return (triton.cdiv(d_state, meta["BK"]), triton.cdiv(head_dim, meta["BV"]), batch * heads)
 
     ssd_state_fwd_kernel[grid_state](
-        x, B, dtp, dA_cs[0], dA_cs[-1], docp, h0, states, final, length, NT, *x.stride(), *B.stride(),
+        x, B, dtp, dA_cs[0], dA_cs[-1], docp, h0, states, final, length, NT, _bucket(NT), *x.stride(), *B.stride(),
         H=heads, G=groups, P=head_dim, N=d_state, L=L,
         HAS_INIT=initial_state is not None, HAS_DOC=doc is not None, PRECISE=k["precise"],
         PRECISION=k["precision"],
@@ -115,7 +120,7 @@ def ssd_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chun
     ssd_output_fwd_kernel[(NT * batch * heads * NV,)](
         x, z if z is not None else x, C, S, D if D is not None else A, dtp, dA_cs[0], dA_cs[-1], docp, states, out,
         ypre if z is not None else out,
-        length, NT, batch * heads, *x.stride(), *_strides4(z), *C.stride(),
+        length, NT, _bucket(NT), batch * heads, *x.stride(), *_strides4(z), *C.stride(),
         H=heads, G=groups, P=head_dim, N=d_state, L=L, BT=BT, BN=k["BN"], BV=k["BV"],
         HAS_D=D is not None, D_2D=D is not None and D.dim() == 2, HAS_Z=z is not None,
         HAS_DOC=doc is not None, PRECISE=k["precise"], PRECISION=k["precision"],
@@ -146,7 +151,7 @@ def ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_st
 
     ssd_state_bwd_kernel[grid_state](
         dout, zp, C, dtp, dA_cs[0], docp, states, dhT, dstates, dh0, Kc_part,
-        length, NT, *dout.stride(), *_strides4(z), *C.stride(),
+        length, NT, _bucket(NT), *dout.stride(), *_strides4(z), *C.stride(),
         H=heads, G=groups, P=head_dim, N=d_state, L=L, KC_TILES=kc_tiles,
         HAS_DFINAL=dfinal is not None, HAS_Z=z is not None, HAS_DOC=doc is not None, PRECISION=k["precision"],
     )
@@ -169,7 +174,7 @@ def ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_st
     T_pair = torch.empty(batch, heads, NT, npair, device=dev, dtype=f32)
     ssd_dcb_bwd_kernel[grid_group](
         x, dout, zp, B, C, S, dtp, dA_cs[0], dA_cs[-1], docp, states, dS, dC_out, dsum, R_part, K_pair, T_pair,
-        length, NT, batch * groups, *x.stride(), *dout.stride(), *_strides4(z), *B.stride(), *C.stride(),
+        length, NT, _bucket(NT), batch * groups, *x.stride(), *dout.stride(), *_strides4(z), *B.stride(), *C.stride(),
         **common,
     )
 
@@ -182,7 +187,7 @@ def ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_st
     ssd_dx_bwd_kernel[grid_group](
         x, dout, zp, ypre, B, C, S, dS, D if D is not None else A, dtp, dA_cs[0], dA_cs[-1], docp, dstates,
         dx, dz if z is not None else dx, dB_out, ddt_x, vsum, K_part, dD_part,
-        length, NT, batch * groups, *x.stride(), *dout.stride(), *_strides4(z), *B.stride(), *C.stride(),
+        length, NT, _bucket(NT), batch * groups, *x.stride(), *dout.stride(), *_strides4(z), *B.stride(), *C.stride(),
         HAS_D=D is not None, D_2D=D is not None and D.dim() == 2, **common,
     )
 

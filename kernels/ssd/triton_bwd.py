@@ -33,12 +33,12 @@ from .triton_fwd import configs, decay_block, dot
          for bk in (32, 64) for bv in (32, 64) for w in (4, 8) for s in (2, 3)],
         {"BK": 32, "BV": 32, "num_warps": 4},
     ),
-    key=["P", "N", "L", "HAS_Z"],
+    key=["P", "N", "L", "HAS_Z", "T_BUCKET"],
 )
 @triton.jit
 def ssd_state_bwd_kernel(
     dout, z, C, dtp, dA_cs, doc, states, dhT, dstates, dh0, Kc_part,
-    T, NT, s_ob, s_ot, s_oh, s_op, s_zb, s_zt, s_zh, s_zp, s_Cb, s_Ct, s_Cg, s_Cn,
+    T, NT, T_BUCKET, s_ob, s_ot, s_oh, s_op, s_zb, s_zt, s_zh, s_zp, s_Cb, s_Ct, s_Cg, s_Cn,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, KC_TILES: tl.constexpr,
     HAS_DFINAL: tl.constexpr, HAS_Z: tl.constexpr, HAS_DOC: tl.constexpr, PRECISION: tl.constexpr,
@@ -112,15 +112,16 @@ def load_dy(dout, z, o_row, o_v, m, s_ot, s_op, s_zt, s_zp, HAS_Z: tl.constexpr)
 
 @triton.autotune(
     configs=configs(
-        [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2)],
+        # 4 warps spill at d_state 128 (fine for small states)
+        [{"num_warps": 4, "num_stages": 1}, {"num_warps": 8, "num_stages": 1}, {"num_warps": 8, "num_stages": 2}],
         {"num_warps": 4},
     ),
-    key=["P", "N", "L", "BT", "BV", "HPS", "HAS_Z"],
+    key=["P", "N", "L", "BT", "BV", "HPS", "HAS_Z", "T_BUCKET"],
 )
 @triton.jit
 def ssd_dcb_bwd_kernel(
     x, dout, z, B, C, S, dtp, dA_cs, dA_lo, doc, states, dS, dC_out, dsum, R_part, K_pair, T_pair,
-    T, NT, BGt, s_xb, s_xt, s_xh, s_xp, s_ob, s_ot, s_oh, s_op, s_zb, s_zt, s_zh, s_zp,
+    T, NT, T_BUCKET, BGt, s_xb, s_xt, s_xh, s_xp, s_ob, s_ot, s_oh, s_op, s_zb, s_zt, s_zh, s_zp,
     s_Bb, s_Bt, s_Bg, s_Bn, s_Cb, s_Ct, s_Cg, s_Cn,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, L: tl.constexpr,
     BT: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, NSPLIT: tl.constexpr, HPS: tl.constexpr,
@@ -249,16 +250,17 @@ def ssd_dcb_bwd_kernel(
 
 @triton.autotune(
     configs=configs(
-        [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2)],
+        # 4 warps spill at d_state 128 (fine for small states)
+        [{"num_warps": 4, "num_stages": 1}, {"num_warps": 8, "num_stages": 1}, {"num_warps": 8, "num_stages": 2}],
         {"num_warps": 4},
     ),
-    key=["P", "N", "L", "BT", "BV", "HPS", "HAS_Z"],
+    key=["P", "N", "L", "BT", "BV", "HPS", "HAS_Z", "T_BUCKET"],
 )
 @triton.jit
 def ssd_dx_bwd_kernel(
     x, dout, z, ypre, B, C, S, dS, D, dtp, dA_cs, dA_lo, doc, dstates,
     dx, dz, dB_out, ddt_x, vsum, K_part, dD_part,
-    T, NT, BGt, s_xb, s_xt, s_xh, s_xp, s_ob, s_ot, s_oh, s_op, s_zb, s_zt, s_zh, s_zp,
+    T, NT, T_BUCKET, BGt, s_xb, s_xt, s_xh, s_xp, s_ob, s_ot, s_oh, s_op, s_zb, s_zt, s_zh, s_zp,
     s_Bb, s_Bt, s_Bg, s_Bn, s_Cb, s_Ct, s_Cg, s_Cn,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, L: tl.constexpr,
     BT: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, NSPLIT: tl.constexpr, HPS: tl.constexpr,

@@ -35,6 +35,9 @@ def configs(space: list[dict], default: dict) -> list[triton.Config]:
     """Autotune space on a GPU; one config in the interpreter, where tuning is far too slow.
 
     Each entry of ``space`` holds kernel meta-parameters plus num_warps / num_stages.
+    Kernels are tuned per shape and per power-of-two bucket of the chunk count
+    (``T_BUCKET``, otherwise unused): parallelism, hence the best config,
+    changes with the length.
     """
     def make(d):
         d = dict(d)
@@ -136,12 +139,12 @@ def ssd_chunk_cumsum_fwd_kernel(
 
 @triton.autotune(
     configs=configs([{"num_warps": 4}, {"num_warps": 8}], {"num_warps": 4}),
-    key=["N", "L", "BT"],
+    key=["N", "L", "BT", "T_BUCKET"],
 )
 @triton.jit
 def ssd_bmm_fwd_kernel(
     C, B, S,
-    T, NT, s_Cb, s_Ct, s_Cg, s_Cn, s_Bb, s_Bt, s_Bg, s_Bn,
+    T, NT, T_BUCKET, s_Cb, s_Ct, s_Cg, s_Cn, s_Bb, s_Bt, s_Bg, s_Bn,
     G: tl.constexpr, N: tl.constexpr, L: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -174,12 +177,12 @@ def ssd_bmm_fwd_kernel(
          for bk in (32, 64) for bv in (32, 64) for w in (4, 8) for s in (2, 3)],
         {"BK": 32, "BV": 32, "num_warps": 4},
     ),
-    key=["P", "N", "L"],
+    key=["P", "N", "L", "T_BUCKET"],
 )
 @triton.jit
 def ssd_state_fwd_kernel(
     x, B, dtp, dA_cs, dA_lo, doc, h0, states, hT,
-    T, NT, s_xb, s_xt, s_xh, s_xp, s_Bb, s_Bt, s_Bg, s_Bn,
+    T, NT, T_BUCKET, s_xb, s_xt, s_xh, s_xp, s_Bb, s_Bt, s_Bg, s_Bn,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
     HAS_INIT: tl.constexpr, HAS_DOC: tl.constexpr, PRECISE: tl.constexpr, PRECISION: tl.constexpr,
@@ -238,12 +241,12 @@ def ssd_state_fwd_kernel(
         [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2, 3)],
         {"num_warps": 4},
     ),
-    key=["P", "N", "L", "BT", "BV", "HAS_Z"],
+    key=["P", "N", "L", "BT", "BV", "HAS_Z", "T_BUCKET"],
 )
 @triton.jit
 def ssd_output_fwd_kernel(
     x, z, C, S, D, dtp, dA_cs, dA_lo, doc, states, out, ypre,
-    T, NT, BHt, s_xb, s_xt, s_xh, s_xp, s_zb, s_zt, s_zh, s_zp, s_Cb, s_Ct, s_Cg, s_Cn,
+    T, NT, T_BUCKET, BHt, s_xb, s_xt, s_xh, s_xp, s_zb, s_zt, s_zh, s_zp, s_Cb, s_Ct, s_Cg, s_Cn,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, L: tl.constexpr,
     BT: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr,
     HAS_D: tl.constexpr, D_2D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DOC: tl.constexpr,
