@@ -3,8 +3,8 @@
 Same signature and behaviour as ``naive.selective_scan_naive``; the maths is
 in this folder's README.md. Each program owns one batch row and a block of
 BD channels and walks time in tiles of BT steps: inside a tile the
-recurrence is a parallel ``tl.associative_scan`` over a [BT, BD, BN] tile,
-across tiles the fp32 state is carried in registers. The forward keeps the
+recurrence is a parallel ``tl.associative_scan`` over a [NI, BT, BD, NL]
+tile (d_state = NI * NL), across tiles the fp32 state is carried in registers. The forward keeps the
 state at the start of every segment of ``CHECKPOINT_STEPS`` steps; the
 backward walks the segments from last to first, recomputes the states of a
 segment, and runs the adjoint recurrence as a reverse scan.
@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 # Time steps between two saved states. The forward stores
 # batch * channels * d_state fp32 values per segment (1M steps, 1536 x 16:
@@ -114,26 +115,49 @@ def _fallback_config(bn: int, gsize: int, bd: int | None = None):
 # --------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------
+# Approximate MUFU forms on the GPU (ftz: results below 2^-126 are zero, as
+# good as exact here); tl.exp2 & co. lower to forms that ptxas guards against
+# denormals with compares and extra multiplies, and tl.log / division to
+# polynomial or Newton sequences. The interpreter has no inline asm.
 @triton.jit
-def _exp2(x, FTZ: tl.constexpr):
-    # ex2.approx.ftz: one MUFU op. tl.exp2 lowers to the non-ftz form, which
-    # ptxas guards with a compare and two multiplies for denormal results;
-    # a decay below 2^-126 is as good as zero here. (No inline asm in the
-    # interpreter.)
-    if FTZ:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+def _exp2(x, FAST: tl.constexpr):
+    if FAST:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
                                          is_pure=True, pack=1)
     else:
         return tl.exp2(x)
 
 
 @triton.jit
-def _softplus(x):
-    # torch's softplus: x above 20, else log1p(exp(x)); log1p as
-    # log(u) * e / (u - 1) keeps precision where exp(x) is tiny.
-    e = tl.exp(tl.minimum(x, 20.0))
+def _log2(x, FAST: tl.constexpr):
+    if FAST:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _rcp(x, FAST: tl.constexpr):
+    if FAST:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return 1.0 / x
+
+
+@triton.jit
+def _sigmoid(x, FAST: tl.constexpr):
+    return _rcp(1.0 + _exp2(-x * LOG2E, FAST), FAST)
+
+
+@triton.jit
+def _softplus(x, FAST: tl.constexpr):
+    # torch's softplus: x above 20, else log1p(exp(x)); log1p(e) as
+    # log(u) * e / (u - 1), u = 1 + e, keeps precision where e is tiny
+    e = _exp2(tl.minimum(x, 20.0) * LOG2E, FAST)
     u = 1.0 + e
-    lp = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
+    lp = tl.where(u == 1.0, e, (_log2(u, FAST) * LN2) * (e * _rcp(u - 1.0, FAST)))
     return tl.where(x > 20.0, x, lp)
 
 
@@ -167,7 +191,7 @@ def _tile_states(
     if HAS_BIAS:
         b_dtr += tl.load(dt_bias + o_d).to(tl.float32)[None, :]
     if SOFTPLUS:
-        b_dt = _softplus(b_dtr)
+        b_dt = _softplus(b_dtr, not INTERPRET)
     else:
         b_dt = b_dtr
     # steps past the end: decay 1, input 0, so the state passes through
@@ -254,7 +278,7 @@ def _fwd_kernel(
         if HAS_Z:
             p_z = z + i_b64 * s_zb + t0 * s_zt + o_tl[:, None] * s_zt + o_d[None, :]
             b_z = tl.load(p_z, mask=m_t[:, None], other=0.0).to(tl.float32)
-            b_y *= b_z * tl.sigmoid(b_z)
+            b_y *= b_z * _sigmoid(b_z, not INTERPRET)
         p_y = y + (i_b64 * L + t0) * D + o_tl[:, None] * D + o_d[None, :]
         tl.store(p_y, b_y.to(y.dtype.element_ty), mask=m_t[:, None])
         b_h = _last_step(b_hs, BT)  # [NI, BD, NL]
@@ -339,7 +363,7 @@ def _bwd_kernel(
             if HAS_Z:
                 p_z = z + i_b64 * s_zb + t0 * s_zt + o_tl[:, None] * s_zt + o_d[None, :]
                 b_z = tl.load(p_z, mask=m_t[:, None], other=0.0).to(tl.float32)
-                b_sig = tl.sigmoid(b_z)
+                b_sig = _sigmoid(b_z, not INTERPRET)
                 b_dy = b_do * (b_z * b_sig)
             else:
                 b_dy = b_do
@@ -370,7 +394,7 @@ def _bwd_kernel(
                 p_dz = dz + (i_b64 * L + t0) * D + o_tl[:, None] * D + o_d[None, :]
                 tl.store(p_dz, b_dz.to(dz.dtype.element_ty), mask=m_t[:, None])
             if SOFTPLUS:
-                b_ddt *= tl.sigmoid(b_dtr)
+                b_ddt *= _sigmoid(b_dtr, not INTERPRET)
             # past the end the carried adjoint is not zero: keep it out of the sums
             b_ddt = tl.where(m_t[:, None], b_ddt, 0.0)
             b_dbias += b_ddt
