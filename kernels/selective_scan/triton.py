@@ -442,7 +442,7 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     # B and C are d_state values per step, x and dt channels: an fp32 copy
     # is cheap, and each of their values is used by a whole block of
     # channels, where unpacking bf16 would cost an instruction per element
-    return t.float() if t.dtype != torch.float32 else _rows(t)
+    return _rows(t.float())
 
 
 def _scratch_bt() -> int:
@@ -452,10 +452,12 @@ def _scratch_bt() -> int:
 
 def _bwd_block_d(batch: int, channels: int, gsize: int) -> int:
     # Channels per backward program. Each program writes d_state fp32 partial
-    # sums of dB and dC per step, so larger blocks move fewer bytes; smaller
-    # ones give more programs. Aim at >= 128 programs (H100: 132 SMs).
+    # sums of dB and dC per step (written and read back: 16 * d_state bytes
+    # per step and program; 1536 channels in blocks of 8: 24 KB per token),
+    # so larger blocks move fewer bytes, smaller ones give more programs.
+    # Aim at >= 128 programs (H100: 132 SMs), blocks of at least 8.
     bd = 32
-    while bd > 4 and batch * (channels // bd) < 128:
+    while bd > 8 and batch * (channels // bd) < 128:
         bd //= 2
     return _pow2_divisor(gsize, bd)
 
