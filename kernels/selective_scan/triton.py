@@ -91,13 +91,19 @@ def _prune(configs, named_args, **kwargs):
 # fits 128 in 255 registers without spills, the backward (about four times as
 # many live tiles) spills above 32.
 _PER_THREAD_FWD, _PER_THREAD_BWD = 128, 32
+# MAMBATRAIN_AUTOTUNE=0: one config per kernel (tests: each new shape or flag
+# set would otherwise compile every config)
+_AUTOTUNE = os.environ.get("MAMBATRAIN_AUTOTUNE", "1") == "1"
 if _INTERPRET:  # autotuning in the interpreter costs minutes: one config (tests swap it)
     _FWD_CONFIGS = [triton.Config({"BT": 32, "BD": 8, "NI": 2}, num_warps=1)]
     _BWD_CONFIGS = [triton.Config({"BT": 32, "NI": 2}, num_warps=1)]
+elif not _AUTOTUNE:
+    _FWD_CONFIGS = [triton.Config({"BT": 32, "BD": 16, "NI": 2}, num_warps=4, num_stages=1)]
+    _BWD_CONFIGS = [triton.Config({"BT": 16, "NI": 2}, num_warps=2, num_stages=1)]
 else:
     _FWD_CONFIGS = [
         triton.Config({"BT": bt, "BD": bd, "NI": ni}, num_warps=nw, num_stages=1)
-        for bt in (16, 32, 64) for bd in (4, 8, 16, 32) for ni in (1, 2, 4) for nw in (1, 2, 4, 8)
+        for bt in (32, 64) for bd in (4, 8, 16, 32) for ni in (1, 2, 4) for nw in (1, 2, 4, 8)
     ]
     # BD of the backward is the host's choice (it sets the partial-sum buffer's shape)
     _BWD_CONFIGS = [

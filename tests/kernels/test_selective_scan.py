@@ -13,6 +13,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 os.environ["MAMBATRAIN_KERNEL_DEBUG"] = "1"
+# on a GPU: one config per kernel instead of autotuning every shape and flag set
+os.environ.setdefault("MAMBATRAIN_AUTOTUNE", "0")
 
 import mambatrain_kernels.selective_scan.triton as sst  # noqa: E402
 from mambatrain_kernels.selective_scan import selective_scan, selective_scan_naive  # noqa: E402
