@@ -22,8 +22,11 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 # Time steps between two saved states. The forward stores
 # batch * channels * d_state fp32 values per segment (1M steps, 1536 x 16:
-# 50 MB per batch row). A multiple of every BT below.
-CHECKPOINT_STEPS = 2048
+# 100 MB per batch row); the backward keeps the states at the start of each
+# tile of one segment per program in scratch (CHECKPOINT_STEPS / BT states of
+# BD x d_state: 64 KB at BT 8, BD 8), which should stay in L2. A multiple of
+# every BT below.
+CHECKPOINT_STEPS = 1024
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 INTERPRET = tl.constexpr(_INTERPRET)
@@ -64,13 +67,14 @@ def _pow2_divisor(n: int, cap: int) -> int:
     return p
 
 
-def _fits(cfg, bn: int, gsize: int, bd: int, per_thread: int) -> bool:
+def _fits(cfg, bn: int, gsize: int, bd: int, forward: bool) -> bool:
     """A config is legal and sane for d_state padded to bn and this group size.
 
     BD must divide the channels of one group (a program reads one group's B
     and C). BD * NL must give every thread its own (channel, state lane):
-    fewer would put time across threads. per_thread caps the elements of one
-    [NI, BT, BD, NL] tile that each thread holds (registers).
+    fewer would put time across threads; the forward takes exactly one per
+    thread (fewer configs to compile). The elements of one [NI, BT, BD, NL]
+    tile that each thread holds are capped (registers).
     """
     ni, bt, nw = cfg.kwargs["NI"], cfg.kwargs["BT"], cfg.num_warps
     if ni > bn or gsize % bd:
@@ -78,13 +82,16 @@ def _fits(cfg, bn: int, gsize: int, bd: int, per_thread: int) -> bool:
     if _INTERPRET:  # no threads, no registers
         return True
     threads_needed = bd * (bn // ni)
+    if forward and threads_needed != 32 * nw:
+        return False
+    per_thread = _PER_THREAD_FWD if forward else _PER_THREAD_BWD
     return threads_needed >= 32 * nw and bt * bd * bn // (32 * nw) <= per_thread
 
 
 def _prune(configs, named_args, **kwargs):
     bn, gsize = kwargs["BN"], named_args["GSIZE"]
-    limit = _PER_THREAD_BWD if "NBLK" in named_args else _PER_THREAD_FWD
-    return [c for c in configs if _fits(c, bn, gsize, c.kwargs.get("BD", kwargs.get("BD")), limit)]
+    forward = "NBLK" not in named_args
+    return [c for c in configs if _fits(c, bn, gsize, c.kwargs.get("BD", kwargs.get("BD")), forward)]
 
 
 # Elements of one tile per thread. sm_90, Triton 3.7, d_state 16: the forward
@@ -98,17 +105,21 @@ if _INTERPRET:  # autotuning in the interpreter costs minutes: one config (tests
     _FWD_CONFIGS = [triton.Config({"BT": 32, "BD": 8, "NI": 2}, num_warps=1)]
     _BWD_CONFIGS = [triton.Config({"BT": 32, "NI": 2}, num_warps=1)]
 elif not _AUTOTUNE:
-    _FWD_CONFIGS = [triton.Config({"BT": 32, "BD": 16, "NI": 2}, num_warps=4, num_stages=1)]
-    _BWD_CONFIGS = [triton.Config({"BT": 16, "NI": 2}, num_warps=2, num_stages=1)]
+    _FWD_CONFIGS = [triton.Config({"BT": 32, "BD": 8, "NI": 4}, num_warps=1, num_stages=1)]
+    _BWD_CONFIGS = [triton.Config({"BT": 8, "NI": 4}, num_warps=1, num_stages=1)]
 else:
+    # sm_90 SASS per element, d_state 16: forward 10 instructions at
+    # (BT 32, BD 8, NI 4), 14 at NI 2, 26 at NI 1; backward phase 2: 39 at
+    # (BT 8, BD 8, NI 4), 50 at (16, 8, 2), 73 at (16, 16, 1). NI 1 gives the
+    # most threads, which batch 1 may need.
     _FWD_CONFIGS = [
         triton.Config({"BT": bt, "BD": bd, "NI": ni}, num_warps=nw, num_stages=1)
-        for bt in (32, 64) for bd in (4, 8, 16, 32) for ni in (1, 2, 4) for nw in (1, 2, 4, 8)
+        for bt in (16, 32) for bd in (4, 8, 16, 32) for ni in (1, 2, 4, 8) for nw in (1, 2, 4)
     ]
     # BD of the backward is the host's choice (it sets the partial-sum buffer's shape)
     _BWD_CONFIGS = [
         triton.Config({"BT": bt, "NI": ni}, num_warps=nw, num_stages=1)
-        for bt in (16, 32) for ni in (1, 2, 4) for nw in (1, 2, 4, 8)
+        for bt in (8, 16) for ni in (1, 2, 4, 8) for nw in (1, 2, 4, 8)
     ]
 
 
@@ -491,7 +502,7 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx):
     s_seq = seq_idx.stride() if seq_idx is not None else (0, 0)
     s_z = z.stride() if z is not None else (0, 0, 0)
     bn = triton.next_power_of_2(d_state)
-    if any(_fits(c, bn, gsize, c.kwargs["BD"], _PER_THREAD_FWD) for c in _FWD_CONFIGS):
+    if any(_fits(c, bn, gsize, c.kwargs["BD"], True) for c in _FWD_CONFIGS):
         kernel = _fwd_kernel[lambda meta: (channels // meta["BD"], batch)]
     else:  # nothing fits (odd group sizes, tiny d_state): a plain launch
         bd, kw, nw = _fallback_config(bn, gsize)
@@ -537,7 +548,7 @@ def _bwd(dout, dhT, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, s
     sB, sC = B.stride(), C.stride()
     s_seq = seq_idx.stride() if seq_idx is not None else (0, 0)
     s_z = z.stride() if z is not None else (0, 0, 0)
-    if any(_fits(c, bn, gsize, bd, _PER_THREAD_BWD) for c in _BWD_CONFIGS):
+    if any(_fits(c, bn, gsize, bd, False) for c in _BWD_CONFIGS):
         kernel = _bwd_kernel[(nblk, batch)]
     else:
         _, kw, nw = _fallback_config(bn, gsize, bd)
