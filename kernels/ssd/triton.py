@@ -8,6 +8,7 @@ The maths and the memory budget are in README.md.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -36,6 +37,8 @@ def _tiles(x: Tensor, B: Tensor, chunk_size: int) -> dict:
     batch, length, heads, head_dim = x.shape
     groups, d_state = B.shape[2], B.shape[3]
     L = chunk_size
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"ssd_scan takes fp32, bf16 or fp16 inputs, got {x.dtype}")
     if L < 64 or L > 256 or L & (L - 1):
         raise ValueError(f"chunk_size must be 64, 128 or 256, got {L}")
     if d_state > 256:
@@ -65,9 +68,14 @@ def _s_dtype(x: Tensor) -> torch.dtype:
     return torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
 
 
+@functools.lru_cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def _num_splits(x: Tensor, programs: int, heads_per_group: int) -> int:
     """Split a group's heads over programs until the per-group backward kernels fill the GPU."""
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    sms = _sm_count(x.device)
     for d in range(1, heads_per_group + 1):
         if heads_per_group % d == 0 and programs * d >= 4 * sms:
             return d
