@@ -14,7 +14,7 @@ import os
 import torch
 
 from mambatrain_kernels.selective_scan import selective_scan_naive
-from mambatrain_kernels.ssd import ssd_naive
+from mambatrain_kernels.ssd import ssd_chunked_torch
 
 log = logging.getLogger(__name__)
 _announced: set[tuple[str, str]] = set()
@@ -46,12 +46,12 @@ def selective_scan(backend: str, *args, **kwargs):
 
 
 def ssd_scan(backend: str, *args, chunk_size: int = 256, **kwargs):
-    """Mamba-2 scan; arguments as ``mambatrain_kernels.ssd.ssd_naive`` plus the chunk size."""
+    """Mamba-2 scan; arguments as ``mambatrain_kernels.ssd.ssd_naive`` plus the chunk size.
+
+    The reference path is the chunked PyTorch algorithm (matrix products, fast on CPUs), which the
+    kernel tests hold equal to the time loop.
+    """
     if _use_triton(backend, args[0], "ssd"):
         from mambatrain_kernels.ssd.triton import ssd_scan as fast
         return fast(*args, chunk_size=chunk_size, **kwargs)
-    try:
-        from mambatrain_kernels.ssd.chunked import ssd_chunked_torch
-    except ImportError:  # the chunked PyTorch path is still being written; the loop is exact
-        return ssd_naive(*args, **kwargs)
     return ssd_chunked_torch(*args, chunk_size=chunk_size, **kwargs)
