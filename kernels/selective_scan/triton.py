@@ -29,7 +29,9 @@ LN2 = tl.constexpr(0.6931471805599453)
 CHECKPOINT_STEPS = 1024
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-INTERPRET = tl.constexpr(_INTERPRET)
+# MUFU approximations through inline asm on the GPU (none in the interpreter);
+# MAMBATRAIN_FAST_MATH=0 switches to tl.exp2 & co. to rule them out.
+FAST_MATH = tl.constexpr(not _INTERPRET and os.environ.get("MAMBATRAIN_FAST_MATH", "1") == "1")
 # Fill what the host allocates for the kernels with NaN, so that a kernel that
 # leaves part of an output unwritten fails the tests instead of passing on
 # whatever the allocator handed back.
@@ -208,12 +210,12 @@ def _tile_states(
     if HAS_BIAS:
         b_dtr += tl.load(dt_bias + o_d).to(tl.float32)[None, :]
     if SOFTPLUS:
-        b_dt = _softplus(b_dtr, not INTERPRET)
+        b_dt = _softplus(b_dtr, FAST_MATH)
     else:
         b_dt = b_dtr
     # steps past the end: decay 1, input 0, so the state passes through
     b_dt = tl.where(m_t[:, None], b_dt, 0.0)
-    b_a = _exp2(b_dt[None, :, :, None] * b_A2[:, None, :, :], not INTERPRET)  # [NI, BT, BD, NL]
+    b_a = _exp2(b_dt[None, :, :, None] * b_A2[:, None, :, :], FAST_MATH)  # [NI, BT, BD, NL]
     if HAS_SEQ:
         p_s = seq_idx + i_b64 * s_sb + t0 * s_st + o_tl * s_st
         b_s = tl.load(p_s, mask=m_t, other=0)
@@ -295,7 +297,7 @@ def _fwd_kernel(
         if HAS_Z:
             p_z = z + i_b64 * s_zb + t0 * s_zt + o_tl[:, None] * s_zt + o_d[None, :]
             b_z = tl.load(p_z, mask=m_t[:, None], other=0.0).to(tl.float32)
-            b_y *= b_z * _sigmoid(b_z, not INTERPRET)
+            b_y *= b_z * _sigmoid(b_z, FAST_MATH)
         p_y = y + (i_b64 * L + t0) * D + o_tl[:, None] * D + o_d[None, :]
         tl.store(p_y, b_y.to(y.dtype.element_ty), mask=m_t[:, None])
         b_h = _last_step(b_hs, BT)  # [NI, BD, NL]
@@ -380,7 +382,7 @@ def _bwd_kernel(
             if HAS_Z:
                 p_z = z + i_b64 * s_zb + t0 * s_zt + o_tl[:, None] * s_zt + o_d[None, :]
                 b_z = tl.load(p_z, mask=m_t[:, None], other=0.0).to(tl.float32)
-                b_sig = _sigmoid(b_z, not INTERPRET)
+                b_sig = _sigmoid(b_z, FAST_MATH)
                 b_dy = b_do * (b_z * b_sig)
             else:
                 b_dy = b_do
@@ -411,7 +413,7 @@ def _bwd_kernel(
                 p_dz = dz + (i_b64 * L + t0) * D + o_tl[:, None] * D + o_d[None, :]
                 tl.store(p_dz, b_dz.to(dz.dtype.element_ty), mask=m_t[:, None])
             if SOFTPLUS:
-                b_ddt *= _sigmoid(b_dtr, not INTERPRET)
+                b_ddt *= _sigmoid(b_dtr, FAST_MATH)
             # past the end the carried adjoint is not zero: keep it out of the sums
             b_ddt = tl.where(m_t[:, None], b_ddt, 0.0)
             b_dbias += b_ddt
