@@ -7,8 +7,9 @@ from collections import Counter
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from ..config.schema import ModelConfig
+from ..config.schema import MAMBA, ModelConfig
 from .blocks.norm import RMSNorm
 from .factory import create_blocks
 from .loss import chunked_cross_entropy
@@ -22,6 +23,7 @@ class LanguageModel(nn.Module):
         self.blocks = create_blocks(config)
         self.norm_f = RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.checkpoint_kinds: set[str] = set()  # block letters whose activations are recomputed in backward
         self.reset_parameters()
 
     @torch.no_grad()
@@ -41,12 +43,25 @@ class LanguageModel(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.embedding.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """Final normalised hidden states (B, T, d_model); see ``logits`` and ``loss``."""
+    def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None,
+                states: list | None = None) -> torch.Tensor:
+        """Final normalised hidden states (B, T, d_model); see ``logits`` and ``loss``.
+
+        ``states`` (from ``empty_states``) carries each Mamba block's state from the previous window of the
+        same streams into this one and is updated in place; attention blocks see only the current window.
+        """
         x = self.embedding(input_ids)
-        for block in self.blocks:
-            x = block(x, seq_idx=seq_idx)
+        for i, block in enumerate(self.blocks):
+            state = states[i] if states is not None else None
+            if block.kind in self.checkpoint_kinds and torch.is_grad_enabled():
+                x = checkpoint(block, x, seq_idx, state, use_reentrant=False)
+            else:
+                x = block(x, seq_idx, state)
         return self.norm_f(x)
+
+    def empty_states(self, batch: int, device) -> list:
+        """Zero carried state for every Mamba block (None for attention blocks)."""
+        return [block.mixer.empty_state(batch, device) if block.kind == MAMBA else None for block in self.blocks]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden @ self.head_weight.t().to(hidden.dtype)

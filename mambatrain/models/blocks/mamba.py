@@ -9,6 +9,7 @@ checkpoints map one to one.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,22 +20,70 @@ from .. import scan
 from .norm import GatedRMSNorm
 
 
-def causal_conv1d(x: torch.Tensor, conv: nn.Conv1d, seq_idx: torch.Tensor | None) -> torch.Tensor:
-    """Depthwise causal convolution over time of x (B, T, C); taps never cross a document boundary."""
-    width = conv.kernel_size[0]
+@dataclass
+class MambaState:
+    """What a Mamba mixer carries from one window of a stream to the next (batch-first).
+
+    conv: the last d_conv - 1 inputs of the convolution, (B, d_conv - 1, conv channels);
+    ssm: the float32 SSM state, (B, channels, d_state) for Mamba-1, (B, heads, head_dim, d_state) for Mamba-2;
+    doc: the document id of the last token, (B,): a window that opens a new document starts from zero.
+    """
+
+    conv: torch.Tensor
+    ssm: torch.Tensor
+    doc: torch.Tensor
+
+    def detach_(self) -> "MambaState":
+        self.conv, self.ssm = self.conv.detach(), self.ssm.detach()
+        return self
+
+
+def causal_conv1d(x: torch.Tensor, conv: nn.Conv1d, seq_idx: torch.Tensor | None,
+                  prefix: torch.Tensor | None = None) -> torch.Tensor:
+    """Depthwise causal convolution over time of x (B, T, C); taps never cross a document boundary.
+
+    ``prefix`` (B, width - 1, C) holds the inputs before x (carried state); without it they are zeros.
+    ``seq_idx`` then covers prefix and x together, (B, width - 1 + T).
+    """
+    width, T = conv.kernel_size[0], x.shape[1]
+    padded = F.pad(x, (0, 0, width - 1, 0)) if prefix is None else torch.cat([prefix.to(x.dtype), x], dim=1)
     if seq_idx is None:
-        y = F.conv1d(x.transpose(1, 2), conv.weight, conv.bias, padding=width - 1, groups=conv.groups)
-        return y[..., : x.shape[1]].transpose(1, 2)
+        y = F.conv1d(padded.transpose(1, 2), conv.weight, conv.bias, groups=conv.groups)
+        return y.transpose(1, 2)
+    if prefix is None:
+        seq_idx = F.pad(seq_idx, (width - 1, 0), value=-1)
     # Sum of shifted copies, each masked where the tap reaches into another document.
     weight = conv.weight[:, 0, :].to(x.dtype)  # (C, width); tap width-1 multiplies x[t]
+    current = seq_idx[:, width - 1:]
     y = x * weight[:, width - 1]
     for shift in range(1, width):
-        shifted = F.pad(x, (0, 0, shift, 0))[:, : x.shape[1]]
-        same_doc = F.pad(seq_idx, (shift, 0), value=-1)[:, : x.shape[1]] == seq_idx
+        shifted = padded[:, width - 1 - shift: width - 1 - shift + T]
+        same_doc = seq_idx[:, width - 1 - shift: width - 1 - shift + T] == current
         y = y + shifted * same_doc[..., None].to(x.dtype) * weight[:, width - 1 - shift]
     if conv.bias is not None:
         y = y + conv.bias.to(x.dtype)
     return y
+
+
+def _carry_in(state: MambaState | None, seq_idx: torch.Tensor | None):
+    """Conv prefix, extended seq_idx and initial SSM state for a window that continues ``state``."""
+    if state is None:
+        return None, seq_idx, None
+    if seq_idx is None:
+        return state.conv, None, state.ssm
+    width_1 = state.conv.shape[1]
+    prefix_ids = state.doc[:, None].expand(-1, width_1).to(seq_idx.dtype)
+    continues = (seq_idx[:, 0] == state.doc).to(state.ssm.dtype)
+    initial = state.ssm * continues.view(-1, *([1] * (state.ssm.dim() - 1)))
+    return state.conv, torch.cat([prefix_ids, seq_idx], dim=1), initial
+
+
+def _carry_out(state: MambaState, conv_input: torch.Tensor, final: torch.Tensor, seq_idx: torch.Tensor | None):
+    width_1 = state.conv.shape[1]
+    state.conv = torch.cat([state.conv.to(conv_input.dtype), conv_input], dim=1)[:, -width_1:]
+    state.ssm = final
+    if seq_idx is not None:
+        state.doc = seq_idx[:, -1].to(state.doc.dtype)
 
 
 def _dt_bias_init(size: int, config: MambaConfig) -> torch.Tensor:
@@ -68,17 +117,30 @@ class Mamba1Mixer(nn.Module):
         for p in (self.dt_proj.bias, self.A_log, self.D):
             p._no_weight_decay = True
 
-    def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def empty_state(self, batch: int, device, dtype=torch.float32) -> MambaState:
+        return MambaState(conv=torch.zeros(batch, self.config.d_conv - 1, self.d_inner, device=device, dtype=dtype),
+                          ssm=torch.zeros(batch, self.d_inner, self.d_state, device=device),
+                          doc=torch.zeros(batch, dtype=torch.int32, device=device))
+
+    def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None,
+                state: MambaState | None = None) -> torch.Tensor:
+        """hidden (B, T, d_model) -> (B, T, d_model); ``state``, when given, is continued and updated in place."""
         B, T, _ = hidden.shape
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (B, T, d_inner) each
-        x = F.silu(causal_conv1d(x, self.conv1d, seq_idx))
+        prefix, conv_seq_idx, initial = _carry_in(state, seq_idx)
+        conv_input = x
+        x = F.silu(causal_conv1d(x, self.conv1d, conv_seq_idx, prefix))
         dt_low, Bmat, Cmat = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = dt_low @ self.dt_proj.weight.t().to(dt_low.dtype)  # bias and softplus happen inside the scan
         y = scan.selective_scan(
             self.config.backend, x, dt, -torch.exp(self.A_log.float()),
             Bmat.view(B, T, 1, self.d_state), Cmat.view(B, T, 1, self.d_state),
-            D=self.D.float(), z=z, dt_bias=self.dt_proj.bias.float(), dt_softplus=True, seq_idx=seq_idx,
+            D=self.D.float(), z=z, dt_bias=self.dt_proj.bias.float(), dt_softplus=True,
+            initial_state=initial, seq_idx=seq_idx, return_final_state=state is not None,
         )
+        if state is not None:
+            y, final = y
+            _carry_out(state, conv_input, final, seq_idx)
         return self.out_proj(y)
 
 
@@ -107,19 +169,32 @@ class Mamba2Mixer(nn.Module):
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True
 
-    def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def empty_state(self, batch: int, device, dtype=torch.float32) -> MambaState:
+        conv_dim = self.d_inner + 2 * self.n_groups * self.d_state
+        return MambaState(conv=torch.zeros(batch, self.config.d_conv - 1, conv_dim, device=device, dtype=dtype),
+                          ssm=torch.zeros(batch, self.n_heads, self.head_dim, self.d_state, device=device),
+                          doc=torch.zeros(batch, dtype=torch.int32, device=device))
+
+    def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None,
+                state: MambaState | None = None) -> torch.Tensor:
+        """hidden (B, T, d_model) -> (B, T, d_model); ``state``, when given, is continued and updated in place."""
         B, T, _ = hidden.shape
         gn = self.n_groups * self.d_state
         z, xBC, dt = self.in_proj(hidden).split([self.d_inner, self.d_inner + 2 * gn, self.n_heads], dim=-1)
-        xBC = F.silu(causal_conv1d(xBC, self.conv1d, seq_idx))
+        prefix, conv_seq_idx, initial = _carry_in(state, seq_idx)
+        conv_input = xBC
+        xBC = F.silu(causal_conv1d(xBC, self.conv1d, conv_seq_idx, prefix))
         x, Bmat, Cmat = xBC.split([self.d_inner, gn, gn], dim=-1)
         y = scan.ssd_scan(
             self.config.backend,
             x.view(B, T, self.n_heads, self.head_dim), dt, -torch.exp(self.A_log.float()),
             Bmat.view(B, T, self.n_groups, self.d_state), Cmat.view(B, T, self.n_groups, self.d_state),
-            D=self.D.float(), dt_bias=self.dt_bias.float(), dt_softplus=True, seq_idx=seq_idx,
-            chunk_size=self.config.chunk_size,
+            D=self.D.float(), dt_bias=self.dt_bias.float(), dt_softplus=True, initial_state=initial,
+            seq_idx=seq_idx, return_final_state=state is not None, chunk_size=self.config.chunk_size,
         )
+        if state is not None:
+            y, final = y
+            _carry_out(state, conv_input, final, seq_idx)
         y = self.norm(y.reshape(B, T, self.d_inner), z)
         return self.out_proj(y)
 
