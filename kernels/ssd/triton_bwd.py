@@ -32,6 +32,7 @@ from .triton_fwd import configs, decay_block, dot
         [{"BK": bk, "BV": bv, "num_warps": w, "num_stages": s}
          for bk in (32, 64) for bv in (32, 64) for w in (4, 8) for s in (2, 3)],
         {"BK": 32, "BV": 32, "num_warps": 4},
+        {"BK": 64, "BV": 32, "num_warps": 8, "num_stages": 2},
     ),
     key=["P", "N", "L", "HAS_Z", "T_BUCKET"],
 )
@@ -115,6 +116,7 @@ def load_dy(dout, z, o_row, o_v, m, s_ot, s_op, s_zt, s_zp, HAS_Z: tl.constexpr)
         # 4 warps spill at d_state 128 (fine for small states)
         [{"num_warps": 4, "num_stages": 1}, {"num_warps": 8, "num_stages": 1}, {"num_warps": 8, "num_stages": 2}],
         {"num_warps": 4},
+        {"num_warps": 8, "num_stages": 1},
     ),
     key=["P", "N", "L", "BT", "BV", "HPS", "HAS_Z", "T_BUCKET"],
 )
@@ -253,6 +255,7 @@ def ssd_dcb_bwd_kernel(
         # 4 warps spill at d_state 128 (fine for small states)
         [{"num_warps": 4, "num_stages": 1}, {"num_warps": 8, "num_stages": 1}, {"num_warps": 8, "num_stages": 2}],
         {"num_warps": 4},
+        {"num_warps": 8, "num_stages": 1},
     ),
     key=["P", "N", "L", "BT", "BV", "HPS", "HAS_Z", "T_BUCKET"],
 )

@@ -31,18 +31,25 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DOT_UPCAST = tl.constexpr(INTERPRET)
 
 
-def configs(space: list[dict], default: dict) -> list[triton.Config]:
+# MAMBATRAIN_AUTOTUNE=0: one config per kernel (as for the selective scan: tests
+# would otherwise compile every config for each new shape)
+AUTOTUNE = os.environ.get("MAMBATRAIN_AUTOTUNE", "1") == "1"
+
+
+def configs(space: list[dict], default: dict, gpu_default: dict) -> list[triton.Config]:
     """Autotune space on a GPU; one config in the interpreter, where tuning is far too slow.
 
-    Each entry of ``space`` holds kernel meta-parameters plus num_warps / num_stages.
-    Kernels are tuned per shape and per power-of-two bucket of the chunk count
-    (``T_BUCKET``, otherwise unused): parallelism, hence the best config,
-    changes with the length.
+    Each entry holds kernel meta-parameters plus num_warps / num_stages.
+    ``gpu_default`` is the config without autotuning. Kernels are tuned per
+    shape and per power-of-two bucket of the chunk count (``T_BUCKET``,
+    otherwise unused): parallelism, hence the best config, changes with length.
     """
     def make(d):
         d = dict(d)
         return triton.Config(d, num_warps=d.pop("num_warps", 4), num_stages=d.pop("num_stages", 1))
-    return [make(default)] if INTERPRET else [make(d) for d in space]
+    if INTERPRET:
+        return [make(default)]
+    return [make(d) for d in space] if AUTOTUNE else [make(gpu_default)]
 
 
 @triton.jit
@@ -138,7 +145,7 @@ def ssd_chunk_cumsum_fwd_kernel(
 
 
 @triton.autotune(
-    configs=configs([{"num_warps": 4}, {"num_warps": 8}], {"num_warps": 4}),
+    configs=configs([{"num_warps": 4}, {"num_warps": 8}], {"num_warps": 4}, {"num_warps": 4}),
     key=["N", "L", "BT", "T_BUCKET"],
 )
 @triton.jit
@@ -176,6 +183,7 @@ def ssd_bmm_fwd_kernel(
         [{"BK": bk, "BV": bv, "num_warps": w, "num_stages": s}
          for bk in (32, 64) for bv in (32, 64) for w in (4, 8) for s in (2, 3)],
         {"BK": 32, "BV": 32, "num_warps": 4},
+        {"BK": 64, "BV": 32, "num_warps": 4, "num_stages": 2},
     ),
     key=["P", "N", "L", "T_BUCKET"],
 )
@@ -240,6 +248,7 @@ def ssd_state_fwd_kernel(
     configs=configs(
         [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2, 3)],
         {"num_warps": 4},
+        {"num_warps": 8, "num_stages": 2},
     ),
     key=["P", "N", "L", "BT", "BV", "HAS_Z", "T_BUCKET"],
 )
