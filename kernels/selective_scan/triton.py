@@ -92,7 +92,7 @@ def _fits(cfg, bn: int, gsize: int, bd: int, forward: bool) -> bool:
 
 def _prune(configs, named_args, **kwargs):
     bn, gsize = kwargs["BN"], named_args["GSIZE"]
-    forward = "NBLK" not in named_args
+    forward = "BD" not in kwargs  # the backward's BD is the host's
     return [c for c in configs if _fits(c, bn, gsize, c.kwargs.get("BD", kwargs.get("BD")), forward)]
 
 
@@ -190,22 +190,19 @@ def _softplus(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def _tile_states(
-    x, dt, B, dt_bias, seq_idx, b_A2, b_h,
-    i_b, i_t, i_g, o_d, o_n3, L, N,
-    s_xb, s_xt, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg, s_sb, s_st,
+def _tile_decay(
+    dt, dt_bias, seq_idx, b_A2, i_b, i_t, o_d, L,
+    s_dtb, s_dtt, s_sb, s_st,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
     BT: tl.constexpr,
 ):
-    """States h_t of one tile from the state b_h before it, and what they are made of."""
+    """delta (before and after softplus), the decays of one tile, and where documents start."""
     i_b64 = tl.cast(i_b, tl.int64)
     t0 = tl.cast(i_t, tl.int64) * BT
     o_tl = tl.arange(0, BT)
     o_t = i_t * BT + o_tl
     m_t = o_t < L
-    p_x = x + i_b64 * s_xb + t0 * s_xt + o_tl[:, None] * s_xt + o_d[None, :]
     p_dt = dt + i_b64 * s_dtb + t0 * s_dtt + o_tl[:, None] * s_dtt + o_d[None, :]
-    b_x = tl.load(p_x, mask=m_t[:, None], other=0.0).to(tl.float32)  # [BT, BD]
     b_dtr = tl.load(p_dt, mask=m_t[:, None], other=0.0).to(tl.float32)  # [BT, BD]
     if HAS_BIAS:
         b_dtr += tl.load(dt_bias + o_d).to(tl.float32)[None, :]
@@ -216,13 +213,36 @@ def _tile_states(
     # steps past the end: decay 1, input 0, so the state passes through
     b_dt = tl.where(m_t[:, None], b_dt, 0.0)
     b_a = _exp2(b_dt[None, :, :, None] * b_A2[:, None, :, :], FAST_MATH)  # [NI, BT, BD, NL]
+    b_new = o_tl < 0  # [BT] a document starts here (step > 0)
     if HAS_SEQ:
         p_s = seq_idx + i_b64 * s_sb + t0 * s_st + o_tl * s_st
         b_s = tl.load(p_s, mask=m_t, other=0)
         b_sp = tl.load(p_s - s_st, mask=m_t & (o_t > 0), other=0)
+        b_new = (b_s != b_sp) & (o_t > 0) & m_t
         # a new document zeroes the decay, i.e. drops h_{t-1}
-        b_same = (b_s == b_sp) | (o_t == 0) | (~m_t)
-        b_a = tl.where(b_same[None, :, None, None], b_a, 0.0)
+        b_a = tl.where(b_new[None, :, None, None], 0.0, b_a)
+    return b_dtr, b_dt, b_a, b_new
+
+
+@triton.jit
+def _tile_states(
+    x, dt, B, dt_bias, seq_idx, b_A2, b_h,
+    i_b, i_t, i_g, o_d, o_n3, L, N,
+    s_xb, s_xt, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg, s_sb, s_st,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
+    BT: tl.constexpr,
+):
+    """States h_t of one tile from the state b_h before it, and what they are made of."""
+    b_dtr, b_dt, b_a, _ = _tile_decay(
+        dt, dt_bias, seq_idx, b_A2, i_b, i_t, o_d, L, s_dtb, s_dtt, s_sb, s_st,
+        HAS_BIAS, SOFTPLUS, HAS_SEQ, BT,
+    )
+    i_b64 = tl.cast(i_b, tl.int64)
+    t0 = tl.cast(i_t, tl.int64) * BT
+    o_tl = tl.arange(0, BT)
+    m_t = i_t * BT + o_tl < L
+    p_x = x + i_b64 * s_xb + t0 * s_xt + o_tl[:, None] * s_xt + o_d[None, :]
+    b_x = tl.load(p_x, mask=m_t[:, None], other=0.0).to(tl.float32)  # [BT, BD]
     b_u = b_dt * b_x  # [BT, BD]
     p_B = B + i_b64 * s_Bb + t0 * s_Bt + i_g * s_Bg + o_tl[None, :, None] * s_Bt + o_n3
     b_B = tl.load(p_B, mask=m_t[None, :, None] & (o_n3 < N), other=0.0).to(tl.float32)  # [NI, BT, NL]
@@ -231,6 +251,47 @@ def _tile_states(
     b_in = tl.where((o_tl == 0)[None, :, None, None], b_ub + b_a * b_h[:, None, :, :], b_ub)
     _, b_hs = tl.associative_scan((b_a, b_in), 1, _affine_combine)  # [NI, BT, BD, NL]
     return b_x, b_dtr, b_dt, b_a, b_u, b_B, b_ub, b_hs
+
+
+@triton.jit
+def _tile_dy(
+    dout, z, i_b, i_t, o_d, L, s_dob, s_dot, s_zb, s_zt,
+    HAS_Z: tl.constexpr, BT: tl.constexpr,
+):
+    """dout, the gradient reaching y before the gate, z and sigmoid(z) of one tile."""
+    i_b64 = tl.cast(i_b, tl.int64)
+    t0 = tl.cast(i_t, tl.int64) * BT
+    o_tl = tl.arange(0, BT)
+    m_t = i_t * BT + o_tl < L
+    p_do = dout + i_b64 * s_dob + t0 * s_dot + o_tl[:, None] * s_dot + o_d[None, :]
+    b_do = tl.load(p_do, mask=m_t[:, None], other=0.0).to(tl.float32)  # [BT, BD]
+    if HAS_Z:
+        p_z = z + i_b64 * s_zb + t0 * s_zt + o_tl[:, None] * s_zt + o_d[None, :]
+        b_z = tl.load(p_z, mask=m_t[:, None], other=0.0).to(tl.float32)
+        b_sig = _sigmoid(b_z, FAST_MATH)
+        b_dy = b_do * (b_z * b_sig)
+    else:
+        b_z, b_sig, b_dy = b_do, b_do, b_do
+    return b_do, b_dy, b_z, b_sig
+
+
+@triton.jit
+def _tile_adjoint(b_a, b_beta, b_c, BT: tl.constexpr):
+    """g_t of one tile from beta_t = dy_t C_t and the carry abar g of the step after it.
+
+    Returns g and the carry for the tile before: abar g at the tile's first step.
+    """
+    o_tl = tl.arange(0, BT)
+    b_beta = tl.where((o_tl == BT - 1)[None, :, None, None], b_beta + b_c[:, None, :, :], b_beta)
+    # reverse scan as flip + forward scan: with time inside each thread the
+    # flips are register renames, while reverse=True costs ~15 shuffles per
+    # element on sm_90 (Triton 3.7)
+    _, _, b_g = tl.associative_scan(
+        (tl.flip(b_a, 1), tl.full(b_a.shape, 1.0, tl.float32), tl.flip(b_beta, 1)), 1, _adjoint_combine
+    )
+    b_g = tl.flip(b_g, 1)  # [NI, BT, BD, NL]
+    b_c = tl.sum(tl.where((o_tl == 0)[None, :, None, None], b_a * b_g, 0.0), axis=1)
+    return b_g, b_c
 
 
 @triton.jit
@@ -306,19 +367,96 @@ def _fwd_kernel(
 
 @triton.autotune(configs=_BWD_CONFIGS, key=["D", "N", "GSIZE", "BD"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
+def _bwd_carry_kernel(
+    dt, A, C, z, dt_bias, seq_idx, dout, c_loc, P,
+    L, D, N, GSIZE, S,
+    s_dtb, s_dtt, s_zb, s_zt, s_dob, s_dot, s_Cb, s_Ct, s_Cg, s_sb, s_st,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, NI: tl.constexpr,
+):
+    """Backward pass A, one program per (channel block, batch row, segment).
+
+    The adjoint at the segment's first step for a zero carry from the next
+    segment, abar g (c_loc), and the product of the segment's decays (P): the
+    true carry then is c_loc + P * (carry from the next segment).
+    """
+    NL: tl.constexpr = BN // NI
+    i_d, i_b, i_seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b64 = tl.cast(i_b, tl.int64)
+    o_d = i_d * BD + tl.arange(0, BD)
+    o_n3 = tl.arange(0, NI)[:, None, None] * NL + tl.arange(0, NL)[None, None, :]  # [NI, 1, NL]
+    m_n3 = o_n3 < N
+    i_g = (i_d * BD) // GSIZE
+    o_dn = o_d[None, :, None] * N + o_n3  # [NI, BD, NL]
+    b_A2 = tl.load(A + o_dn, mask=m_n3, other=0.0) * LOG2E
+    o_tl = tl.arange(0, BT)
+    TPS = S // BT
+    t_first = i_seg * TPS
+    n_tiles = tl.minimum(TPS, tl.cdiv(L, BT) - t_first)
+    b_c = tl.zeros([NI, BD, NL], dtype=tl.float32)
+    b_sdt = tl.zeros([BT, BD], dtype=tl.float32)
+    b_reset = tl.zeros([BT], dtype=tl.int32)
+    for kk in range(0, n_tiles):
+        i_t = t_first + n_tiles - 1 - kk
+        _, b_dt, b_a, b_new = _tile_decay(
+            dt, dt_bias, seq_idx, b_A2, i_b, i_t, o_d, L, s_dtb, s_dtt, s_sb, s_st,
+            HAS_BIAS, SOFTPLUS, HAS_SEQ, BT,
+        )
+        _, b_dy, _, _ = _tile_dy(dout, z, i_b, i_t, o_d, L, s_dob, s_dot, s_zb, s_zt, HAS_Z, BT)
+        t0 = tl.cast(i_t, tl.int64) * BT
+        m_t = i_t * BT + o_tl < L
+        p_C = C + i_b64 * s_Cb + t0 * s_Ct + i_g * s_Cg + o_tl[None, :, None] * s_Ct + o_n3
+        b_C = tl.load(p_C, mask=m_t[None, :, None] & m_n3, other=0.0).to(tl.float32)  # [NI, BT, NL]
+        _, b_c = _tile_adjoint(b_a, b_dy[None, :, :, None] * b_C[:, :, None, :], b_c, BT)
+        b_sdt += b_dt
+        b_reset = tl.maximum(b_reset, b_new.to(tl.int32))
+    # prod_t exp(delta_t A) = exp(A sum_t delta_t), zero past a document start
+    b_P = _exp2(tl.sum(b_sdt, axis=0)[None, :, None] * b_A2, FAST_MATH)
+    b_P = tl.where(tl.max(b_reset, axis=0) > 0, 0.0, b_P)
+    o_seg = (i_b64 * tl.cdiv(L, S) + i_seg) * D * N + o_dn
+    tl.store(c_loc + o_seg, b_c, mask=m_n3)
+    tl.store(P + o_seg, b_P, mask=m_n3)
+
+
+@triton.jit
+def _bwd_combine_kernel(c_loc, P, dhT, carry, dh0, NS, DN, HAS_DHT: tl.constexpr, BLOCK: tl.constexpr):
+    """Backward pass B: the carries between segments, last to first (NS short steps)."""
+    i_c, i_b = tl.program_id(0), tl.program_id(1)
+    i_b64 = tl.cast(i_b, tl.int64)
+    o = i_c * BLOCK + tl.arange(0, BLOCK)
+    m = o < DN
+    if HAS_DHT:
+        b_c = tl.load(dhT + i_b64 * DN + o, mask=m, other=0.0)
+    else:
+        b_c = tl.zeros([BLOCK], dtype=tl.float32)
+    for i_s in range(0, NS):
+        o_seg = (i_b64 * NS + NS - 1 - i_s) * DN + o
+        tl.store(carry + o_seg, b_c, mask=m)
+        b_c = tl.load(c_loc + o_seg, mask=m, other=0.0) + tl.load(P + o_seg, mask=m, other=0.0) * b_c
+    # the carry out of the first step is the initial state's gradient
+    tl.store(dh0 + i_b64 * DN + o, b_c, mask=m)
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=["D", "N", "GSIZE", "BD"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
 def _bwd_kernel(
-    x, dt, A, B, C, Dp, z, dt_bias, seq_idx, dout, dhT, ckpt, scratch,
-    dx, ddt, dz, dB_part, dC_part, dA_part, dD_part, dbias_part, dh0,
-    L, D, N, GSIZE, S, NBLK,
+    x, dt, A, B, C, Dp, z, dt_bias, seq_idx, dout, ckpt, carry, scratch,
+    dx, ddt, dz, dB_part, dC_part, dA_part, dD_part, dbias_part,
+    L, D, N, GSIZE, S, NBLK, NG,
     s_xb, s_xt, s_dtb, s_dtt, s_zb, s_zt, s_dob, s_dot,
     s_Bb, s_Bt, s_Bg, s_Cb, s_Ct, s_Cg, s_sb, s_st, s_scb, s_sck,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr,
-    HAS_DHT: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, NI: tl.constexpr,
 ):
+    """Backward pass C, one program per (channel block, batch row, NG-th of the segments).
+
+    Segments are independent now that their carries are known: phase 1
+    recomputes the states at the start of each tile of the segment into the
+    program's scratch, phase 2 walks the tiles backwards with the adjoint scan.
+    """
     NL: tl.constexpr = BN // NI
-    i_d, i_b = tl.program_id(0), tl.program_id(1)
+    i_d, i_b, i_grp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b64 = tl.cast(i_b, tl.int64)
     o_d = i_d * BD + tl.arange(0, BD)
     o_n3 = tl.arange(0, NI)[:, None, None] * NL + tl.arange(0, NL)[None, None, :]  # [NI, 1, NL]
@@ -329,26 +467,25 @@ def _bwd_kernel(
     b_A2 = b_A * LOG2E
     if HAS_D:
         b_D = tl.load(Dp + o_d).to(tl.float32)
-    # adjoint flowing into the step after the current tile: abar_{t+1} g_{t+1}
-    if HAS_DHT:
-        b_c = tl.load(dhT + i_b64 * D * N + o_dn, mask=m_n3, other=0.0).to(tl.float32)
-    else:
-        b_c = tl.zeros([NI, BD, NL], dtype=tl.float32)
     b_dA = tl.zeros([NI, BD, NL], dtype=tl.float32)
     # summed over time once at the end: [BT, BD] tiles have time across threads
     b_dD = tl.zeros([BT, BD], dtype=tl.float32)
     b_dbias = tl.zeros([BT, BD], dtype=tl.float32)
     o_tl = tl.arange(0, BT)
     o_scr = o_d[None, :, None] * BN + o_n3  # [NI, BD, NL]
-    p_scr = scratch + i_b64 * s_scb
+    p_scr = scratch + (i_b64 * NG + i_grp) * s_scb
     TPS = S // BT
     NT = tl.cdiv(L, BT)
     NS = tl.cdiv(L, S)
-    for i_s in range(0, NS):
-        i_seg = NS - 1 - i_s
+    for i_seg in range(i_grp, NS, NG):
         t_first = i_seg * TPS
         n_tiles = tl.minimum(TPS, NT - t_first)
-        b_h = tl.load(ckpt + (i_b64 * NS + i_seg) * D * N + o_dn, mask=m_n3, other=0.0)
+        o_seg = (i_b64 * NS + i_seg) * D * N + o_dn
+        b_h = tl.load(ckpt + o_seg, mask=m_n3, other=0.0)
+        # adjoint flowing into the step after the current tile: abar_{t+1} g_{t+1}
+        b_c = tl.load(carry + o_seg, mask=m_n3, other=0.0)
+        # the previous segment's phase 2 read the scratch written below
+        tl.debug_barrier()
         # phase 1: states at the start of every tile of the segment, to scratch
         for k in range(0, n_tiles - 1):
             tl.store(p_scr + k * s_sck + o_scr, b_h)
@@ -377,25 +514,8 @@ def _bwd_kernel(
             m_t = i_t * BT + o_tl < L
             p_C = C + i_b64 * s_Cb + t0 * s_Ct + i_g * s_Cg + o_tl[None, :, None] * s_Ct + o_n3
             b_C = tl.load(p_C, mask=m_t[None, :, None] & m_n3, other=0.0).to(tl.float32)  # [NI, BT, NL]
-            p_do = dout + i_b64 * s_dob + t0 * s_dot + o_tl[:, None] * s_dot + o_d[None, :]
-            b_do = tl.load(p_do, mask=m_t[:, None], other=0.0).to(tl.float32)  # [BT, BD]
-            if HAS_Z:
-                p_z = z + i_b64 * s_zb + t0 * s_zt + o_tl[:, None] * s_zt + o_d[None, :]
-                b_z = tl.load(p_z, mask=m_t[:, None], other=0.0).to(tl.float32)
-                b_sig = _sigmoid(b_z, FAST_MATH)
-                b_dy = b_do * (b_z * b_sig)
-            else:
-                b_dy = b_do
-            b_beta = b_dy[None, :, :, None] * b_C[:, :, None, :]  # [NI, BT, BD, NL]
-            b_beta = tl.where((o_tl == BT - 1)[None, :, None, None], b_beta + b_c[:, None, :, :], b_beta)
-            # reverse scan as flip + forward scan: with time inside each thread
-            # the flips are register renames, while reverse=True costs ~15
-            # shuffles per element on sm_90 (Triton 3.7)
-            _, _, b_g = tl.associative_scan(
-                (tl.flip(b_a, 1), tl.full([NI, BT, BD, NL], 1.0, tl.float32), tl.flip(b_beta, 1)), 1, _adjoint_combine
-            )
-            b_g = tl.flip(b_g, 1)  # [NI, BT, BD, NL]
-            b_c = tl.sum(tl.where((o_tl == 0)[None, :, None, None], b_a * b_g, 0.0), axis=1)
+            b_do, b_dy, b_z, b_sig = _tile_dy(dout, z, i_b, i_t, o_d, L, s_dob, s_dot, s_zb, s_zt, HAS_Z, BT)
+            b_g, b_c = _tile_adjoint(b_a, b_dy[None, :, :, None] * b_C[:, :, None, :], b_c, BT)
             # g_t * abar_t * h_{t-1}: the gradient reaching abar_t, times abar_t
             b_q = b_g * (b_hs - b_ub)
             b_dA += tl.sum(b_q * b_dt[None, :, :, None], axis=1)
@@ -428,13 +548,10 @@ def _bwd_kernel(
             m_part = m_t[None, :, None] & m_n3
             tl.store(dB_part + o_part, b_dB, mask=m_part)
             tl.store(dC_part + o_part, b_dC, mask=m_part)
-        # the next segment's phase 1 overwrites the scratch read above
-        tl.debug_barrier()
-    tl.store(dA_part + i_b64 * D * N + o_dn, b_dA, mask=m_n3)
-    tl.store(dD_part + i_b64 * D + o_d, tl.sum(b_dD, axis=0))
-    tl.store(dbias_part + i_b64 * D + o_d, tl.sum(b_dbias, axis=0))
-    if HAS_H0:
-        tl.store(dh0 + i_b64 * D * N + o_dn, b_c, mask=m_n3)
+    i_p = i_b64 * NG + i_grp
+    tl.store(dA_part + i_p * D * N + o_dn, b_dA, mask=m_n3)
+    tl.store(dD_part + i_p * D + o_d, tl.sum(b_dD, axis=0))
+    tl.store(dbias_part + i_p * D + o_d, tl.sum(b_dbias, axis=0))
 
 
 # --------------------------------------------------------------------------
@@ -469,16 +586,19 @@ def _scratch_bt() -> int:
     return min([16] + [c.kwargs["BT"] for c in _BWD_CONFIGS])
 
 
-def _bwd_block_d(batch: int, channels: int, gsize: int) -> int:
+def _bwd_block_d(gsize: int) -> int:
     # Channels per backward program. Each program writes d_state fp32 partial
     # sums of dB and dC per step (written and read back: 16 * d_state bytes
-    # per step and program; 1536 channels in blocks of 8: 24 KB per token),
-    # so larger blocks move fewer bytes, smaller ones give more programs.
-    # Aim at >= 128 programs (H100: 132 SMs), blocks of at least 8.
-    bd = 32
-    while bd > 8 and batch * (channels // bd) < 128:
-        bd //= 2
-    return _pow2_divisor(gsize, bd)
+    # per step and program; 1536 channels in blocks of 16: 12 KB per token).
+    # The segments give the parallelism, so blocks can be this large.
+    return _pow2_divisor(gsize, 16)
+
+
+def _bwd_groups(programs_per_segment: int, nseg: int) -> int:
+    # Programs along the segments in pass C: about 4 per SM (H100: 132) in
+    # all, each with a scratch of CHECKPOINT_STEPS / BT states, which should
+    # fit in L2 together (512 x 64 KB at BT 8, BD 16, d_state 16).
+    return max(1, min(nseg, triton.cdiv(512, programs_per_segment)))
 
 
 def _fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx):
@@ -535,44 +655,64 @@ def _bwd(dout, dhT, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, s
     bias = None if dt_bias is None else dt_bias.contiguous()
     dhT = None if dhT is None else dhT.float().contiguous()
     bn = triton.next_power_of_2(d_state)
-    bd = _bwd_block_d(batch, channels, gsize)
+    bd = _bwd_block_d(gsize)
     nblk = channels // bd
-    scratch = _empty(batch, CHECKPOINT_STEPS // _scratch_bt(), channels, bn, device=dev)
+    nseg = triton.cdiv(length, CHECKPOINT_STEPS)
+    ngrp = _bwd_groups(batch * nblk, nseg)
     dx = _empty(batch, length, channels, device=dev, dtype=x.dtype)
     ddt = _empty(batch, length, channels, device=dev, dtype=dt.dtype)
     dz = _empty(batch, length, channels, device=dev, dtype=z.dtype) if z is not None else None
     dB_part = _empty(batch, length, nblk, d_state, device=dev)
     dC_part = _empty(batch, length, nblk, d_state, device=dev)
-    dA_part = _empty(batch, channels, d_state, device=dev)
-    dD_part = _empty(batch, channels, device=dev)
-    dbias_part = _empty(batch, channels, device=dev)
-    dh0 = _empty(batch, channels, d_state, device=dev) if initial_state is not None else None
-    sB, sC = B.stride(), C.stride()
-    s_seq = seq_idx.stride() if seq_idx is not None else (0, 0)
-    s_z = z.stride() if z is not None else (0, 0, 0)
-    if any(_fits(c, bn, gsize, bd, False) for c in _BWD_CONFIGS):
-        kernel = _bwd_kernel[(nblk, batch)]
+    dA_part = _empty(batch * ngrp, channels, d_state, device=dev)
+    dD_part = _empty(batch * ngrp, channels, device=dev)
+    dbias_part = _empty(batch * ngrp, channels, device=dev)
+    dh0 = _empty(batch, channels, d_state, device=dev)
+    if length == 0:
+        for t in (dA_part, dD_part, dbias_part):
+            t.zero_()
+        dh0.copy_(dhT if dhT is not None else torch.zeros_like(dh0))
     else:
-        _, kw, nw = _fallback_config(bn, gsize, bd)
-        kernel = functools.partial(_bwd_kernel.fn[(nblk, batch)], num_warps=nw, **kw)
-    if length > 0:
+        sB, sC = B.stride(), C.stride()
+        s_seq = seq_idx.stride() if seq_idx is not None else (0, 0)
+        s_z = z.stride() if z is not None else (0, 0, 0)
+        flags = dict(HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
+                     HAS_SEQ=seq_idx is not None, BD=bd, BN=bn)
+        if any(_fits(c, bn, gsize, bd, False) for c in _BWD_CONFIGS):
+            carry_kernel = _bwd_carry_kernel[(nblk, batch, nseg)]
+            kernel = _bwd_kernel[(nblk, batch, ngrp)]
+        else:
+            _, kw, nw = _fallback_config(bn, gsize, bd)
+            carry_kernel = functools.partial(_bwd_carry_kernel.fn[(nblk, batch, nseg)], num_warps=nw, **kw)
+            kernel = functools.partial(_bwd_kernel.fn[(nblk, batch, ngrp)], num_warps=nw, **kw)
+        # pass A: each segment's adjoint for a zero carry, and its decay product
+        c_loc = _empty(batch, nseg, channels, d_state, device=dev)
+        P = _empty(batch, nseg, channels, d_state, device=dev)
+        carry_kernel(
+            dt, A32, C, z, bias, seq_idx, dout, c_loc, P,
+            length, channels, d_state, gsize, CHECKPOINT_STEPS,
+            dt.stride(0), dt.stride(1), s_z[0], s_z[1], dout.stride(0), dout.stride(1),
+            sC[0], sC[1], sC[2], s_seq[0], s_seq[1],
+            **flags,
+        )
+        # pass B: the carries between segments
+        carry = _empty(batch, nseg, channels, d_state, device=dev)
+        dn = channels * d_state
+        _bwd_combine_kernel[(triton.cdiv(dn, 1024), batch)](
+            c_loc, P, dhT, carry, dh0, nseg, dn, HAS_DHT=dhT is not None, BLOCK=1024,
+        )
+        # pass C: all gradients, segments in parallel
+        scratch = _empty(batch * ngrp, CHECKPOINT_STEPS // _scratch_bt(), channels, bn, device=dev)
         kernel(
-            x, dt, A32, B, C, Dc, z, bias, seq_idx, dout, dhT, ckpt, scratch,
-            dx, ddt, dz, dB_part, dC_part, dA_part, dD_part, dbias_part, dh0,
-            length, channels, d_state, gsize, CHECKPOINT_STEPS, nblk,
+            x, dt, A32, B, C, Dc, z, bias, seq_idx, dout, ckpt, carry, scratch,
+            dx, ddt, dz, dB_part, dC_part, dA_part, dD_part, dbias_part,
+            length, channels, d_state, gsize, CHECKPOINT_STEPS, nblk, ngrp,
             x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), s_z[0], s_z[1],
             dout.stride(0), dout.stride(1),
             sB[0], sB[1], sB[2], sC[0], sC[1], sC[2], s_seq[0], s_seq[1],
             scratch.stride(0), scratch.stride(1),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
-            SOFTPLUS=dt_softplus, HAS_H0=initial_state is not None, HAS_SEQ=seq_idx is not None,
-            HAS_DHT=dhT is not None, BD=bd, BN=bn,
+            HAS_D=D is not None, **flags,
         )
-    else:
-        for t in (dA_part, dD_part, dbias_part):
-            t.zero_()
-        if dh0 is not None:
-            dh0.copy_(dhT if dhT is not None else torch.zeros_like(dh0))
     # deterministic reductions of the per-program partial sums
     per = gsize // bd
     dB = dB_part.view(batch, length, groups, per, d_state).sum(3).to(B_dtype)

@@ -199,6 +199,31 @@ def test_segments_boundaries(monkeypatch):
     check(2, 193, 8, 1, 4)
 
 
+@pytest.mark.parametrize("groups_of_segments", [1, 2, 3])
+def test_documents_at_segment_starts(monkeypatch, groups_of_segments):
+    # documents that start exactly where a segment does (the segment's decay
+    # product must be zero) or one step later; the backward's programs each
+    # take every n-th segment (scratch reused, one segment per program)
+    monkeypatch.setattr(sst, "CHECKPOINT_STEPS", 64)
+    monkeypatch.setattr(sst, "_bwd_groups", lambda programs, nseg: min(groups_of_segments, nseg))
+    inputs, _ = make_inputs(2, 200, 8, 1, 4)
+    seq_idx = torch.zeros(2, 200, dtype=torch.int32)
+    seq_idx[0, 64:] += 1
+    seq_idx[0, 129:] += 1
+    seq_idx[1, 128:] += 1
+    seq_idx[1, 150:] += 1
+    softplus = True
+    gy = torch.randn(2, 200, 8, generator=torch.Generator().manual_seed(3))
+    gh = torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(4))
+    tri = leafs(inputs)
+    y, hT, grads = run(selective_scan, tri, seq_idx.to(DEVICE), softplus, gy.to(DEVICE), gh.to(DEVICE))
+    ref = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in inputs.items()}
+    y_ref, hT_ref, grads_ref = run(selective_scan_naive, ref, seq_idx, softplus, gy.double(), gh.double())
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(hT, hT_ref) < 1e-5
+    for k in grads_ref:
+        assert rel_err(grads[k], grads_ref[k]) < 1e-5, k
+
+
 @pytest.mark.parametrize(
     "opts",
     [
