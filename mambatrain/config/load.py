@@ -55,7 +55,16 @@ def _check_keys(values: dict, schema: type, prefix: str) -> None:
             section = prefix.rstrip(".") or "the recipe"
             raise RecipeError(f"{where}: unknown key{hint}; {section} accepts: {', '.join(allowed)}")
         sub = _nested_dataclass(hints[key])
-        if sub is not None:
+        if sub is not None and typing.get_origin(hints[key]) is list:
+            # A list of sections, such as data.text.sources: check each item's keys.
+            if not isinstance(value, list):
+                raise RecipeError(f"{where}: expected a list of sections, got {value!r}")
+            for i, item in enumerate(value):
+                if not isinstance(item, dict):
+                    raise RecipeError(f"{where}[{i}]: expected a section of keys "
+                                      f"({', '.join(f.name for f in dataclasses.fields(sub))}), got {item!r}")
+                _check_keys(item, sub, f"{where}[{i}].")
+        elif sub is not None:
             if not isinstance(value, dict):
                 raise RecipeError(f"{where}: expected a section of keys ({', '.join(f.name for f in dataclasses.fields(sub))}), "
                                   f"got {value!r}")

@@ -195,6 +195,12 @@ class ModelConfig:
                  f"has {len(self.pattern)} letters but model.n_layers is {self.n_layers}")
 
 
+DATA_SOURCES = ("mqar", "passkey", "selective_copy", "text", "prepared")
+SyntheticSource = Literal["mqar", "passkey", "selective_copy"]
+DataSource = Literal["mqar", "passkey", "selective_copy", "text", "prepared"]
+BYTE_TOKENIZER_VOCAB = 257  # 256 byte values + end-of-document
+
+
 @dataclass
 class MQARConfig:
     """Multi-query associative recall (Zoology): key-value pairs, then queries of the keys."""
@@ -208,19 +214,108 @@ class MQARConfig:
 
 
 @dataclass
+class PasskeyConfig:
+    """Passkey retrieval: a random number hidden in noise at a chosen depth, asked for at the end."""
+
+    digits: int = 5
+    """Digits of the passkey; the model is scored on predicting them after the query marker."""
+    depth: Optional[float] = None
+    """Where the passkey sits in the noise, 0 (start) to 1 (just before the query); null draws it per sample."""
+    train_samples_seed: int = 0
+    """Seed of the training stream (sample i is a pure function of the seed and i)."""
+    val_samples: int = 256
+    """Size of the fixed validation set, drawn from a different seed."""
+
+
+@dataclass
+class SelectiveCopyConfig:
+    """Selective copying (Mamba paper): tokens scattered among blanks, to be repeated in order after a marker."""
+
+    num_tokens: int = 16
+    """Tokens to remember and copy per sequence."""
+    train_samples_seed: int = 0
+    """Seed of the training stream (sample i is a pure function of the seed and i)."""
+    val_samples: int = 256
+    """Size of the fixed validation set, drawn from a different seed."""
+
+
+@dataclass
+class TextSourceConfig:
+    """One text source: local files or a Hugging Face hub dataset, read in streaming mode."""
+
+    path: str = ""
+    """A local file (.jsonl/.json, .parquet, .txt, .arrow, optionally .gz), a folder, a glob, or a hub dataset name."""
+    weight: float = 1.0
+    """Relative share of documents drawn from this source when several are mixed."""
+    text_field: str = "text"
+    """Column holding the document text (.txt files: each line is a document in the column text)."""
+    split: str = "train"
+    """Split to read (hub datasets; local files are all read as one split)."""
+    name: Optional[str] = None
+    """Hub datasets only: the configuration name (the second argument of load_dataset)."""
+
+
+@dataclass
+class TextConfig:
+    """Raw text tokenized on the fly (data.source: text), also the input of `mambatrain data prepare`."""
+
+    sources: list[TextSourceConfig] = field(default_factory=list)
+    """Training sources; several are mixed by weight, each cycling through its own epochs."""
+    val_sources: list[TextSourceConfig] = field(default_factory=list)
+    """Held-out sources for validation; empty means validation reads the training sources (a warning says so)."""
+    tokenizer: str = "byte"
+    """byte: UTF-8 bytes as ids 0-255 and end-of-document 256 (no training). Or a tokenizer.json file or its folder."""
+    eod_token: str = "<|endoftext|>"
+    """Name of the end-of-document token in a tokenizer.json (the byte tokenizer always uses id 256)."""
+    shuffle_files: bool = True
+    """Read each source's files in a new seeded order every epoch (there is no example shuffle buffer)."""
+    seed: int = 0
+    """Seed of the file order and of the mixture draws."""
+
+
+@dataclass
+class PreparedConfig:
+    """Token shards written once by `mambatrain data prepare` and memory-mapped in training."""
+
+    path: str = ""
+    """Folder of the prepared shards (index.json, train/, val/)."""
+    shard_tokens: int = 1 << 30
+    """`data prepare` only: tokens per shard file."""
+    shuffle_documents: int = 10000
+    """`data prepare` only: documents held in a seeded shuffle buffer while writing; 0 keeps the stream order."""
+
+
+@dataclass
 class DataConfig:
     """Where tokens come from and how they are batched."""
 
-    source: Literal["mqar"] = "mqar"
-    """mqar: a synthetic associative-recall stream generated on the fly (no download)."""
+    source: DataSource = "mqar"
+    """mqar, passkey, selective_copy: synthetic streams generated on the fly. text: files or a hub dataset,
+    tokenized on the fly (data.text). prepared: shards written by `mambatrain data prepare` (data.prepared)."""
+    val_source: Optional[DataSource] = None
+    """Source of the validation batches; null means the same as source (e.g. train on text, validate on passkey)."""
     seq_len: int = 128
     """Tokens per sequence."""
     batch_size: int = 16
     """Sequences per micro-batch and device."""
     num_workers: int = 0
-    """DataLoader worker processes per device."""
+    """DataLoader worker processes per device; each reads its own disjoint part of a text or prepared stream."""
+    reset_at_document_boundaries: bool = True
+    """text and prepared: give the model each position's document (batch key seq_idx) so Mamba state, convolution
+    and attention do not cross documents, and never label a document's last token with the next document's first."""
     mqar: MQARConfig = field(default_factory=MQARConfig)
     """Settings of the mqar source."""
+    passkey: PasskeyConfig = field(default_factory=PasskeyConfig)
+    """Settings of the passkey source."""
+    selective_copy: SelectiveCopyConfig = field(default_factory=SelectiveCopyConfig)
+    """Settings of the selective_copy source."""
+    text: TextConfig = field(default_factory=TextConfig)
+    """Settings of the text source (and the input of `mambatrain data prepare`)."""
+    prepared: PreparedConfig = field(default_factory=PreparedConfig)
+    """Settings of the prepared source (and the output of `mambatrain data prepare`)."""
+
+    def sources_used(self) -> set[str]:
+        return {self.source, self.val_source or self.source}
 
     def __post_init__(self) -> None:
         for key in ("seq_len", "batch_size"):
@@ -228,8 +323,31 @@ class DataConfig:
         _require(self.num_workers >= 0, "data.num_workers", f"must be 0 or more, got {self.num_workers}")
         _require(self.mqar.num_kv_pairs > 0, "data.mqar.num_kv_pairs",
                  f"must be positive, got {self.mqar.num_kv_pairs}")
-        _require(self.mqar.val_samples > 0, "data.mqar.val_samples",
-                 f"must be positive, got {self.mqar.val_samples}")
+        for name in ("mqar", "passkey", "selective_copy"):
+            samples = getattr(self, name).val_samples
+            _require(samples > 0, f"data.{name}.val_samples", f"must be positive, got {samples}")
+        _require(self.passkey.digits > 0, "data.passkey.digits", f"must be positive, got {self.passkey.digits}")
+        _require(self.passkey.depth is None or 0 <= self.passkey.depth <= 1, "data.passkey.depth",
+                 f"must be between 0 and 1 or null (random), got {self.passkey.depth}")
+        _require(self.selective_copy.num_tokens > 0, "data.selective_copy.num_tokens",
+                 f"must be positive, got {self.selective_copy.num_tokens}")
+        _require(self.prepared.shard_tokens > 0, "data.prepared.shard_tokens",
+                 f"must be positive, got {self.prepared.shard_tokens}")
+        _require(self.prepared.shuffle_documents >= 0, "data.prepared.shuffle_documents",
+                 f"must be 0 or more, got {self.prepared.shuffle_documents}")
+        _require(bool(self.text.tokenizer), "data.text.tokenizer", "must be byte or a path to a tokenizer.json")
+        for group in ("sources", "val_sources"):
+            for i, source in enumerate(getattr(self.text, group)):
+                key = f"data.text.{group}[{i}]"
+                _require(bool(source.path), f"{key}.path", "must name a file, folder, glob or hub dataset")
+                _require(source.weight > 0, f"{key}.weight", f"must be positive, got {source.weight}")
+                _require(bool(source.text_field), f"{key}.text_field", "must name the column holding the text")
+        if "text" in self.sources_used():
+            _require(bool(self.text.sources), "data.text.sources",
+                     "data.source: text needs at least one source, e.g. [{path: data/train.jsonl}]")
+        if "prepared" in self.sources_used():
+            _require(bool(self.prepared.path), "data.prepared.path",
+                     "data.source: prepared needs the folder written by `mambatrain data prepare`")
 
 
 @dataclass
@@ -337,11 +455,27 @@ class Recipe:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
-        if self.data.source == "mqar":
-            needed = 2 * self.data.mqar.num_kv_pairs + 2 * self.data.mqar.num_kv_pairs
-            _require(self.data.seq_len >= needed, "data.seq_len",
-                     f"mqar with {self.data.mqar.num_kv_pairs} pairs needs seq_len >= {needed}, "
-                     f"got {self.data.seq_len}")
-            needed_vocab = 1 + 2 * self.data.mqar.num_kv_pairs
-            _require(self.model.vocab_size >= needed_vocab, "model.vocab_size",
-                     f"mqar with {self.data.mqar.num_kv_pairs} pairs needs vocab_size >= {needed_vocab}")
+        data, vocab = self.data, self.model.vocab_size
+        used = data.sources_used()
+        if "mqar" in used:
+            needed = 2 * data.mqar.num_kv_pairs + 2 * data.mqar.num_kv_pairs
+            _require(data.seq_len >= needed, "data.seq_len",
+                     f"mqar with {data.mqar.num_kv_pairs} pairs needs seq_len >= {needed}, got {data.seq_len}")
+            needed_vocab = 1 + 2 * data.mqar.num_kv_pairs
+            _require(vocab >= needed_vocab, "model.vocab_size",
+                     f"mqar with {data.mqar.num_kv_pairs} pairs needs vocab_size >= {needed_vocab}")
+        if "passkey" in used:
+            needed = 2 * data.passkey.digits + 4
+            _require(data.seq_len >= needed, "data.seq_len",
+                     f"passkey with {data.passkey.digits} digits needs seq_len >= {needed}, got {data.seq_len}")
+            _require(vocab >= 14, "model.vocab_size", "passkey needs vocab_size >= 14 (markers, digits, noise)")
+        if "selective_copy" in used:
+            needed = 2 * data.selective_copy.num_tokens + 1
+            _require(data.seq_len >= needed, "data.seq_len",
+                     f"selective_copy of {data.selective_copy.num_tokens} tokens needs seq_len >= {needed}, "
+                     f"got {data.seq_len}")
+            _require(vocab >= 3, "model.vocab_size", "selective_copy needs vocab_size >= 3 (blank, marker, data)")
+        if "text" in used and data.text.tokenizer == "byte":
+            _require(vocab >= BYTE_TOKENIZER_VOCAB, "model.vocab_size",
+                     f"data.text.tokenizer: byte has {BYTE_TOKENIZER_VOCAB} ids (256 bytes + end-of-document), "
+                     f"so vocab_size must be at least {BYTE_TOKENIZER_VOCAB}, got {vocab}")

@@ -1,66 +1,185 @@
 """The recipe's data section -> a LightningDataModule whose position survives a resume.
 
-The data position is the number of micro-batches consumed; it is saved in each
-checkpoint (``state_dict``) and a resumed run starts its stream there, so its
-batches are exactly those an uninterrupted run would have seen.
+The data position is the number of micro-batches consumed, counted from
+``trainer.global_step`` at the optimizer-step boundaries where checkpoints are
+written. Synthetic sources regenerate batch ``b`` from its index, so that number is
+enough. Text and prepared sources are streams: each batch also carries its stream's
+position, and the positions of the last batches trained on (recorded when Lightning
+hands a batch to training, never when it prefetches one) are saved with the count, for
+every rank. A resumed run restarts each stream there, so its batches are exactly those
+an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
+
+import functools
+import logging
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from ..config.schema import Recipe
-from .mqar import MQARBatches
+from ..config.schema import Recipe, RecipeError
+from .mqar import mqar_sample
+from .shards import TokenStore, read_index
+from .sources import SourceReader
+from .streaming import POSITION_KEY, PreparedStreams, StreamBatches, TextStreams, gather_across_ranks
+from .synthetic import SyntheticBatches, passkey_sample, selective_copy_sample
+from .tokenizer import check_vocab, load_tokenizer
+
+log = logging.getLogger("mambatrain")
 
 VALIDATION_SEED_OFFSET = 7_777_777
+STREAMING = ("text", "prepared")
+
+
+def check_data(recipe: Recipe) -> None:
+    """What can be checked before training: files, tokenizer, vocabulary, columns, non-empty sources."""
+    data = recipe.data
+    used = data.sources_used()
+    if "text" in used:
+        check_vocab(load_tokenizer(data.text.tokenizer, data.text.eod_token), recipe.model.vocab_size)
+        groups = [("sources", data.text.sources)] + ([("val_sources", data.text.val_sources)]
+                                                      if data.text.val_sources else [])
+        for group, sources in groups:
+            for i, source in enumerate(sources):
+                # Reads one batch of documents: the files exist, the column exists, there is text.
+                next(SourceReader(source, f"data.text.{group}[{i}]", 0, 1, data.text.seed, cycle=False))
+    if "prepared" in used:
+        index = read_index(data.prepared.path)
+        if index["vocab_size"] > recipe.model.vocab_size:
+            raise RecipeError(f"model.vocab_size: {data.prepared.path} was prepared with a tokenizer of "
+                              f"{index['vocab_size']} tokens but model.vocab_size is {recipe.model.vocab_size}")
+        TokenStore(data.prepared.path, "train")
 
 
 class RecipeDataModule(L.LightningDataModule):
-    def __init__(self, recipe: Recipe):
+    def __init__(self, recipe: Recipe, check: bool = True):
         super().__init__()
         self.recipe = recipe
         self.start_batch = 0
+        self.stream_states: list | None = None  # per stream of this rank: position after its last trained batch
+        if check:
+            check_data(recipe)
+        data = recipe.data
+        if data.val_source is None and data.source == "text" and not data.text.val_sources:
+            log.warning("data.text.val_sources is empty: validation reads the training sources, so val/loss "
+                        "measures fit, not generalisation")
+        if data.val_source is None and data.source == "prepared" and not self._prepared_has_val():
+            log.warning("%s has no val split: validation reads the training shards", data.prepared.path)
+
+    def _prepared_has_val(self) -> bool:
+        try:
+            return "val" in read_index(self.recipe.data.prepared.path)["splits"]
+        except RecipeError:
+            return False
 
     def _batches_per_step(self) -> int:
         return self.recipe.trainer.accumulate_grad_batches
-
-    def _dataset(self, num_batches: int, seed: int, rank: int, world: int, batch_size: int) -> MQARBatches:
-        data = self.recipe.data
-        return MQARBatches(num_batches, batch_size, data.seq_len, self.recipe.model.vocab_size,
-                           data.mqar.num_kv_pairs, seed, rank, world)
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
+    # -------------------------------------------------------------------------------------- synthetic sources
+
+    def _sample_fn(self, source: str, validation: bool):
+        data, vocab = self.recipe.data, self.recipe.model.vocab_size
+        config = getattr(data, source)
+        seed = config.train_samples_seed + (VALIDATION_SEED_OFFSET if validation else 0)
+        if source == "mqar":
+            return functools.partial(mqar_sample, seed=seed, seq_len=data.seq_len, vocab_size=vocab,
+                                     num_kv_pairs=config.num_kv_pairs)
+        if source == "passkey":
+            return functools.partial(passkey_sample, seed=seed, seq_len=data.seq_len, vocab_size=vocab,
+                                     digits=config.digits, depth=config.depth)
+        return functools.partial(selective_copy_sample, seed=seed, seq_len=data.seq_len, vocab_size=vocab,
+                                 num_tokens=config.num_tokens)
+
+    # -------------------------------------------------------------------------------------- streaming sources
+
+    def _streams(self, source: str, validation: bool):
+        data = self.recipe.data
+        reset = data.reset_at_document_boundaries
+        if source == "text":
+            text = data.text
+            val = validation and bool(text.val_sources)
+            return TextStreams(text.val_sources if val else text.sources,
+                               "data.text.val_sources" if val else "data.text.sources", text.tokenizer,
+                               text.eod_token, text.seed, text.shuffle_files, data.seq_len, reset)
+        split = "val" if validation and self._prepared_has_val() else "train"
+        return PreparedStreams(data.prepared.path, split, data.seq_len, reset)
+
+    # -------------------------------------------------------------------------------------- loaders
+
     def train_dataloader(self) -> DataLoader:
         data = self.recipe.data
         rank, world = self._rank_world()
+        if data.source in STREAMING:
+            streams = max(data.num_workers, 1)
+            dataset = StreamBatches(self._streams(data.source, validation=False), data.batch_size, rank, world,
+                                    data.num_workers, self.stream_states, first_stream=self.start_batch % streams)
+            return self._loader(dataset)
         total = self.recipe.trainer.max_steps * self._batches_per_step()
-        dataset = self._dataset(total, data.mqar.train_samples_seed, rank, world, data.batch_size)
-        remaining = Subset(dataset, range(min(self.start_batch, total), total))
-        return self._loader(remaining)
+        dataset = SyntheticBatches(self._sample_fn(data.source, validation=False), total, data.batch_size, rank,
+                                   world)
+        return self._loader(Subset(dataset, range(min(self.start_batch, total), total)))
 
     def val_dataloader(self) -> DataLoader:
         data = self.recipe.data
+        source = data.val_source or data.source
         rank, world = self._rank_world()
-        batches = max(1, data.mqar.val_samples // (data.batch_size * world))
-        seed = data.mqar.train_samples_seed + VALIDATION_SEED_OFFSET
-        return self._loader(self._dataset(batches, seed, rank, world, data.batch_size))
+        if source in STREAMING:
+            # Streams never end: every validation run reads the same first limit_val_batches batches.
+            return self._loader(StreamBatches(self._streams(source, validation=True), data.batch_size, rank, world,
+                                              data.num_workers, with_position=False))
+        config = getattr(data, source)
+        batches = max(1, config.val_samples // (data.batch_size * world))
+        return self._loader(SyntheticBatches(self._sample_fn(source, validation=True), batches, data.batch_size,
+                                             rank, world))
 
     def _loader(self, dataset) -> DataLoader:
         workers = self.recipe.data.num_workers
-        # batch_size=None: the dataset yields whole batches, in index order, from any number of workers.
+        # batch_size=None: the dataset yields whole batches, in order, from any number of workers.
         return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
                           persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+
+    # -------------------------------------------------------------------------------------- position
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # Lightning calls this for the batch it is about to train on, after any prefetching.
+        position = batch.pop(POSITION_KEY, None) if isinstance(batch, dict) else None
+        if position is not None:
+            if self.stream_states is None:
+                self.stream_states = [None] * max(self.recipe.data.num_workers, 1)
+            self.stream_states[position["stream"]] = position["state"]
+        return batch
 
     def state_dict(self) -> dict:
         # Checkpoints are written at optimizer-step boundaries, so this counts exactly the batches trained on
         # (Lightning's prefetched next batch is not counted).
         step = self.trainer.global_step if self.trainer is not None else 0
-        return {"batches_consumed": step * self._batches_per_step()}
+        state = {"batches_consumed": step * self._batches_per_step()}
+        if self.recipe.data.source in STREAMING:
+            state["streams"] = gather_across_ranks(self.stream_states)
+            state["num_streams"] = max(self.recipe.data.num_workers, 1)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.start_batch = int(state["batches_consumed"])
+        if self.recipe.data.source not in STREAMING:
+            return
+        if "streams" not in state:
+            log.warning("the checkpoint holds no stream position (it was not trained on %s data): "
+                        "the %s streams start from the beginning", self.recipe.data.source, self.recipe.data.source)
+            return
+        streams = max(self.recipe.data.num_workers, 1)
+        if state["num_streams"] != streams:
+            raise RecipeError(f"data.num_workers: the checkpoint was written with {state['num_streams']} data "
+                              f"streams per rank (data.num_workers: {state['num_streams']}); an exact resume needs "
+                              f"the same number, got {streams}")
+        rank, world = self._rank_world()
+        if len(state["streams"]) != world:
+            raise RecipeError(f"trainer.devices: the checkpoint was written by {len(state['streams'])} ranks; an "
+                              f"exact resume of text or prepared data needs the same number, got {world}")
+        self.stream_states = state["streams"][rank]

@@ -9,7 +9,8 @@ long-context layers are for.
 
 Token 0 is filler; keys come from the lower half of the remaining vocabulary and
 values from the upper half. Sample ``i`` is a pure function of (seed, i), so any
-position in the stream can be regenerated exactly after a resume.
+position in the stream can be regenerated exactly after a resume. Batches are made by
+``synthetic.SyntheticBatches``, like those of the other synthetic tasks.
 """
 
 from __future__ import annotations
@@ -41,21 +42,3 @@ def mqar_sample(index: int, seed: int, seq_len: int, vocab_size: int, num_kv_pai
     labels[positions] = values[asked]
     return {"input_ids": input_ids, "labels": labels}
 
-
-class MQARBatches(torch.utils.data.Dataset):
-    """Batch ``b`` of one data-parallel rank: samples ``(b * world + rank) * batch_size + j``."""
-
-    def __init__(self, num_batches: int, batch_size: int, seq_len: int, vocab_size: int, num_kv_pairs: int,
-                 seed: int, rank: int = 0, world_size: int = 1):
-        self.num_batches, self.batch_size, self.seq_len = num_batches, batch_size, seq_len
-        self.vocab_size, self.num_kv_pairs, self.seed = vocab_size, num_kv_pairs, seed
-        self.rank, self.world_size = rank, world_size
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def __getitem__(self, batch_index: int) -> dict[str, torch.Tensor]:
-        first = (batch_index * self.world_size + self.rank) * self.batch_size
-        samples = [mqar_sample(first + j, self.seed, self.seq_len, self.vocab_size, self.num_kv_pairs)
-                   for j in range(self.batch_size)]
-        return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}

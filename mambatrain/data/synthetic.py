@@ -1,0 +1,78 @@
+"""Synthetic long-context tasks, generated on the fly: passkey retrieval and selective copying (MQAR is in mqar.py).
+
+Like MQAR, sample ``i`` is a pure function of (seed, i), so a resumed run regenerates
+exactly the batches it would have seen, and the validation set is a fixed seed.
+Labels are already shifted (the label at position t is the token the model should
+emit after reading position t) and are -100 except where the task is scored, so
+``val/accuracy`` is the task's accuracy.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ..models.loss import IGNORE_INDEX
+
+# Passkey vocabulary: 0 filler, 1 marks the passkey, 2 asks for it, 3-12 the digits 0-9, 13+ noise.
+PASSKEY_MARK, PASSKEY_QUERY, DIGIT0, NOISE0 = 1, 2, 3, 13
+# Selective copying vocabulary: 0 blank, 1 the copy marker, 2+ the tokens to copy.
+BLANK, COPY_MARK, DATA0 = 0, 1, 2
+
+
+def _generator(seed: int, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + index)
+
+
+def passkey_sample(index: int, seed: int, seq_len: int, vocab_size: int, digits: int,
+                   depth: Optional[float] = None) -> dict[str, torch.Tensor]:
+    """``noise.. MARK d1..dn MARK ..noise QUERY d1..dn``; scored on the digits after QUERY.
+
+    The passkey block sits after ``depth`` of the noise (0: at the start, 1: just before the query).
+    """
+    gen = _generator(seed, index)
+    key = DIGIT0 + torch.randint(0, 10, (digits,), generator=gen)
+    noise_len = seq_len - (digits + 2) - (digits + 1)
+    noise = NOISE0 + torch.randint(0, vocab_size - NOISE0, (noise_len,), generator=gen)
+    fraction = depth if depth is not None else torch.rand((), generator=gen).item()
+    at = round(fraction * noise_len)
+    mark, query = torch.tensor([PASSKEY_MARK]), torch.tensor([PASSKEY_QUERY])
+    input_ids = torch.cat([noise[:at], mark, key, mark, noise[at:], query, key])
+    labels = torch.full((seq_len,), IGNORE_INDEX, dtype=torch.long)
+    answer = seq_len - digits  # position of the first answer digit
+    labels[answer - 1: seq_len - 1] = key  # QUERY predicts d1, d_i predicts d_(i+1)
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def selective_copy_sample(index: int, seed: int, seq_len: int, vocab_size: int,
+                          num_tokens: int) -> dict[str, torch.Tensor]:
+    """``num_tokens`` tokens scattered among blanks, then COPY_MARK and the same tokens in order (scored)."""
+    gen = _generator(seed, index)
+    region = seq_len - num_tokens - 1
+    tokens = DATA0 + torch.randint(0, vocab_size - DATA0, (num_tokens,), generator=gen)
+    places = torch.randperm(region, generator=gen)[:num_tokens].sort().values
+    input_ids = torch.full((seq_len,), BLANK, dtype=torch.long)
+    input_ids[places] = tokens
+    input_ids[region] = COPY_MARK
+    input_ids[region + 1:] = tokens
+    labels = torch.full((seq_len,), IGNORE_INDEX, dtype=torch.long)
+    labels[region: seq_len - 1] = tokens  # the marker predicts the first token, each copy the next
+    return {"input_ids": input_ids, "labels": labels}
+
+
+class SyntheticBatches(torch.utils.data.Dataset):
+    """Batch ``b`` of one data-parallel rank: samples ``(b * world + rank) * batch_size + j`` of ``sample(i)``."""
+
+    def __init__(self, sample: Callable[[int], dict], num_batches: int, batch_size: int, rank: int = 0,
+                 world_size: int = 1):
+        self.sample, self.num_batches, self.batch_size = sample, num_batches, batch_size
+        self.rank, self.world_size = rank, world_size
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __getitem__(self, batch_index: int) -> dict[str, torch.Tensor]:
+        first = (batch_index * self.world_size + self.rank) * self.batch_size
+        samples = [self.sample(first + j) for j in range(self.batch_size)]
+        return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
