@@ -437,42 +437,36 @@ def _bwd_combine_kernel(c_loc, P, dhT, carry, dh0, NS, DN, HAS_DHT: tl.constexpr
     tl.store(dh0 + i_b64 * DN + o, b_c, mask=m)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["D", "N", "GSIZE", "BD"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_BWD_CONFIGS, key=["D", "N", "GSIZE", "BD", "NSUB"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _bwd_kernel(
     x, dt, A, B, C, Dp, z, dt_bias, seq_idx, dout, ckpt, carry, scratch,
     dx, ddt, dz, dB_part, dC_part, dA_part, dD_part, dbias_part,
-    L, D, N, GSIZE, S, NBLK, NG,
+    L, D, N, GSIZE, S, NSB, NG,
     s_xb, s_xt, s_dtb, s_dtt, s_zb, s_zt, s_dob, s_dot,
     s_Bb, s_Bt, s_Bg, s_Cb, s_Ct, s_Cg, s_sb, s_st, s_scb, s_sck,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, NSUB: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, NI: tl.constexpr,
 ):
-    """Backward pass C, one program per (channel block, batch row, NG-th of the segments).
+    """Backward pass C, one program per (NSUB * BD channels, batch row, NG-th of the segments).
 
-    Segments are independent now that their carries are known: phase 1
-    recomputes the states at the start of each tile of the segment into the
-    program's scratch, phase 2 walks the tiles backwards with the adjoint scan.
+    Segments are independent now that their carries are known. For each of
+    its segments and each of its NSUB blocks of BD channels (one group):
+    phase 1 recomputes the states at the start of every tile into the
+    program's scratch, phase 2 walks the tiles backwards with the adjoint
+    scan. dB and dC of the NSUB blocks are added up in the output in a fixed
+    order, so the partial sums left for the host are channels / (NSUB * BD)
+    per step, not channels / BD.
     """
     NL: tl.constexpr = BN // NI
-    i_d, i_b, i_grp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_sb0, i_b, i_grp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b64 = tl.cast(i_b, tl.int64)
-    o_d = i_d * BD + tl.arange(0, BD)
     o_n3 = tl.arange(0, NI)[:, None, None] * NL + tl.arange(0, NL)[None, None, :]  # [NI, 1, NL]
     m_n3 = o_n3 < N
-    i_g = (i_d * BD) // GSIZE
-    o_dn = o_d[None, :, None] * N + o_n3  # [NI, BD, NL]
-    b_A = tl.load(A + o_dn, mask=m_n3, other=0.0)
-    b_A2 = b_A * LOG2E
-    if HAS_D:
-        b_D = tl.load(Dp + o_d).to(tl.float32)
-    b_dA = tl.zeros([NI, BD, NL], dtype=tl.float32)
-    # summed over time once at the end: [BT, BD] tiles have time across threads
-    b_dD = tl.zeros([BT, BD], dtype=tl.float32)
-    b_dbias = tl.zeros([BT, BD], dtype=tl.float32)
+    i_g = (i_sb0 * NSUB * BD) // GSIZE
     o_tl = tl.arange(0, BT)
-    o_scr = o_d[None, :, None] * BN + o_n3  # [NI, BD, NL]
     p_scr = scratch + (i_b64 * NG + i_grp) * s_scb
     TPS = S // BT
     NT = tl.cdiv(L, BT)
@@ -480,78 +474,95 @@ def _bwd_kernel(
     for i_seg in range(i_grp, NS, NG):
         t_first = i_seg * TPS
         n_tiles = tl.minimum(TPS, NT - t_first)
-        o_seg = (i_b64 * NS + i_seg) * D * N + o_dn
-        b_h = tl.load(ckpt + o_seg, mask=m_n3, other=0.0)
-        # adjoint flowing into the step after the current tile: abar_{t+1} g_{t+1}
-        b_c = tl.load(carry + o_seg, mask=m_n3, other=0.0)
-        # the previous segment's phase 2 read the scratch written below
-        tl.debug_barrier()
-        # phase 1: states at the start of every tile of the segment, to scratch
-        for k in range(0, n_tiles - 1):
-            tl.store(p_scr + k * s_sck + o_scr, b_h)
-            _, _, _, _, _, _, _, b_hs = _tile_states(
-                x, dt, B, dt_bias, seq_idx, b_A2, b_h,
-                i_b, t_first + k, i_g, o_d, o_n3, L, N,
-                s_xb, s_xt, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg, s_sb, s_st,
-                HAS_BIAS, SOFTPLUS, HAS_SEQ, BT,
-            )
-            b_h = _last_step(b_hs, BT)
-        tl.store(p_scr + (n_tiles - 1) * s_sck + o_scr, b_h)
-        # scratch is written and read by different threads of the program
-        tl.debug_barrier()
-        # phase 2: tiles last to first, adjoint as a reverse scan
-        for kk in range(0, n_tiles):
-            k = n_tiles - 1 - kk
-            i_t = t_first + k
-            b_h0 = tl.load(p_scr + k * s_sck + o_scr)
-            b_x, b_dtr, b_dt, b_a, b_u, b_B, b_ub, b_hs = _tile_states(
-                x, dt, B, dt_bias, seq_idx, b_A2, b_h0,
-                i_b, i_t, i_g, o_d, o_n3, L, N,
-                s_xb, s_xt, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg, s_sb, s_st,
-                HAS_BIAS, SOFTPLUS, HAS_SEQ, BT,
-            )
-            t0 = tl.cast(i_t, tl.int64) * BT
-            m_t = i_t * BT + o_tl < L
-            p_C = C + i_b64 * s_Cb + t0 * s_Ct + i_g * s_Cg + o_tl[None, :, None] * s_Ct + o_n3
-            b_C = tl.load(p_C, mask=m_t[None, :, None] & m_n3, other=0.0).to(tl.float32)  # [NI, BT, NL]
-            b_do, b_dy, b_z, b_sig = _tile_dy(dout, z, i_b, i_t, o_d, L, s_dob, s_dot, s_zb, s_zt, HAS_Z, BT)
-            b_g, b_c = _tile_adjoint(b_a, b_dy[None, :, :, None] * b_C[:, :, None, :], b_c, BT)
-            # g_t * abar_t * h_{t-1}: the gradient reaching abar_t, times abar_t
-            b_q = b_g * (b_hs - b_ub)
-            b_dA += tl.sum(b_q * b_dt[None, :, :, None], axis=1)
-            b_du = _sum_n(b_g * b_B[:, :, None, :])  # [BT, BD]
-            b_ddt = b_du * b_x + _sum_n(b_q * b_A[:, None, :, :])
-            b_dx = b_du * b_dt
+        for i_sub in range(0, NSUB):
+            o_d = (i_sb0 * NSUB + i_sub) * BD + tl.arange(0, BD)
+            o_dn = o_d[None, :, None] * N + o_n3  # [NI, BD, NL]
+            o_scr = o_d[None, :, None] * BN + o_n3  # [NI, BD, NL]
+            b_A = tl.load(A + o_dn, mask=m_n3, other=0.0)
+            b_A2 = b_A * LOG2E
             if HAS_D:
-                b_dx += b_dy * b_D[None, :]
-                b_dD += b_dy * b_x
-            if HAS_Z:
-                b_y = _sum_n(b_hs * b_C[:, :, None, :])
+                b_D = tl.load(Dp + o_d).to(tl.float32)
+            b_dA = tl.zeros([NI, BD, NL], dtype=tl.float32)
+            # summed over time once at the end: [BT, BD] tiles have time across threads
+            b_dD = tl.zeros([BT, BD], dtype=tl.float32)
+            b_dbias = tl.zeros([BT, BD], dtype=tl.float32)
+            o_seg = (i_b64 * NS + i_seg) * D * N + o_dn
+            b_h = tl.load(ckpt + o_seg, mask=m_n3, other=0.0)
+            # adjoint flowing into the step after the current tile: abar_{t+1} g_{t+1}
+            b_c = tl.load(carry + o_seg, mask=m_n3, other=0.0)
+            # the previous phase 2 read the scratch written below
+            tl.debug_barrier()
+            # phase 1: states at the start of every tile of the segment, to scratch
+            for k in range(0, n_tiles - 1):
+                tl.store(p_scr + k * s_sck + o_scr, b_h)
+                _, _, _, _, _, _, _, b_hs = _tile_states(
+                    x, dt, B, dt_bias, seq_idx, b_A2, b_h,
+                    i_b, t_first + k, i_g, o_d, o_n3, L, N,
+                    s_xb, s_xt, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg, s_sb, s_st,
+                    HAS_BIAS, SOFTPLUS, HAS_SEQ, BT,
+                )
+                b_h = _last_step(b_hs, BT)
+            tl.store(p_scr + (n_tiles - 1) * s_sck + o_scr, b_h)
+            # scratch is written and read by different threads of the program
+            tl.debug_barrier()
+            # phase 2: tiles last to first, adjoint as a reverse scan
+            for kk in range(0, n_tiles):
+                k = n_tiles - 1 - kk
+                i_t = t_first + k
+                b_h0 = tl.load(p_scr + k * s_sck + o_scr)
+                b_x, b_dtr, b_dt, b_a, b_u, b_B, b_ub, b_hs = _tile_states(
+                    x, dt, B, dt_bias, seq_idx, b_A2, b_h0,
+                    i_b, i_t, i_g, o_d, o_n3, L, N,
+                    s_xb, s_xt, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg, s_sb, s_st,
+                    HAS_BIAS, SOFTPLUS, HAS_SEQ, BT,
+                )
+                t0 = tl.cast(i_t, tl.int64) * BT
+                m_t = i_t * BT + o_tl < L
+                p_C = C + i_b64 * s_Cb + t0 * s_Ct + i_g * s_Cg + o_tl[None, :, None] * s_Ct + o_n3
+                b_C = tl.load(p_C, mask=m_t[None, :, None] & m_n3, other=0.0).to(tl.float32)  # [NI, BT, NL]
+                b_do, b_dy, b_z, b_sig = _tile_dy(dout, z, i_b, i_t, o_d, L, s_dob, s_dot, s_zb, s_zt, HAS_Z, BT)
+                b_g, b_c = _tile_adjoint(b_a, b_dy[None, :, :, None] * b_C[:, :, None, :], b_c, BT)
+                # g_t * abar_t * h_{t-1}: the gradient reaching abar_t, times abar_t
+                b_q = b_g * (b_hs - b_ub)
+                b_dA += tl.sum(b_q * b_dt[None, :, :, None], axis=1)
+                b_du = _sum_n(b_g * b_B[:, :, None, :])  # [BT, BD]
+                b_ddt = b_du * b_x + _sum_n(b_q * b_A[:, None, :, :])
+                b_dx = b_du * b_dt
                 if HAS_D:
-                    b_y += b_x * b_D[None, :]
-                b_dz = b_do * b_y * b_sig * (1.0 + b_z * (1.0 - b_sig))
-                p_dz = dz + (i_b64 * L + t0) * D + o_tl[:, None] * D + o_d[None, :]
-                tl.store(p_dz, b_dz.to(dz.dtype.element_ty), mask=m_t[:, None])
-            if SOFTPLUS:
-                b_ddt *= _sigmoid(b_dtr, FAST_MATH)
-            # past the end the carried adjoint is not zero: keep it out of the sums
-            b_ddt = tl.where(m_t[:, None], b_ddt, 0.0)
-            b_dbias += b_ddt
-            p_dx = dx + (i_b64 * L + t0) * D + o_tl[:, None] * D + o_d[None, :]
-            tl.store(p_dx, b_dx.to(dx.dtype.element_ty), mask=m_t[:, None])
-            p_ddt = ddt + (i_b64 * L + t0) * D + o_tl[:, None] * D + o_d[None, :]
-            tl.store(p_ddt, b_ddt.to(ddt.dtype.element_ty), mask=m_t[:, None])
-            # per-program partial sums over the block's channels, summed on the host
-            b_dB = tl.sum(b_g * b_u[None, :, :, None], axis=2)  # [NI, BT, NL]
-            b_dC = tl.sum(b_hs * b_dy[None, :, :, None], axis=2)  # [NI, BT, NL]
-            o_part = ((i_b64 * L + t0) * NBLK + i_d) * N + o_tl[None, :, None] * (NBLK * N) + o_n3
-            m_part = m_t[None, :, None] & m_n3
-            tl.store(dB_part + o_part, b_dB, mask=m_part)
-            tl.store(dC_part + o_part, b_dC, mask=m_part)
-    i_p = i_b64 * NG + i_grp
-    tl.store(dA_part + i_p * D * N + o_dn, b_dA, mask=m_n3)
-    tl.store(dD_part + i_p * D + o_d, tl.sum(b_dD, axis=0))
-    tl.store(dbias_part + i_p * D + o_d, tl.sum(b_dbias, axis=0))
+                    b_dx += b_dy * b_D[None, :]
+                    b_dD += b_dy * b_x
+                if HAS_Z:
+                    b_y = _sum_n(b_hs * b_C[:, :, None, :])
+                    if HAS_D:
+                        b_y += b_x * b_D[None, :]
+                    b_dz = b_do * b_y * b_sig * (1.0 + b_z * (1.0 - b_sig))
+                    p_dz = dz + (i_b64 * L + t0) * D + o_tl[:, None] * D + o_d[None, :]
+                    tl.store(p_dz, b_dz.to(dz.dtype.element_ty), mask=m_t[:, None])
+                if SOFTPLUS:
+                    b_ddt *= _sigmoid(b_dtr, FAST_MATH)
+                # past the end the carried adjoint is not zero: keep it out of the sums
+                b_ddt = tl.where(m_t[:, None], b_ddt, 0.0)
+                b_dbias += b_ddt
+                p_dx = dx + (i_b64 * L + t0) * D + o_tl[:, None] * D + o_d[None, :]
+                tl.store(p_dx, b_dx.to(dx.dtype.element_ty), mask=m_t[:, None])
+                p_ddt = ddt + (i_b64 * L + t0) * D + o_tl[:, None] * D + o_d[None, :]
+                tl.store(p_ddt, b_ddt.to(ddt.dtype.element_ty), mask=m_t[:, None])
+                # sums over the block's channels, added to the earlier blocks'
+                b_dB = tl.sum(b_g * b_u[None, :, :, None], axis=2)  # [NI, BT, NL]
+                b_dC = tl.sum(b_hs * b_dy[None, :, :, None], axis=2)  # [NI, BT, NL]
+                o_part = ((i_b64 * L + t0) * NSB + i_sb0) * N + o_tl[None, :, None] * (NSB * N) + o_n3
+                m_part = m_t[None, :, None] & m_n3
+                m_prev = m_part & (i_sub > 0)
+                b_dB += tl.load(dB_part + o_part, mask=m_prev, other=0.0)
+                b_dC += tl.load(dC_part + o_part, mask=m_prev, other=0.0)
+                # threads holding copies of a sum all read before any writes
+                tl.debug_barrier()
+                tl.store(dB_part + o_part, b_dB, mask=m_part)
+                tl.store(dC_part + o_part, b_dC, mask=m_part)
+            o_p = (i_b64 * NS + i_seg) * D
+            tl.store(dA_part + o_p * N + o_dn, b_dA, mask=m_n3)
+            tl.store(dD_part + o_p + o_d, tl.sum(b_dD, axis=0))
+            tl.store(dbias_part + o_p + o_d, tl.sum(b_dbias, axis=0))
 
 
 # --------------------------------------------------------------------------
@@ -594,11 +605,21 @@ def _bwd_block_d(gsize: int) -> int:
     return _pow2_divisor(gsize, 16)
 
 
-def _bwd_groups(programs_per_segment: int, nseg: int) -> int:
-    # Programs along the segments in pass C: about 4 per SM (H100: 132) in
-    # all, each with a scratch of CHECKPOINT_STEPS / BT states, which should
-    # fit in L2 together (512 x 64 KB at BT 8, BD 16, d_state 16).
-    return max(1, min(nseg, triton.cdiv(512, programs_per_segment)))
+def _bwd_grid(batch: int, nblk_per_group: int, groups: int, nseg: int) -> tuple[int, int]:
+    """(NSUB, NG) of backward pass C: channel blocks per program, programs along the segments.
+
+    About 512 programs (4 per SM on an H100), each with a scratch of
+    CHECKPOINT_STEPS / BT states that should fit in L2 together (512 x 64 KB
+    at BT 8, BD 16, d_state 16). Long sequences: the segments give the
+    programs, each takes all blocks of its group (NSUB), and dB, dC leave one
+    partial sum per group. Short ones: fewer blocks per program.
+    """
+    target = 512
+    ng = max(1, min(nseg, target))
+    nsub = nblk_per_group
+    while nsub > 1 and batch * groups * (nblk_per_group // nsub) * ng < target:
+        nsub = next(d for d in range(nsub - 1, 0, -1) if nblk_per_group % d == 0)
+    return nsub, ng
 
 
 def _fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx):
@@ -658,15 +679,16 @@ def _bwd(dout, dhT, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, s
     bd = _bwd_block_d(gsize)
     nblk = channels // bd
     nseg = triton.cdiv(length, CHECKPOINT_STEPS)
-    ngrp = _bwd_groups(batch * nblk, nseg)
+    nsub, ngrp = _bwd_grid(batch, gsize // bd, groups, nseg)
+    nsb = nblk // nsub
     dx = _empty(batch, length, channels, device=dev, dtype=x.dtype)
     ddt = _empty(batch, length, channels, device=dev, dtype=dt.dtype)
     dz = _empty(batch, length, channels, device=dev, dtype=z.dtype) if z is not None else None
-    dB_part = _empty(batch, length, nblk, d_state, device=dev)
-    dC_part = _empty(batch, length, nblk, d_state, device=dev)
-    dA_part = _empty(batch * ngrp, channels, d_state, device=dev)
-    dD_part = _empty(batch * ngrp, channels, device=dev)
-    dbias_part = _empty(batch * ngrp, channels, device=dev)
+    dB_part = _empty(batch, length, nsb, d_state, device=dev)
+    dC_part = _empty(batch, length, nsb, d_state, device=dev)
+    dA_part = _empty(batch * nseg, channels, d_state, device=dev)
+    dD_part = _empty(batch * nseg, channels, device=dev)
+    dbias_part = _empty(batch * nseg, channels, device=dev)
     dh0 = _empty(batch, channels, d_state, device=dev)
     if length == 0:
         for t in (dA_part, dD_part, dbias_part):
@@ -680,11 +702,11 @@ def _bwd(dout, dhT, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, s
                      HAS_SEQ=seq_idx is not None, BD=bd, BN=bn)
         if any(_fits(c, bn, gsize, bd, False) for c in _BWD_CONFIGS):
             carry_kernel = _bwd_carry_kernel[(nblk, batch, nseg)]
-            kernel = _bwd_kernel[(nblk, batch, ngrp)]
+            kernel = _bwd_kernel[(nsb, batch, ngrp)]
         else:
             _, kw, nw = _fallback_config(bn, gsize, bd)
             carry_kernel = functools.partial(_bwd_carry_kernel.fn[(nblk, batch, nseg)], num_warps=nw, **kw)
-            kernel = functools.partial(_bwd_kernel.fn[(nblk, batch, ngrp)], num_warps=nw, **kw)
+            kernel = functools.partial(_bwd_kernel.fn[(nsb, batch, ngrp)], num_warps=nw, **kw)
         # pass A: each segment's adjoint for a zero carry, and its decay product
         c_loc = _empty(batch, nseg, channels, d_state, device=dev)
         P = _empty(batch, nseg, channels, d_state, device=dev)
@@ -706,15 +728,15 @@ def _bwd(dout, dhT, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, s
         kernel(
             x, dt, A32, B, C, Dc, z, bias, seq_idx, dout, ckpt, carry, scratch,
             dx, ddt, dz, dB_part, dC_part, dA_part, dD_part, dbias_part,
-            length, channels, d_state, gsize, CHECKPOINT_STEPS, nblk, ngrp,
+            length, channels, d_state, gsize, CHECKPOINT_STEPS, nsb, ngrp,
             x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), s_z[0], s_z[1],
             dout.stride(0), dout.stride(1),
             sB[0], sB[1], sB[2], sC[0], sC[1], sC[2], s_seq[0], s_seq[1],
             scratch.stride(0), scratch.stride(1),
-            HAS_D=D is not None, **flags,
+            HAS_D=D is not None, NSUB=nsub, **flags,
         )
     # deterministic reductions of the per-program partial sums
-    per = gsize // bd
+    per = nsb // groups
     dB = dB_part.view(batch, length, groups, per, d_state).sum(3).to(B_dtype)
     dC = dC_part.view(batch, length, groups, per, d_state).sum(3).to(C_dtype)
     dA = dA_part.sum(0).to(A.dtype)

@@ -186,7 +186,7 @@ def test_lengths_fp32(length):
 def test_long_fp32_multi_segment(monkeypatch):
     # 1000 steps over segments of 128: the backward recomputes 8 segments
     monkeypatch.setattr(sst, "CHECKPOINT_STEPS", 128)
-    check(2, 1000, 16, 2, 8)
+    check(1, 1000, 16, 2, 8)
 
 
 def test_long_fp32_one_segment():
@@ -199,28 +199,31 @@ def test_segments_boundaries(monkeypatch):
     check(2, 193, 8, 1, 4)
 
 
-@pytest.mark.parametrize("groups_of_segments", [1, 2, 3])
-def test_documents_at_segment_starts(monkeypatch, groups_of_segments):
+@pytest.mark.parametrize("nsub,ng", [(1, 1), (2, 2), (4, 3)], ids=["1x1", "2x2", "4x3"])
+def test_documents_at_segment_starts(monkeypatch, nsub, ng):
     # documents that start exactly where a segment does (the segment's decay
-    # product must be zero) or one step later; the backward's programs each
-    # take every n-th segment (scratch reused, one segment per program)
+    # product must be zero) or one step later; backward programs that take
+    # nsub channel blocks (dB, dC added up in the output) and every ng-th
+    # segment (scratch reused)
     monkeypatch.setattr(sst, "CHECKPOINT_STEPS", 64)
-    monkeypatch.setattr(sst, "_bwd_groups", lambda programs, nseg: min(groups_of_segments, nseg))
-    inputs, _ = make_inputs(2, 200, 8, 1, 4)
+    monkeypatch.setattr(sst, "_bwd_block_d", lambda gsize: 4)
+    monkeypatch.setattr(sst, "_bwd_grid", lambda batch, nblk_per_group, groups, nseg: (nsub, min(ng, nseg)))
+    inputs, _ = make_inputs(2, 200, 16, 1, 4)
     seq_idx = torch.zeros(2, 200, dtype=torch.int32)
     seq_idx[0, 64:] += 1
     seq_idx[0, 129:] += 1
     seq_idx[1, 128:] += 1
     seq_idx[1, 150:] += 1
     softplus = True
-    gy = torch.randn(2, 200, 8, generator=torch.Generator().manual_seed(3))
-    gh = torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(4))
+    gy = torch.randn(2, 200, 16, generator=torch.Generator().manual_seed(3))
+    gh = torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(4))
     tri = leafs(inputs)
     y, hT, grads = run(selective_scan, tri, seq_idx.to(DEVICE), softplus, gy.to(DEVICE), gh.to(DEVICE))
     ref = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in inputs.items()}
     y_ref, hT_ref, grads_ref = run(selective_scan_naive, ref, seq_idx, softplus, gy.double(), gh.double())
     assert rel_err(y, y_ref) < 1e-5 and rel_err(hT, hT_ref) < 1e-5
     for k in grads_ref:
+        assert not torch.isnan(grads[k]).any(), k
         assert rel_err(grads[k], grads_ref[k]) < 1e-5, k
 
 
@@ -260,7 +263,7 @@ def test_tile_configs(monkeypatch, bt, ni):
     monkeypatch.setattr(sst._fwd_kernel, "configs", fwd)
     monkeypatch.setattr(sst._bwd_kernel, "configs", bwd)
     monkeypatch.setattr(sst, "CHECKPOINT_STEPS", 128)
-    check(2, 300, 16, 2, 8)
+    check(2, 160, 16, 2, 8)
 
 
 def test_strided_inputs():
