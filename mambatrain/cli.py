@@ -16,6 +16,8 @@ mambatrain trains Mamba, Transformer and hybrid language models on long contexts
   mambatrain fit recipes/quickstart.yaml --trainer.max_steps 10 --model.d_model 128
                                                              override any recipe key
   mambatrain fit recipes/quickstart.yaml --resume last       continue the newest run of that name
+  mambatrain tokenizer train recipe.yaml                     train a byte-level BPE on the recipe's text
+  mambatrain data prepare recipe.yaml                        tokenize the recipe's text once into shards
 """
 
 
@@ -59,7 +61,47 @@ def fit_command(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"fit": fit_command}
+def _recipe_tool_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description + " Any recipe key can be overridden as "
+                                     "--section.key VALUE.")
+    parser.add_argument("recipe", help="path of the YAML recipe (its data.text section is read)")
+    return parser
+
+
+def data_command(argv: list[str]) -> int:
+    if not argv or argv[0] != "prepare":
+        print("usage: mambatrain data prepare RECIPE [--out DIR] [--section.key VALUE ...]", file=sys.stderr)
+        return 2
+    parser = _recipe_tool_parser("mambatrain data prepare", "Tokenize data.text.sources (and val_sources) once "
+                                 "into memory-mapped shards under data.prepared.path; train with data.source: prepared.")
+    parser.add_argument("--out", help="folder to write (default: data.prepared.path)")
+    args, overrides = parser.parse_known_args(argv[1:])
+    from .config.load import load_recipe
+    from .data.shards import prepare
+    print(f"prepared shards in {prepare(load_recipe(args.recipe, overrides), args.out)}")
+    return 0
+
+
+def tokenizer_command(argv: list[str]) -> int:
+    if not argv or argv[0] != "train":
+        print("usage: mambatrain tokenizer train RECIPE [--vocab-size N] [--out DIR] [--max-documents N]",
+              file=sys.stderr)
+        return 2
+    parser = _recipe_tool_parser("mambatrain tokenizer train", "Train a byte-level BPE on data.text.sources and "
+                                 "write tokenizer.json + tokenizer_config.json (loadable by transformers' AutoTokenizer).")
+    parser.add_argument("--vocab-size", type=int, help="vocabulary size, special tokens included "
+                        "(default: model.vocab_size)")
+    parser.add_argument("--out", help="folder to write (default: the folder data.text.tokenizer names)")
+    parser.add_argument("--max-documents", type=int, help="train on at most this many documents")
+    args, overrides = parser.parse_known_args(argv[1:])
+    from .config.load import load_recipe
+    from .data.tokenizer import train_tokenizer
+    path = train_tokenizer(load_recipe(args.recipe, overrides), args.out, args.vocab_size, args.max_documents)
+    print(f"wrote {path} and {path.parent / 'tokenizer_config.json'}")
+    return 0
+
+
+COMMANDS = {"fit": fit_command, "data": data_command, "tokenizer": tokenizer_command}
 
 
 def _configure_logging() -> None:

@@ -110,3 +110,30 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | Path, eod_to
     special = {"bos_token": eod_token, "eos_token": eod_token, "pad_token": eod_token}
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     return out / "tokenizer.json"
+
+
+def tokenizer_output(spec: str, out: str | None) -> Path:
+    """Where `tokenizer train` writes: --out, else the folder data.text.tokenizer names."""
+    if out:
+        return Path(out).expanduser()
+    if spec == "byte":
+        raise RecipeError("data.text.tokenizer: is byte, so there is no folder to write a trained tokenizer to; "
+                          "set it to e.g. tokenizers/mine (the folder to create) or pass --out")
+    path = Path(spec).expanduser()
+    return path.parent if path.suffix == ".json" else path
+
+
+def train_tokenizer(recipe, out: str | None = None, vocab_size: int | None = None,
+                    max_documents: int | None = None) -> Path:
+    """Train a byte-level BPE of vocab_size (default model.vocab_size) on one pass over data.text.sources."""
+    from .sources import DocumentStream
+
+    text = recipe.data.text
+    if not text.sources:
+        raise RecipeError("data.text.sources: `tokenizer train` reads data.text.sources; none are given")
+    folder = tokenizer_output(text.tokenizer, out)
+    docs = DocumentStream(text.sources, "data.text.sources", slot=0, n_slots=1, seed=text.seed, cycle=False,
+                          shuffle_files=text.shuffle_files)
+    if max_documents is not None:
+        docs = (doc for _, doc in zip(range(max_documents), docs))
+    return train_bpe(docs, vocab_size or recipe.model.vocab_size, folder, text.eod_token)
