@@ -387,6 +387,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="*", default=LENGTHS)
     parser.add_argument("--quick", action="store_true", help="skip peers and the 1M correctness check")
     parser.add_argument("--skip", nargs="*", default=[], choices=["ssd", "selective", "check"])
+    parser.add_argument("--no-peers", action="store_true", help="time ours and SDPA only (peers autotune for minutes)")
+    parser.add_argument("--long-check", type=int, default=1048576, help="length of the long forward check")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -394,6 +396,7 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name(), "commit": commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "triton": triton.__version__,
+        "autotune": os.environ.get("MAMBATRAIN_AUTOTUNE", "1"),
         "ssd_shape": SSD_SHAPE, "selective_shape": SEL_SHAPE, "batch": 1, "dtype": "bfloat16",
     }
     report["ceilings"] = ceilings()
@@ -404,7 +407,7 @@ def main() -> None:
     def save():
         (out / "bench_scan.json").write_text(json.dumps(report, indent=1))
 
-    long_length = 65536 if args.quick else 1048576
+    long_length = 65536 if args.quick else args.long_check
     if "check" not in args.skip:
         if "ssd" not in args.skip:
             report["check_ssd"] = check_ssd(4099, long_length)
@@ -417,7 +420,7 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     peers = {}
-    if not args.quick and "ssd" not in args.skip:
+    if not args.quick and not args.no_peers and "ssd" not in args.skip:
         peers["mamba_ssm"], report["mamba_ssm_status"] = load_mamba_ssm()
         peers["fla"], report["fla_status"] = load_fla()
         if peers["mamba_ssm"] is not None:  # its first call autotunes for over a minute: keep that out of timings
