@@ -417,12 +417,16 @@ class TrainerConfig:
     """Seed of model initialisation and every random number generator."""
     loss_chunk_size: int = 8192
     """Tokens per chunk of the fused output projection + cross-entropy (logits are never built whole)."""
+    activation_checkpointing: str = ""
+    """Block kinds whose activations are recomputed in the backward pass: "" none, "M" Mamba, "A" attention, "MA" all."""
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "devices", "accumulate_grad_batches", "val_every_n_steps",
                     "limit_val_batches", "log_every_n_steps", "checkpoint_every_n_steps", "loss_chunk_size"):
             _require(getattr(self, key) > 0, f"trainer.{key}", f"must be positive, got {getattr(self, key)}")
         _require(self.gradient_clip >= 0, "trainer.gradient_clip", f"must be 0 or more, got {self.gradient_clip}")
+        _require(set(self.activation_checkpointing) <= {"M", "A"}, "trainer.activation_checkpointing",
+                 f"use the block letters M and/or A (or \"\" for none), got {self.activation_checkpointing!r}")
 
 
 @dataclass

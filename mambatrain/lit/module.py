@@ -41,6 +41,7 @@ class LanguageModelModule(L.LightningModule):
         self.recipe = recipe
         self.save_hyperparameters({"recipe": recipe_to_dict(recipe)})
         self.model = LanguageModel(recipe.model)
+        self.model.checkpoint_kinds = set(recipe.trainer.activation_checkpointing)
         self._rng_to_restore: dict | None = None
 
     def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
