@@ -20,13 +20,14 @@ import triton.language as tl
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
-# Time steps between two saved states. The forward stores
+# Time steps between two saved states (segments). The forward stores
 # batch * channels * d_state fp32 values per segment (1M steps, 1536 x 16:
-# 100 MB per batch row); the backward keeps the states at the start of each
-# tile of one segment per program in scratch (CHECKPOINT_STEPS / BT states of
-# BD x d_state: 64 KB at BT 8, BD 8), which should stay in L2. A multiple of
-# every BT below.
-CHECKPOINT_STEPS = 1024
+# 200 MB per batch row; the backward makes three more such buffers). Each
+# backward program keeps, per segment, the states at its tiles' starts
+# (CHECKPOINT_STEPS / BT x BD x d_state) and the running dB, dC of the segment
+# (2 x CHECKPOINT_STEPS x d_state), 128 KB at BT 8, BD 16, d_state 16, which
+# should stay in L2 for all programs together. A multiple of every BT below.
+CHECKPOINT_STEPS = 512
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # MUFU approximations through inline asm on the GPU (none in the interpreter);
@@ -608,13 +609,13 @@ def _bwd_block_d(gsize: int) -> int:
 def _bwd_grid(batch: int, nblk_per_group: int, groups: int, nseg: int) -> tuple[int, int]:
     """(NSUB, NG) of backward pass C: channel blocks per program, programs along the segments.
 
-    About 512 programs (4 per SM on an H100), each with a scratch of
-    CHECKPOINT_STEPS / BT states that should fit in L2 together (512 x 64 KB
-    at BT 8, BD 16, d_state 16). Long sequences: the segments give the
-    programs, each takes all blocks of its group (NSUB), and dB, dC leave one
-    partial sum per group. Short ones: fewer blocks per program.
+    About 256 programs (2 per SM on an H100, 1-8 warps each): their scratch
+    and running dB, dC (see CHECKPOINT_STEPS) should fit in L2 together.
+    Long sequences: the segments give the programs, each takes all blocks of
+    its group (NSUB), and dB, dC leave one partial sum per group and step.
+    Short ones: fewer blocks per program, more partial sums.
     """
-    target = 512
+    target = 256
     ng = max(1, min(nseg, target))
     nsub = nblk_per_group
     while nsub > 1 and batch * groups * (nblk_per_group // nsub) * ng < target:
