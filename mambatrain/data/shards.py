@@ -198,6 +198,7 @@ class TokenStore:
     def read(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
         """Tokens [a, b) and the positions (relative to a, in 1..b-a-1) where a document starts."""
         origin, pieces, starts = a, [], []
+        b = min(b, self.n_tokens)
         shard = int(np.searchsorted(self.starts, a, side="right")) - 1
         while a < b:
             base = int(self.starts[shard])
