@@ -1,13 +1,15 @@
 """Mamba-1 selective scan in Triton, forward and backward.
 
 Same signature and behaviour as ``naive.selective_scan_naive``; the maths is
-in this folder's README.md. Each program owns one batch row and a block of
-BD channels and walks time in tiles of BT steps: inside a tile the
+in this folder's README.md. A forward program owns one batch row and a block
+of BD channels and walks time in tiles of BT steps: inside a tile the
 recurrence is a parallel ``tl.associative_scan`` over a [NI, BT, BD, NL]
-tile (d_state = NI * NL), across tiles the fp32 state is carried in registers. The forward keeps the
-state at the start of every segment of ``CHECKPOINT_STEPS`` steps; the
-backward walks the segments from last to first, recomputes the states of a
-segment, and runs the adjoint recurrence as a reverse scan.
+tile (d_state = NI * NL), across tiles the fp32 state is carried in
+registers; it keeps the state at the start of every segment of
+``CHECKPOINT_STEPS`` steps. The backward runs the segments in parallel: pass
+A finds each segment's adjoint for a zero carry and its decay product, pass B
+chains them into the true carries, pass C recomputes each segment's states
+and runs the adjoint recurrence as a reverse scan, producing the gradients.
 """
 
 import functools
@@ -308,7 +310,8 @@ def _sum_n(b):
     return tl.sum(tl.sum(b, axis=0), axis=2)
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["D", "N", "GSIZE", "BATCH"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_FWD_CONFIGS, key=["D", "N", "GSIZE", "BATCH"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _fwd_kernel(
     x, dt, A, B, C, Dp, z, dt_bias, h0, seq_idx,
