@@ -17,11 +17,14 @@ document.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Iterator, Optional
 
 import numpy as np
 
 from ..models.loss import IGNORE_INDEX
+
+TOKENIZE_BATCH = 32  # documents tokenized per call (their positions are taken one by one, before each)
 
 
 def window_sample(window: np.ndarray, starts: np.ndarray, reset: bool, valid: Optional[int] = None) -> dict:
@@ -58,6 +61,7 @@ class PackedStream:
         self.tokenizer, self.seq_len, self.reset = tokenizer, seq_len, reset
         self.eod = np.array([tokenizer.eod_id], dtype=np.int32)
         self.docs = open_documents(state["docs"] if state else None)
+        self._ahead: deque = deque()  # (position before the document, its tokens), read but not yet packed
         self._tokens: Optional[np.ndarray] = None
         self._doc_position = self.docs.position()
         self._offset = 0
@@ -71,12 +75,20 @@ class PackedStream:
         return {"docs": self._doc_position, "offset": self._offset}
 
     def _fetch(self) -> bool:
-        self._doc_position = self.docs.position()
-        try:
-            text = next(self.docs)
-        except StopIteration:
-            return False
-        self._tokens = np.concatenate([self.tokenizer.encode(text), self.eod])
+        if not self._ahead:
+            positions, texts = [], []
+            for _ in range(TOKENIZE_BATCH):
+                position = self.docs.position()
+                try:
+                    texts.append(next(self.docs))
+                except StopIteration:
+                    break
+                positions.append(position)
+            self._ahead.extend(zip(positions, self.tokenizer.encode_batch(texts)))
+            if not self._ahead:
+                return False
+        self._doc_position, tokens = self._ahead.popleft()
+        self._tokens = np.concatenate([tokens, self.eod])
         self._offset = 0
         return True
 

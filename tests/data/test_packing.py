@@ -30,8 +30,8 @@ class IdTokenizer:
 
     eod_id = EOD
 
-    def encode(self, doc):
-        return np.asarray(doc, dtype=np.int32)
+    def encode_batch(self, docs):
+        return [np.asarray(doc, dtype=np.int32) for doc in docs]
 
 
 def packed(docs, seq_len, reset, state=None):

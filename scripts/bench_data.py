@@ -1,0 +1,168 @@
+"""Benchmark the data pipeline on this machine's CPUs: tokens/s into training batches.
+
+    python scripts/bench_data.py --out benchmarks/            # writes benchmarks/bench_data.json
+    python scripts/bench_data.py --quick                      # smaller corpus, shorter timings
+
+Writes a corpus of random-word documents (1-6 KB each) as jsonl files in a temporary
+folder, prepares byte-level shards from it, trains a byte-level BPE on a sample, then
+times the train loader (the same ``StreamBatches`` + ``DataLoader`` the datamodule
+builds, seq_idx and labels included) at sequence lengths 8k and 1M for:
+
+- prepared shards (memory-mapped), in the main process (one core) and with 2 workers;
+- on-the-fly tokenization with the byte tokenizer and with the BPE, 0 and 2 workers.
+
+Targets: prepared >= 20M tokens/s per core; on the fly >= 1M tokens/s with 2 workers.
+Each figure is the steady rate after the first batch (worker start-up excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from torch.utils.data import DataLoader  # noqa: E402
+
+from mambatrain.config.load import load_recipe  # noqa: E402
+from mambatrain.config.schema import TextSourceConfig  # noqa: E402
+from mambatrain.data.shards import prepare  # noqa: E402
+from mambatrain.data.streaming import PreparedStreams, StreamBatches, TextStreams  # noqa: E402
+from mambatrain.data.tokenizer import train_bpe  # noqa: E402
+
+LENGTHS = {"8k": (8192, 8), "1M": (1 << 20, 1)}  # name: (seq_len, batch_size)
+
+
+def write_corpus(folder: Path, n_files: int, docs_per_file: int, seed: int = 0) -> int:
+    rng = np.random.default_rng(seed)
+    words = [("".join(rng.choice(list("etaoinshrdlucmfwypvbgkqjxz"), size=n)))
+             for n in rng.integers(1, 10, size=5000)]
+    weights = 1.0 / np.arange(1, len(words) + 1)  # Zipf-like word frequencies
+    weights /= weights.sum()
+    folder.mkdir(parents=True, exist_ok=True)
+    total = 0
+    for k in range(n_files):
+        with open(folder / f"part{k:03d}.jsonl", "w") as f:
+            for _ in range(docs_per_file):
+                doc = " ".join(rng.choice(words, size=int(rng.integers(200, 1000)), p=weights))
+                total += len(doc)
+                f.write(json.dumps({"text": doc}) + "\n")
+    return total
+
+
+def timed_rate(open_stream, seq_len: int, batch_size: int, workers: int, seconds: float) -> dict:
+    """Steady tokens/s of the train loader after its first batch."""
+    dataset = StreamBatches(open_stream, batch_size, num_workers=workers)
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False)
+    start = time.perf_counter()
+    it = iter(loader)
+    next(it)
+    first = time.perf_counter() - start
+    batches, t0 = 0, time.perf_counter()
+    while True:
+        batch = next(it)
+        assert batch["input_ids"].shape == (batch_size, seq_len)
+        batches += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds and batches >= 2:
+            break
+    del it, loader
+    return {"tokens_per_s": batches * batch_size * seq_len / elapsed, "batches": batches,
+            "seconds": round(elapsed, 2), "first_batch_s": round(first, 2)}
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+
+
+def commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None, help="folder for bench_data.json (default: print only)")
+    parser.add_argument("--quick", action="store_true", help="small corpus and 2 s per measurement")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    seconds = 2.0 if args.quick else 6.0
+    import datasets
+    import tokenizers
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        n_files, docs = (4, 500) if args.quick else (8, 2500)
+        chars = write_corpus(tmp / "corpus", n_files, docs)
+        print(f"corpus: {n_files} jsonl files, {n_files * docs} documents, {chars / 1e6:.0f} MB")
+        recipe = load_recipe(values={
+            "model": {"kind": "mamba", "vocab_size": 320},
+            "data": {"source": "prepared", "text": {"sources": [{"path": str(tmp / "corpus")}]},
+                     "prepared": {"path": str(tmp / "shards"), "shuffle_documents": 0}}})
+        start = time.perf_counter()
+        prepare(recipe)
+        prepare_s = time.perf_counter() - start
+        import itertools
+        sample = (json.loads(line)["text"] for line in itertools.islice(open(tmp / "corpus" / "part000.jsonl"), 300))
+        train_bpe(sample, 8192, tmp / "bpe")
+        sources = [TextSourceConfig(path=str(tmp / "corpus"))]
+
+        results = {"prepare_byte_tokens_per_s": chars / prepare_s, "runs": []}
+        print(f"data prepare (byte tokenizer, one process): {chars / prepare_s / 1e6:.1f}M tokens/s\n")
+        print(f"{'pipeline':<28} {'length':>6} {'workers':>7} {'tokens/s':>12} {'first batch':>12}")
+        for name, (seq_len, batch_size) in LENGTHS.items():
+            configs = [
+                ("prepared shards", PreparedStreams(str(tmp / "shards"), "train", seq_len, True)),
+                ("on the fly, byte", TextStreams(sources, "data.text.sources", "byte", "<|endoftext|>", 0, True,
+                                                 seq_len, True)),
+                ("on the fly, BPE 8k", TextStreams(sources, "data.text.sources", str(tmp / "bpe"), "<|endoftext|>",
+                                                   0, True, seq_len, True)),
+            ]
+            for label, streams in configs:
+                for workers in (0, args.workers):
+                    rate = timed_rate(streams, seq_len, batch_size, workers, seconds)
+                    results["runs"].append({"pipeline": label, "length": name, "seq_len": seq_len,
+                                            "batch_size": batch_size, "workers": workers, **rate})
+                    print(f"{label:<28} {name:>6} {workers:>7} {rate['tokens_per_s'] / 1e6:>11.1f}M "
+                          f"{rate['first_batch_s']:>11.2f}s", flush=True)
+
+    report = {"benchmark": "bench_data", "machine": machine(), "commit": commit(),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "versions": {"torch": torch.__version__, "datasets": datasets.__version__,
+                           "tokenizers": tokenizers.__version__, "numpy": np.__version__},
+              "targets": {"prepared_tokens_per_s_per_core": 20e6, "on_the_fly_tokens_per_s_2_workers": 1e6},
+              "note": "shared 2-core machine: the 2-worker figures compete with the main process and other users",
+              **results}
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench_data.json").write_text(json.dumps(report, indent=1) + "\n")
+        print(f"\nwrote {out / 'bench_data.json'}")
+
+
+if __name__ == "__main__":
+    main()
