@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from .config.load import recipe_to_yaml
 from .config.schema import LoggingConfig, Recipe, RecipeError
 from .data.datamodule import RecipeDataModule
+from .distributed.strategy import RUN_DIR_ENV, build_strategy, global_batch, global_rank
 from .lit.callbacks import ThroughputMonitor
 from .lit.module import LanguageModelModule
 from .plan import training_flops_per_token
@@ -35,6 +36,9 @@ def resolve_run(logging_config: LoggingConfig, resume: str | None) -> tuple[Path
     continues the newest version that holds a checkpoint; a path continues that file's run.
     """
     base = Path(logging_config.root_dir) / logging_config.run_name
+    if resume is None and os.environ.get(RUN_DIR_ENV):
+        # Ranks started by a launcher share the directory rank 0 chose (or the launcher named).
+        return Path(os.environ[RUN_DIR_ENV]), None
     if resume is None:
         versions = _versions(base)
         next_version = int(versions[-1].name.split("_")[1]) + 1 if versions else 0
@@ -85,12 +89,13 @@ def build_trainer(recipe: Recipe, run_dir: Path) -> L.Trainer:
                                   auto_insert_metric_name=False, every_n_train_steps=t.checkpoint_every_n_steps,
                                   save_top_k=3, monitor="step", mode="max", save_last=True)
     return L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, precision=_precision(recipe),
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=build_strategy(recipe),
+        precision=_precision(recipe),
         max_steps=t.max_steps, gradient_clip_val=t.gradient_clip or None,
         accumulate_grad_batches=t.accumulate_grad_batches,
         val_check_interval=t.val_every_n_steps * t.accumulate_grad_batches, check_val_every_n_epoch=None,
         limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
-        num_sanity_val_steps=0, logger=build_logger(recipe, run_dir), default_root_dir=str(run_dir),
+        num_sanity_val_steps=0, use_distributed_sampler=False,  # our datasets shard by rank themselves logger=build_logger(recipe, run_dir), default_root_dir=str(run_dir),
         callbacks=[checkpoints, ThroughputMonitor.from_recipe(recipe), TQDMProgressBar()],
         enable_model_summary=False,
     )
@@ -122,8 +127,19 @@ def fit(recipe: Recipe, resume: str | None = None) -> dict[str, float]:
     """Train as the recipe says; returns the final validation metrics."""
     run_dir, checkpoint = resolve_run(recipe.logging, resume)
     L.seed_everything(recipe.trainer.seed, workers=True, verbose=False)
+    inherited = RUN_DIR_ENV in os.environ
+    os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by the ranks Lightning launches
+    try:
+        return _fit_in(run_dir, checkpoint, recipe)
+    finally:
+        if not inherited:
+            del os.environ[RUN_DIR_ENV]
+
+
+def _fit_in(run_dir: Path, checkpoint: Path | None, recipe: Recipe) -> dict[str, float]:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    if global_rank() == 0:
+        (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     datamodule = RecipeDataModule(recipe)
     module = LanguageModelModule(recipe)
     log.info(describe(recipe, module))
@@ -131,6 +147,9 @@ def fit(recipe: Recipe, resume: str | None = None) -> dict[str, float]:
     log.info("device: %s x%d, precision %s", trainer.accelerator.__class__.__name__.replace("Accelerator", "").lower(),
              trainer.num_devices, trainer.precision)
     log.info("run directory: %s%s", run_dir, f" (resuming from {checkpoint})" if checkpoint else "")
+    log.info("global batch: %d sequences x %d tokens (micro batch %d x accumulation %d x %d data-parallel ranks)",
+             global_batch(recipe), recipe.data.seq_len, recipe.data.batch_size,
+             recipe.trainer.accumulate_grad_batches, recipe.trainer.devices * recipe.trainer.num_nodes)
     with warnings.catch_warnings():
         _quiet_known_warnings()
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None)

@@ -398,7 +398,12 @@ class TrainerConfig:
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     """auto picks the GPU when there is one."""
     devices: int = 1
-    """Devices per node."""
+    """Devices per node (data-parallel ranks per node when strategy is ddp or fsdp)."""
+    num_nodes: int = 1
+    """Nodes of the job (set by the SLURM / torchrun launchers in scripts/)."""
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    """auto: one device. ddp: replicate the model on every device. fsdp: shard parameters, gradients and
+    optimizer state, one unit per block."""
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
     """auto: bf16-mixed on GPU (fp32 weights, bf16 compute), 32-true on CPU."""
     gradient_clip: float = 1.0
@@ -421,10 +426,12 @@ class TrainerConfig:
     """Block kinds whose activations are recomputed in the backward pass: "" none, "M" Mamba, "A" attention, "MA" all."""
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "devices", "accumulate_grad_batches", "val_every_n_steps",
+        for key in ("max_steps", "devices", "num_nodes", "accumulate_grad_batches", "val_every_n_steps",
                     "limit_val_batches", "log_every_n_steps", "checkpoint_every_n_steps", "loss_chunk_size"):
             _require(getattr(self, key) > 0, f"trainer.{key}", f"must be positive, got {getattr(self, key)}")
         _require(self.gradient_clip >= 0, "trainer.gradient_clip", f"must be 0 or more, got {self.gradient_clip}")
+        _require(self.strategy != "auto" or self.devices * self.num_nodes == 1, "trainer.strategy",
+                 f"{self.devices * self.num_nodes} devices need strategy: ddp or fsdp")
         _require(set(self.activation_checkpointing) <= {"M", "A"}, "trainer.activation_checkpointing",
                  f"use the block letters M and/or A (or \"\" for none), got {self.activation_checkpointing!r}")
 

@@ -1,0 +1,49 @@
+"""The recipe's trainer section -> a Lightning strategy (DDP or FSDP), and the run directory shared by all ranks.
+
+Model code stays single-device: data parallelism wraps it here, from the outside.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+
+import torch
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
+
+from ..config.schema import Recipe
+from ..models.block import Block
+
+RUN_DIR_ENV = "MAMBATRAIN_RUN_DIR"
+
+
+def global_rank() -> int:
+    """This process's rank as the launchers announce it (torchrun, SLURM, Lightning's own launcher)."""
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 0
+
+
+def build_strategy(recipe: Recipe):
+    t = recipe.trainer
+    if t.strategy == "auto":
+        return "auto"
+    backend = "nccl" if torch.cuda.is_available() and t.accelerator != "cpu" else "gloo"
+    if t.strategy == "ddp":
+        # Every parameter gets a gradient in every step, so DDP need not search for unused ones.
+        return DDPStrategy(process_group_backend=backend, find_unused_parameters=False)
+    if t.strategy == "fsdp":
+        # One FSDP unit per block: parameters are gathered a block at a time, in fp32 master form.
+        return FSDPStrategy(process_group_backend=backend, auto_wrap_policy={Block},
+                            sharding_strategy="FULL_SHARD", state_dict_type="full")
+    return SingleDeviceStrategy()
+
+
+def data_parallel_size(recipe: Recipe) -> int:
+    return recipe.trainer.devices * recipe.trainer.num_nodes
+
+
+def global_batch(recipe: Recipe) -> int:
+    """Sequences per optimizer step: micro batch x accumulation x data-parallel ranks."""
+    return recipe.data.batch_size * recipe.trainer.accumulate_grad_batches * data_parallel_size(recipe)
