@@ -95,7 +95,9 @@ def build_trainer(recipe: Recipe, run_dir: Path) -> L.Trainer:
         accumulate_grad_batches=t.accumulate_grad_batches,
         val_check_interval=t.val_every_n_steps * t.accumulate_grad_batches, check_val_every_n_epoch=None,
         limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
-        num_sanity_val_steps=0, use_distributed_sampler=False,  # our datasets shard by rank themselves logger=build_logger(recipe, run_dir), default_root_dir=str(run_dir),
+        # Our datasets shard by rank themselves: no DistributedSampler.
+        num_sanity_val_steps=0, use_distributed_sampler=False,
+        logger=build_logger(recipe, run_dir), default_root_dir=str(run_dir),
         callbacks=[checkpoints, ThroughputMonitor.from_recipe(recipe), TQDMProgressBar()],
         enable_model_summary=False,
     )

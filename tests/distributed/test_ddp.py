@@ -33,6 +33,7 @@ def test_ddp_on_two_processes_equals_one_process_on_the_global_batch(tmp_path):
     ddp, output = train(tmp_path, "ddp", "--trainer.devices", "2", "--trainer.strategy", "ddp")
     assert "global batch: 8 sequences" in output
     assert not (tmp_path / "ddp" / "version_1").exists()  # both ranks wrote into one run directory
+    assert (tmp_path / "ddp" / "version_0" / "logs" / "metrics.csv").is_file()
     for name in single:
         torch.testing.assert_close(ddp[name], single[name], rtol=1e-5, atol=1e-6, msg=name)
 
