@@ -46,9 +46,10 @@ def assert_same(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.parametrize("source,workers", [("text", 2), ("prepared", 2), ("text", 0)])
-def test_resumed_batches_equal_uninterrupted(tmp_path, source, workers):
-    write_corpus(tmp_path / "corpus", n_files=2, docs_per_file=30)
+@pytest.mark.parametrize("source,workers,n_files", [("text", 2, 2), ("text", 2, 1), ("prepared", 2, 2), ("text", 0, 1)],
+                         ids=["text-files-split", "text-one-file", "prepared", "text-no-workers"])
+def test_resumed_batches_equal_uninterrupted(tmp_path, source, workers, n_files):
+    write_corpus(tmp_path / "corpus", n_files=n_files, docs_per_file=60 // n_files)
     r = recipe(tmp_path, source, workers)
     if source == "prepared":
         prepare(r)
