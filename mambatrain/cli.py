@@ -16,6 +16,7 @@ mambatrain trains Mamba, Transformer and hybrid language models on long contexts
   mambatrain fit recipes/quickstart.yaml --trainer.max_steps 10 --model.d_model 128
                                                              override any recipe key
   mambatrain fit recipes/quickstart.yaml --resume last       continue the newest run of that name
+  mambatrain plan recipes/quickstart.yaml --gpu-memory 80    parameters, FLOPs/token, memory: does it fit?
   mambatrain tokenizer train recipe.yaml                     train a byte-level BPE on the recipe's text
   mambatrain data prepare recipe.yaml                        tokenize the recipe's text once into shards
 """
@@ -101,7 +102,20 @@ def tokenizer_command(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"fit": fit_command, "data": data_command, "tokenizer": tokenizer_command}
+def plan_command(argv: list[str]) -> int:
+    parser = _recipe_tool_parser("mambatrain plan", "Parameters by block kind, FLOPs per token and predicted peak "
+                                 "memory per device of the recipe's training step, without touching a GPU.")
+    parser.add_argument("--gpu-memory", type=float, default=80.0, metavar="GiB",
+                        help="memory of the target GPU, to say whether the recipe fits (default 80)")
+    args, overrides = parser.parse_known_args(argv)
+    from .config.load import load_recipe
+    from .plan import describe_plan
+    report, fits = describe_plan(load_recipe(args.recipe, overrides), args.gpu_memory)
+    print(report)
+    return 0 if fits else 1
+
+
+COMMANDS = {"fit": fit_command, "plan": plan_command, "data": data_command, "tokenizer": tokenizer_command}
 
 
 def _configure_logging() -> None:

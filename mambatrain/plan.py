@@ -1,10 +1,13 @@
-"""Analytic model FLOPs from the recipe alone (Lightning's counter cannot see Triton kernels).
+"""What a recipe costs, from the recipe alone: parameters, FLOPs per token, training memory.
 
-Counts multiply-adds as 2 FLOPs; training = forward + backward = 3 x forward.
-Used for model FLOPs utilisation (MFU).
+FLOPs are analytic (Lightning's counter cannot see Triton kernels): multiply-adds count 2,
+training = forward + backward = 3 x forward; they feed model FLOPs utilisation (MFU).
+Nothing here allocates on a GPU: the model is built on the meta device.
 """
 
 from __future__ import annotations
+
+import torch
 
 from .config.schema import ATTENTION, MAMBA, ModelConfig
 
@@ -65,3 +68,102 @@ def forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:
 
 def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     return 3 * forward_flops_per_token(config, seq_len)
+
+
+# ------------------------------------------------------------------------------------------------ memory
+# Bytes each block keeps per token for its backward pass under bf16 autocast (fp32 residual stream and
+# norms, bf16 matmul outputs). Counted from the tensors the code saves; not yet calibrated against
+# measured GPU peaks (scripts/bench_scaling.py will do that), so treat it as an estimate.
+
+BF16, FP32 = 2, 4
+
+
+def _norm_bytes(d: int) -> int:
+    return 2 * FP32 * d  # the fp32 input and its normalised copy
+
+
+def _mamba_activation_bytes(config: ModelConfig) -> float:
+    m, d = config.mamba, config.d_model
+    di = m.expand * d
+    if m.version == 1:
+        return (BF16 * d + BF16 * 2 * di + 2 * BF16 * di + BF16 * (m.dt_rank + 2 * m.d_state) + BF16 * di
+                + FP32 * di * m.d_state / 512 + 2 * BF16 * di + BF16 * di)
+    heads, gn = di // m.head_dim, m.n_groups * m.d_state
+    conv = di + 2 * gn
+    projections = BF16 * d + BF16 * (di + conv + heads)
+    conv_and_silu = 2 * BF16 * conv
+    scan = FP32 * heads * m.head_dim * m.d_state / m.chunk_size + BF16 * m.n_groups * m.chunk_size / 2 + 2 * FP32 * heads
+    gated_norm = 3 * FP32 * di
+    return projections + conv_and_silu + scan + gated_norm + BF16 * di
+
+
+def _attention_activation_bytes(config: ModelConfig) -> float:
+    a = config.attention
+    head_dim = config.d_model // a.n_heads
+    qkv = (a.n_heads + 2 * a.n_kv_heads) * head_dim
+    rotary = 2 * FP32 * (a.n_heads + a.n_kv_heads) * head_dim
+    return BF16 * config.d_model + BF16 * qkv + rotary + BF16 * a.n_heads * head_dim + FP32 * a.n_heads \
+        + BF16 * a.n_heads * head_dim
+
+
+def _mlp_activation_bytes(config: ModelConfig) -> float:
+    return 0 if config.d_mlp == 0 else BF16 * config.d_model + 5 * BF16 * config.d_mlp
+
+
+def block_activation_bytes(config: ModelConfig, letter: str) -> float:
+    """Per-token bytes one block saves for backward (no recomputation)."""
+    mixer = _mamba_activation_bytes(config) if letter == MAMBA else _attention_activation_bytes(config)
+    norms = _norm_bytes(config.d_model) * (2 if config.d_mlp else 1)
+    return mixer + _mlp_activation_bytes(config) + norms
+
+
+def training_memory(config: ModelConfig, seq_len: int, batch_size: int, checkpoint_kinds: str = "",
+                    loss_chunk_size: int = 8192, shards: int = 1) -> dict[str, float]:
+    """Predicted peak bytes on one device for a training step: weights, gradients, AdamW, activations."""
+    with torch.device("meta"):
+        from .models.lm import LanguageModel
+        params = sum(p.numel() for p in LanguageModel(config).parameters())
+    tokens = seq_len * batch_size
+    states = 16 * params / shards  # fp32 weights + fp32 gradients + two fp32 AdamW moments
+    kept, recompute = FP32 * config.d_model * 2, 0.0  # embedding output and final norm input
+    for letter in config.pattern:
+        full = block_activation_bytes(config, letter)
+        if letter in checkpoint_kinds:
+            kept += FP32 * config.d_model  # only the block's input stays; its insides are rebuilt in backward
+            recompute = max(recompute, full)
+        else:
+            kept += full
+    logits = 3 * FP32 * min(loss_chunk_size, tokens) * config.vocab_size  # one chunk: logits, softmax, grad
+    return {"parameters": params, "weights_grads_optimizer": states, "activations": kept * tokens,
+            "recomputed_block": recompute * tokens, "loss_chunk": logits,
+            "peak": states + (kept + recompute) * tokens + logits}
+
+
+def describe_plan(recipe, gpu_memory_gib: float) -> tuple[str, bool]:
+    """A readable plan of the recipe's training step, and whether it fits ``gpu_memory_gib``."""
+    from .models.lm import LanguageModel
+    model_config, data, trainer = recipe.model, recipe.data, recipe.trainer
+    with torch.device("meta"):
+        counts = LanguageModel(model_config).parameter_counts()
+    shards = trainer.devices * trainer.num_nodes if trainer.strategy == "fsdp" else 1
+    memory = training_memory(model_config, data.seq_len, data.batch_size, trainer.activation_checkpointing,
+                             trainer.loss_chunk_size, shards)
+    gib = lambda b: f"{b / 2**30:8.2f} GiB"
+    lines = [f"model {model_config.kind}, pattern {model_config.pattern}, "
+             f"length {data.seq_len:,} x batch {data.batch_size} per device"]
+    lines += [f"  {name:<24}{count:>16,}" for name, count in counts.items()]
+    flops = training_flops_per_token(model_config, data.seq_len)
+    lines.append(f"  training FLOPs per token  {flops:>15.4g}  ({flops * data.seq_len * data.batch_size:.3g} per step)")
+    lines.append("predicted peak memory per device (estimate, bf16 compute):")
+    lines.append(f"  weights + grads + AdamW   {gib(memory['weights_grads_optimizer'])}"
+                 + (f"  (sharded over {shards})" if shards > 1 else ""))
+    lines.append(f"  saved activations         {gib(memory['activations'])}"
+                 f"  (recomputed: {trainer.activation_checkpointing or 'none'})")
+    lines.append(f"  block being recomputed    {gib(memory['recomputed_block'])}")
+    lines.append(f"  one loss chunk            {gib(memory['loss_chunk'])}")
+    lines.append(f"  peak                      {gib(memory['peak'])}")
+    fits = memory["peak"] <= gpu_memory_gib * 2**30
+    verdict = "fits" if fits else "does NOT fit"
+    lines.append(f"{verdict} a {gpu_memory_gib:g} GiB GPU" + ("" if fits else
+                 "; try trainer.activation_checkpointing: MA, a smaller data.batch_size or trainer.strategy: fsdp"))
+    return "\n".join(lines), fits
