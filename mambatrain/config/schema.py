@@ -418,6 +418,11 @@ class TrainerConfig:
     """Write metrics every this many steps."""
     checkpoint_every_n_steps: int = 100
     """Save a checkpoint every this many steps (and at the end)."""
+    keep_last_checkpoints: int = 3
+    """Step checkpoints kept in checkpoints/ (the newest ones; older ones are deleted); last.ckpt is kept besides."""
+    max_consecutive_nonfinite: int = 5
+    """Optimizer steps in a row whose loss or gradient is NaN/Inf (each one skipped) before the run stops; 1 stops
+    at the first."""
     seed: int = 1234
     """Seed of model initialisation and every random number generator."""
     loss_chunk_size: int = 8192
@@ -427,7 +432,8 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "devices", "num_nodes", "accumulate_grad_batches", "val_every_n_steps",
-                    "limit_val_batches", "log_every_n_steps", "checkpoint_every_n_steps", "loss_chunk_size"):
+                    "limit_val_batches", "log_every_n_steps", "checkpoint_every_n_steps", "loss_chunk_size",
+                    "keep_last_checkpoints", "max_consecutive_nonfinite"):
             _require(getattr(self, key) > 0, f"trainer.{key}", f"must be positive, got {getattr(self, key)}")
         _require(self.gradient_clip >= 0, "trainer.gradient_clip", f"must be 0 or more, got {self.gradient_clip}")
         _require(self.strategy != "auto" or self.devices * self.num_nodes == 1, "trainer.strategy",
