@@ -12,7 +12,8 @@ builds, seq_idx and labels included) at sequence lengths 8k and 1M for:
 - on-the-fly tokenization with the byte tokenizer and with the BPE, 0 and 2 workers.
 
 Targets: prepared >= 20M tokens/s per core; on the fly >= 1M tokens/s with 2 workers.
-Each figure is the steady rate after the first batch (worker start-up excluded).
+Each figure is the steady rate after the first batch (worker start-up excluded): the average and the
+best 1-second window, since other users' load comes and goes on a shared machine.
 """
 
 from __future__ import annotations
@@ -64,7 +65,10 @@ def write_corpus(folder: Path, n_files: int, docs_per_file: int, seed: int = 0) 
 
 
 def timed_rate(open_stream, seq_len: int, batch_size: int, workers: int, seconds: float) -> dict:
-    """Steady tokens/s of the train loader after its first batch."""
+    """Tokens/s of the train loader after its first batch: the average, and the best window of >= 1 s.
+
+    Other users' load comes and goes on a shared machine; the best window is the pipeline's own speed.
+    """
     dataset = StreamBatches(open_stream, batch_size, num_workers=workers)
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False)
     start = time.perf_counter()
@@ -72,15 +76,22 @@ def timed_rate(open_stream, seq_len: int, batch_size: int, workers: int, seconds
     next(it)
     first = time.perf_counter() - start
     batches, t0 = 0, time.perf_counter()
+    window_start, window_batches, best = t0, 0, 0.0
     while True:
         batch = next(it)
         assert batch["input_ids"].shape == (batch_size, seq_len)
         batches += 1
-        elapsed = time.perf_counter() - t0
-        if elapsed >= seconds and batches >= 2:
+        window_batches += 1
+        now = time.perf_counter()
+        if now - window_start >= 1.0:
+            best = max(best, window_batches * batch_size * seq_len / (now - window_start))
+            window_start, window_batches = now, 0
+        if now - t0 >= seconds and batches >= 2:
             break
+    elapsed = now - t0
     del it, loader
-    return {"tokens_per_s": batches * batch_size * seq_len / elapsed, "batches": batches,
+    average = batches * batch_size * seq_len / elapsed
+    return {"tokens_per_s": average, "best_window_tokens_per_s": max(best, average), "batches": batches,
             "seconds": round(elapsed, 2), "first_batch_s": round(first, 2)}
 
 
@@ -160,9 +171,10 @@ def main() -> None:
 
         cores = effective_cores(args.workers)
         print(f"effective cores free for {args.workers} busy processes: {cores:.2f}")
-        results = {"effective_cores": round(cores, 2), "prepare_byte_tokens_per_s": chars / prepare_s, "runs": []}
+        results = {"effective_cores_before": round(cores, 2), "prepare_byte_tokens_per_s": chars / prepare_s,
+                   "runs": []}
         print(f"data prepare (byte tokenizer, one process): {chars / prepare_s / 1e6:.1f}M tokens/s\n")
-        print(f"{'pipeline':<28} {'length':>6} {'workers':>7} {'tokens/s':>12} {'first batch':>12}")
+        print(f"{'pipeline':<28} {'length':>6} {'workers':>7} {'tokens/s':>12} {'best 1 s':>12} {'first batch':>12}")
         for name, (seq_len, batch_size) in LENGTHS.items():
             configs = [
                 ("prepared shards", PreparedStreams(str(tmp / "shards"), "train", seq_len, True)),
@@ -177,7 +189,10 @@ def main() -> None:
                     results["runs"].append({"pipeline": label, "length": name, "seq_len": seq_len,
                                             "batch_size": batch_size, "workers": workers, **rate})
                     print(f"{label:<28} {name:>6} {workers:>7} {rate['tokens_per_s'] / 1e6:>11.1f}M "
-                          f"{rate['first_batch_s']:>11.2f}s", flush=True)
+                          f"{rate['best_window_tokens_per_s'] / 1e6:>11.1f}M {rate['first_batch_s']:>11.2f}s",
+                          flush=True)
+        results["effective_cores_after"] = round(effective_cores(args.workers), 2)
+        print(f"effective cores free afterwards: {results['effective_cores_after']:.2f}")
 
     report = {"benchmark": "bench_data", "machine": machine(), "commit": commit(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
