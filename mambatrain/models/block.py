@@ -19,10 +19,8 @@ class Block(nn.Module):
         self.mlp = mlp
 
     def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None, state=None) -> torch.Tensor:
-        """``state`` is the mixer's carried state (Mamba blocks), continued and updated in place."""
-        mixed = self.mixer(self.norm(x), seq_idx=seq_idx, state=state) if state is not None else \
-            self.mixer(self.norm(x), seq_idx=seq_idx)
-        x = x + mixed
+        """``state`` is the mixer's carried state (MambaState or KVCache), continued and updated in place."""
+        x = x + self.mixer(self.norm(x), seq_idx=seq_idx, state=state)
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))
         return x

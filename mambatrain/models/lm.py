@@ -48,7 +48,8 @@ class LanguageModel(nn.Module):
         """Final normalised hidden states (B, T, d_model); see ``logits`` and ``loss``.
 
         ``states`` (from ``empty_states``) carries each Mamba block's state from the previous window of the
-        same streams into this one and is updated in place; attention blocks see only the current window.
+        same streams into this one and is updated in place; attention blocks see only the current window,
+        unless ``states`` comes from ``decoding_states``, whose KV caches let them see every earlier window.
         """
         x = self.embedding(input_ids)
         for i, block in enumerate(self.blocks):
@@ -62,6 +63,16 @@ class LanguageModel(nn.Module):
     def empty_states(self, batch: int, device) -> list:
         """Zero carried state for every Mamba block (None for attention blocks)."""
         return [block.mixer.empty_state(batch, device) if block.kind == MAMBA else None for block in self.blocks]
+
+    def decoding_states(self, batch: int, device) -> list:
+        """Carried state for decoding: zero Mamba state, and an empty KV cache for every attention block.
+
+        A prompt through ``forward(prompt, states=...)`` (prefill), then each new token the same way, gives
+        the logits of one pass over the whole sequence. Mamba state stays the same size however long the
+        sequence; a KV cache grows by one position per token (up to the sliding window, if any).
+        """
+        return [block.mixer.empty_state(batch, device) if block.kind == MAMBA
+                else block.mixer.empty_cache(batch, device) for block in self.blocks]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden @ self.head_weight.t().to(hidden.dtype)

@@ -1,10 +1,15 @@
 """Causal self-attention with RoPE and grouped-query heads, through SDPA.
 
 Always causal: a language model block must never see the future (mamba_ssm's
-attention block defaults to non-causal; we do not copy that).
+attention block defaults to non-causal; we do not copy that). For decoding, a
+``KVCache`` keeps the rotated keys and values of the tokens already seen, so a
+window of new tokens (the prompt, then one token at a time) continues the sequence
+at the right RoPE positions.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,19 +33,43 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return rotated.to(x.dtype)
 
 
+def attention_mask(q_doc: torch.Tensor, k_doc: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                   sliding_window: int | None) -> torch.Tensor:
+    """Boolean (B, 1, T, S) mask of T queries over S keys: causal, within one document, inside the window.
+
+    q_doc (B, T) and k_doc (B, S) are document ids; q_pos (T,) and k_pos (S,) absolute positions.
+    """
+    allowed = k_pos[None, :] <= q_pos[:, None]  # (T, S)
+    if sliding_window is not None:
+        allowed = allowed & (q_pos[:, None] - k_pos[None, :] < sliding_window)
+    same_doc = q_doc[:, :, None] == k_doc[:, None, :]
+    return (allowed[None] & same_doc)[:, None]
+
+
 def document_mask(seq_idx: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
     """Boolean (B, 1, T, T) mask: causal, within one document, inside the window.
 
     It costs T^2 memory: long packed sequences should use a block-sparse kernel
     instead (see the data pipeline issue); short ones are fine.
     """
-    T = seq_idx.shape[1]
-    i = torch.arange(T, device=seq_idx.device)
-    allowed = i[None, :] <= i[:, None]
-    if sliding_window is not None:
-        allowed = allowed & (i[:, None] - i[None, :] < sliding_window)
-    same_doc = seq_idx[:, :, None] == seq_idx[:, None, :]
-    return (allowed[None] & same_doc)[:, None]
+    positions = torch.arange(seq_idx.shape[1], device=seq_idx.device)
+    return attention_mask(seq_idx, seq_idx, positions, positions, sliding_window)
+
+
+@dataclass
+class KVCache:
+    """What an attention block keeps of the tokens it has seen, for decoding (batch-first); updated in place.
+
+    k, v: rotated keys and values, (B, n_kv_heads, S, head_dim); with a sliding window only the last
+    window - 1 positions are kept, so S stays bounded.
+    doc: the document id of each cached position, (B, S).
+    position: tokens seen so far, i.e. the RoPE position of the next token.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    doc: torch.Tensor
+    position: int = 0
 
 
 class CausalSelfAttention(nn.Module):
@@ -54,17 +83,27 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
         self.out_proj = nn.Linear(self.n_heads * self.head_dim, d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def empty_cache(self, batch: int, device, dtype=torch.float32) -> KVCache:
+        shape = (batch, self.n_kv_heads, 0, self.head_dim)
+        return KVCache(k=torch.zeros(shape, device=device, dtype=dtype), v=torch.zeros(shape, device=device, dtype=dtype),
+                       doc=torch.zeros(batch, 0, dtype=torch.int32, device=device))
+
+    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None,
+                state: KVCache | None = None) -> torch.Tensor:
+        """x (B, T, d_model) -> (B, T, d_model); ``state``, when given, is continued and updated in place."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rotary_tables(T, self.head_dim, self.rope_base, x.device)
+        offset = 0 if state is None else state.position
+        cos, sin = rotary_tables(T, self.head_dim, self.rope_base, x.device, offset)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         gqa = self.n_kv_heads != self.n_heads
-        if seq_idx is None and self.sliding_window is None:
+        if state is not None:
+            y = self._attend_cached(q, k, v, seq_idx, state)
+        elif seq_idx is None and self.sliding_window is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             if seq_idx is None:
@@ -72,3 +111,23 @@ class CausalSelfAttention(nn.Module):
             mask = document_mask(seq_idx, self.sliding_window)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def _attend_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_idx: torch.Tensor | None,
+                       state: KVCache) -> torch.Tensor:
+        """Queries of the new tokens over the cached keys and their own; appends them to the cache."""
+        B, _, T, _ = q.shape
+        if seq_idx is None:  # the new tokens continue the last cached document
+            last = state.doc[:, -1:] if state.doc.shape[1] else torch.zeros(B, 1, dtype=torch.int32, device=q.device)
+            seq_idx = last.expand(B, T)
+        keys = torch.cat([state.k.to(k.dtype), k], dim=2)  # (B, Hkv, S, hd)
+        values = torch.cat([state.v.to(v.dtype), v], dim=2)
+        docs = torch.cat([state.doc, seq_idx.to(state.doc.dtype)], dim=1)  # (B, S)
+        S, start = keys.shape[2], state.position
+        q_pos = torch.arange(start, start + T, device=q.device)
+        k_pos = torch.arange(start + T - S, start + T, device=q.device)
+        mask = attention_mask(seq_idx.to(docs.dtype), docs, q_pos, k_pos, self.sliding_window)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+        keep = S if self.sliding_window is None else min(S, self.sliding_window - 1)
+        state.k, state.v, state.doc = keys[:, :, S - keep:], values[:, :, S - keep:], docs[:, S - keep:]
+        state.position = start + T
+        return y
