@@ -15,7 +15,7 @@ mambatrain trains Mamba, Transformer and hybrid language models on long contexts
   mambatrain fit recipes/quickstart.yaml --print-config      show the resolved recipe, then stop
   mambatrain fit recipes/quickstart.yaml --trainer.max_steps 10 --model.d_model 128
                                                              override any recipe key
-  mambatrain fit recipes/quickstart.yaml --resume last       continue the newest run of that name
+  mambatrain fit recipes/quickstart.yaml --resume auto       continue the newest run of that name, if any
   mambatrain plan recipes/quickstart.yaml --gpu-memory 80    parameters, FLOPs/token, memory: does it fit?
   mambatrain tokenizer train recipe.yaml                     train a byte-level BPE on the recipe's text
   mambatrain data prepare recipe.yaml                        tokenize the recipe's text once into shards
@@ -29,8 +29,11 @@ def _fit_parser() -> argparse.ArgumentParser:
     parser.add_argument("recipe", help="path of the YAML recipe (see recipes/)")
     parser.add_argument("--print-config", "--print_config", action="store_true",
                         help="print the fully resolved recipe (defaults filled in) and exit")
-    parser.add_argument("--resume", metavar="last|PATH",
-                        help="continue a run: 'last' for the newest checkpoint of logging.run_name, or a .ckpt path")
+    parser.add_argument("--resume", metavar="auto|last|PATH",
+                        help="continue a run: 'auto' resumes the newest complete checkpoint of logging.run_name "
+                        "(skipping damaged ones) or starts fresh when there is none, which is what a requeued job "
+                        "wants; 'last' the same but fails without one; or a .ckpt path. A run stopped by SIGTERM "
+                        "or SIGUSR1 checkpoints at the next step and exits with status 75 (requeue me)")
     parser.add_argument("-h", "--help", action="store_true", help="show this help and every recipe key, then exit")
     return parser
 
