@@ -2,26 +2,37 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import logging
 import os
+import platform
 import re
+import socket
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import TQDMProgressBar
 
+from .checkpoint.callback import StepCheckpoint
+from .checkpoint.folder import LAST, newest_good
+from .checkpoint.io import AtomicCheckpointIO, verify
+from .checkpoint.preemption import PreemptionSignals
 from .config.load import recipe_to_yaml
 from .config.schema import LoggingConfig, Recipe, RecipeError
 from .data.datamodule import RecipeDataModule
 from .distributed.strategy import RUN_DIR_ENV, build_strategy, global_batch, global_rank
 from .lit.callbacks import ThroughputMonitor
+from .lit.guards import SSMStatistics
 from .lit.module import LanguageModelModule
 from .plan import training_flops_per_token
 
 log = logging.getLogger("mambatrain")
-LAST = "last.ckpt"
 
 
 def _versions(base: Path) -> list[Path]:
@@ -29,30 +40,37 @@ def _versions(base: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
+def _next_version(base: Path) -> Path:
+    versions = _versions(base)
+    return base / f"version_{int(versions[-1].name.split('_')[1]) + 1 if versions else 0}"
+
+
 def resolve_run(logging_config: LoggingConfig, resume: str | None) -> tuple[Path, Path | None]:
     """The run directory and the checkpoint to resume from (None for a fresh run).
 
-    A fresh run takes the next ``version_N`` under root_dir/run_name. ``resume="last"``
-    continues the newest version that holds a checkpoint; a path continues that file's run.
+    A fresh run takes the next ``version_N`` under root_dir/run_name (or the directory a launcher named).
+    ``resume="auto"`` continues the newest checkpoint that verifies, in the newest version that has one,
+    falling back past damaged or unfinished files, and starts fresh when there is none; ``"last"`` is the
+    same but insists on a checkpoint; a path continues that file's run, and fails if the file is damaged.
     """
     base = Path(logging_config.root_dir) / logging_config.run_name
-    if resume is None and os.environ.get(RUN_DIR_ENV):
-        # Ranks started by a launcher share the directory rank 0 chose (or the launcher named).
-        return Path(os.environ[RUN_DIR_ENV]), None
+    # Ranks started by a launcher share the directory rank 0 chose (or the launcher named).
+    launcher_dir = Path(os.environ[RUN_DIR_ENV]) if os.environ.get(RUN_DIR_ENV) else None
     if resume is None:
-        versions = _versions(base)
-        next_version = int(versions[-1].name.split("_")[1]) + 1 if versions else 0
-        return base / f"version_{next_version}", None
-    if resume == "last":
-        for run_dir in reversed(_versions(base)):
-            checkpoint = run_dir / "checkpoints" / LAST
-            if checkpoint.is_file():
+        return launcher_dir or _next_version(base), None
+    if resume in ("auto", "last"):
+        for run_dir in [launcher_dir] if launcher_dir else reversed(_versions(base)):
+            checkpoint = newest_good(run_dir / "checkpoints")
+            if checkpoint is not None:
                 return run_dir, checkpoint
-        raise RecipeError(f"--resume last: no checkpoint under {base}/version_*/checkpoints/{LAST}; "
-                          f"start a fresh run without --resume, or check logging.root_dir and logging.run_name")
+        where = launcher_dir or f"{base}/version_*"
+        if resume == "last":
+            raise RecipeError(f"--resume last: no complete checkpoint under {where}/checkpoints; start a fresh run "
+                              f"without --resume (or with --resume auto), or check logging.root_dir and run_name")
+        log.info("--resume auto: no complete checkpoint under %s/checkpoints, starting a fresh run", where)
+        return launcher_dir or _next_version(base), None
     checkpoint = Path(resume)
-    if not checkpoint.is_file():
-        raise RecipeError(f"--resume {resume}: no such checkpoint file")
+    verify(checkpoint)  # a CheckpointError (one line naming the file) for a missing, truncated or corrupt file
     return checkpoint.resolve().parent.parent, checkpoint
 
 
@@ -83,11 +101,10 @@ def build_logger(recipe: Recipe, run_dir: Path):
                                          save_dir=str(run_dir), offline=offline)
 
 
-def build_trainer(recipe: Recipe, run_dir: Path) -> L.Trainer:
+def build_trainer(recipe: Recipe, run_dir: Path, signals: PreemptionSignals | None = None) -> L.Trainer:
     t = recipe.trainer
-    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:07d}",
-                                  auto_insert_metric_name=False, every_n_train_steps=t.checkpoint_every_n_steps,
-                                  save_top_k=3, monitor="step", mode="max", save_last=True)
+    checkpoints = StepCheckpoint(run_dir / "checkpoints", t.checkpoint_every_n_steps, t.keep_last_checkpoints,
+                                 signals)
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=build_strategy(recipe),
         precision=_precision(recipe),
@@ -98,7 +115,10 @@ def build_trainer(recipe: Recipe, run_dir: Path) -> L.Trainer:
         # Our datasets shard by rank themselves: no DistributedSampler.
         num_sanity_val_steps=0, use_distributed_sampler=False,
         logger=build_logger(recipe, run_dir), default_root_dir=str(run_dir),
-        callbacks=[checkpoints, ThroughputMonitor.from_recipe(recipe), TQDMProgressBar()],
+        callbacks=[ThroughputMonitor.from_recipe(recipe), SSMStatistics(t.log_every_n_steps), TQDMProgressBar(),
+                   checkpoints],  # last: a preemption exit comes after the other callbacks have logged the step
+        # Atomic, fsynced, marked checkpoint files; StepCheckpoint replaces Lightning's ModelCheckpoint.
+        plugins=[AtomicCheckpointIO()], enable_checkpointing=False,
         enable_model_summary=False,
     )
 
@@ -125,8 +145,69 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    """The commit of the mambatrain sources, with "-dirty" for uncommitted changes; None outside a git checkout."""
+    source = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return commit.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def write_environment(run_dir: Path, trainer: L.Trainer, checkpoint: Path | None) -> None:
+    """``environment.json``: what this session ran on; the records of earlier sessions (resumes) are kept."""
+    path = run_dir / "environment.json"
+    earlier = []
+    if path.is_file():
+        try:
+            previous = json.loads(path.read_text())
+            earlier = previous.pop("earlier_sessions", []) + [previous]
+        except ValueError:
+            pass
+    cuda = torch.cuda.is_available() and trainer.accelerator.__class__.__name__.startswith("CUDA")
+    record = {
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": [sys.executable, *sys.argv],
+        "cwd": os.getcwd(), "host": socket.gethostname(), "resumed_from": str(checkpoint) if checkpoint else None,
+        "git_commit": _git_commit(), "python": platform.python_version(), "torch": torch.__version__,
+        "lightning": L.__version__, "triton": _package_version("triton"), "cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name(trainer.strategy.root_device) if cuda else f"CPU: {_cpu_name()}",
+        "devices": trainer.num_devices, "num_nodes": trainer.num_nodes, "world_size": trainer.world_size,
+        "precision": trainer.precision, "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "earlier_sessions": earlier,
+    }
+    path.write_text(json.dumps(record, indent=1) + "\n")
+
+
 def fit(recipe: Recipe, resume: str | None = None) -> dict[str, float]:
-    """Train as the recipe says; returns the final validation metrics."""
+    """Train as the recipe says; returns the final validation metrics.
+
+    A preemption signal (SIGTERM, SIGUSR1) ends training early with a checkpoint and raises ``Preempted``, a
+    ``SystemExit`` with status 75 (see checkpoint/preemption.py); ``NonFiniteStop`` (status 1) ends a run
+    whose loss stays NaN/Inf.
+    """
     run_dir, checkpoint = resolve_run(recipe.logging, resume)
     L.seed_everything(recipe.trainer.seed, workers=True, verbose=False)
     inherited = RUN_DIR_ENV in os.environ
@@ -142,10 +223,18 @@ def _fit_in(run_dir: Path, checkpoint: Path | None, recipe: Recipe) -> dict[str,
     run_dir.mkdir(parents=True, exist_ok=True)
     if global_rank() == 0:
         (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    # Installed before anything slow, so that a signal during start-up is kept for the first step boundary.
+    with PreemptionSignals() as signals:
+        return _train(run_dir, checkpoint, recipe, signals)
+
+
+def _train(run_dir: Path, checkpoint: Path | None, recipe: Recipe, signals: PreemptionSignals) -> dict[str, float]:
     datamodule = RecipeDataModule(recipe)
     module = LanguageModelModule(recipe)
     log.info(describe(recipe, module))
-    trainer = build_trainer(recipe, run_dir)
+    trainer = build_trainer(recipe, run_dir, signals)
+    if global_rank() == 0:
+        write_environment(run_dir, trainer, checkpoint)
     log.info("device: %s x%d, precision %s", trainer.accelerator.__class__.__name__.replace("Accelerator", "").lower(),
              trainer.num_devices, trainer.precision)
     log.info("run directory: %s%s", run_dir, f" (resuming from {checkpoint})" if checkpoint else "")

@@ -13,6 +13,7 @@ from ..config.load import recipe_to_dict
 from ..config.schema import Recipe
 from ..models.lm import LanguageModel
 from ..models.loss import IGNORE_INDEX
+from .guards import NonFiniteGuard
 from .optim import build_optimizer
 
 
@@ -43,6 +44,8 @@ class LanguageModelModule(L.LightningModule):
         self.model = LanguageModel(recipe.model)
         self.model.checkpoint_kinds = set(recipe.trainer.activation_checkpointing)
         self._rng_to_restore: dict | None = None
+        self.guard = NonFiniteGuard(recipe.trainer.max_consecutive_nonfinite,
+                                    check_gradients=recipe.trainer.precision != "16-mixed")
 
     def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids, seq_idx)
@@ -53,6 +56,7 @@ class LanguageModelModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, _ = self._loss(batch)
+        self.guard.observe(loss, batch)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", torch.exp(loss.detach().clamp(max=20)))
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
@@ -70,8 +74,10 @@ class LanguageModelModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad.detach().float().norm() for p in self.parameters() if p.grad is not None]
-        if grads:
-            self.log("train/grad_norm", torch.stack(grads).norm())
+        norm = torch.stack(grads).norm() if grads else None
+        if norm is not None:
+            self.log("train/grad_norm", norm)
+        self.guard.check(self, norm)  # drops every gradient (skips the step) when the loss or norm is NaN/Inf
 
     def configure_optimizers(self):
         optimizer, scheduler = build_optimizer(self.model, self.recipe.optimizer, self.recipe.scheduler,
@@ -81,10 +87,12 @@ class LanguageModelModule(L.LightningModule):
     # A Lightning checkpoint holds no RNG state by itself; a resumed run must draw the same numbers.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_states"] = collect_rng_states()
+        checkpoint["nonfinite_guard"] = self.guard.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Restored at the first training batch: building dataloaders in between draws random numbers.
         self._rng_to_restore = checkpoint.get("rng_states")
+        self.guard.load_state_dict(checkpoint.get("nonfinite_guard", {}))
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self._rng_to_restore is not None:
