@@ -102,3 +102,25 @@ def test_more_slots_than_documents_is_an_error(tmp_path):
     reader = SourceReader(TextSourceConfig(path=str(tmp_path / "a.jsonl")), "data.text.sources[0]", 3, 4, seed=0)
     with pytest.raises(DataError, match="slot 3 of 4"):
         next(reader)
+
+
+def test_parquet_arrow_and_txt_files_are_read(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"text": ["alpha", "beta", "gamma"]})
+    pq.write_table(table, tmp_path / "a.parquet")
+    with pa.OSFile(str(tmp_path / "a.arrow"), "wb") as f, pa.ipc.new_stream(f, table.schema) as writer:
+        writer.write_table(table)
+    (tmp_path / "a.txt").write_text("alpha\nbeta\ngamma\n")
+    for name in ("a.parquet", "a.arrow", "a.txt"):
+        reader = SourceReader(TextSourceConfig(path=str(tmp_path / name)), "data.text.sources[0]", 0, 1, seed=0,
+                              cycle=False)
+        assert [next(reader) for _ in range(3)] == ["alpha", "beta", "gamma"], name
+
+
+def test_an_unreachable_hub_name_is_a_recipe_error():
+    # The tests run with HF_HUB_OFFLINE=1 (conftest): the hub code path is taken and fails with the key.
+    with pytest.raises(RecipeError, match=r"data.text.sources\[0\].path: 'someorg/no-such-dataset' is not a local "
+                                          r"file, folder or glob, and loading it as a hub dataset failed"):
+        read_one("someorg/no-such-dataset")
