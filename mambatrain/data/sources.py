@@ -70,14 +70,22 @@ def resolve_files(path: str, key: str) -> tuple[str, list[str]]:
     return builders.pop(), candidates
 
 
-def _first_invalid_utf8(files: list[str]) -> Optional[str]:
+def _first_invalid_utf8(files: list[str], chunk: int = 1 << 24) -> Optional[str]:
     """'file at byte N' for the first file that is not valid UTF-8 (only called after a decode error)."""
+    import codecs
+
     for name in files:
-        data = Path(name).read_bytes()
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError as error:
-            return f"{name} at byte {error.start}"
+        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+        with open(name, "rb") as f:
+            while True:
+                data = f.read(chunk)
+                try:
+                    decoder.decode(data, final=not data)
+                except UnicodeDecodeError as error:
+                    return f"{name} at byte {offset + error.start}"
+                if not data:
+                    break
+                offset += len(data)
     return None
 
 
