@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional
 
 
@@ -461,6 +462,59 @@ class LoggingConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Start a new run from trained weights: a fresh optimizer and schedule, any data, length or learning rate."""
+
+    init_from: Optional[str] = None
+    """A mambatrain checkpoint (.ckpt) or a model folder (from `mambatrain export`, transformers, state-spaces/mamba)
+    whose weights start this run; null trains from scratch. Unlike --resume, nothing but the weights is taken."""
+    freeze: list[str] = field(default_factory=list)
+    """Parameters kept fixed, as name patterns (fnmatch), e.g. ["embedding*", "blocks.0.*"]; each must match one."""
+
+    def __post_init__(self) -> None:
+        if self.init_from is not None:
+            _require(Path(self.init_from).expanduser().exists(), "finetune.init_from",
+                     f"{self.init_from}: no such checkpoint file or model folder")
+        for i, pattern in enumerate(self.freeze):
+            _require(bool(pattern), f"finetune.freeze[{i}]", "an empty pattern matches nothing")
+
+
+@dataclass
+class EvalConfig:
+    """Long-context evaluation: loss by token position, passkey retrieval by length and depth."""
+
+    every_n_steps: int = 0
+    """Also run it during training every this many optimizer steps (results in the run's eval/ folder); 0: never."""
+    seq_len: Optional[int] = None
+    """Tokens per document for the loss by position; null means data.seq_len."""
+    documents: int = 8
+    """Documents whose losses are averaged at each position."""
+    window: Optional[int] = None
+    """Tokens per forward pass, with the Mamba state and attention KV cache carried between passes (bounded
+    activation memory on long documents; the result does not change); null: one pass per document."""
+    passkey_lengths: list[int] = field(default_factory=lambda: [256, 1024])
+    """Prompt lengths (tokens) of the passkey test; an empty list skips it."""
+    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    """Where the passkey sits in the filler, 0 (start) to 1 (just before the question)."""
+    passkey_samples: int = 4
+    """Passkeys drawn per (length, depth) cell."""
+    seed: int = 0
+    """Seed of the passkeys and of the synthetic documents."""
+
+    def __post_init__(self) -> None:
+        _require(self.every_n_steps >= 0, "eval.every_n_steps", f"must be 0 or more, got {self.every_n_steps}")
+        for key in ("seq_len", "window"):
+            value = getattr(self, key)
+            _require(value is None or value > 0, f"eval.{key}", f"must be positive or null, got {value}")
+        for key in ("documents", "passkey_samples"):
+            _require(getattr(self, key) > 0, f"eval.{key}", f"must be positive, got {getattr(self, key)}")
+        _require(all(n > 0 for n in self.passkey_lengths), "eval.passkey_lengths",
+                 f"must be positive, got {self.passkey_lengths}")
+        _require(bool(self.passkey_depths) and all(0 <= d <= 1 for d in self.passkey_depths), "eval.passkey_depths",
+                 f"need at least one depth, each between 0 and 1, got {self.passkey_depths}")
+
+
+@dataclass
 class Recipe:
     """A whole training run."""
 
@@ -470,6 +524,8 @@ class Recipe:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         data, vocab = self.data, self.model.vocab_size
