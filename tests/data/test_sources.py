@@ -119,8 +119,14 @@ def test_parquet_arrow_and_txt_files_are_read(tmp_path):
         assert [next(reader) for _ in range(3)] == ["alpha", "beta", "gamma"], name
 
 
-def test_an_unreachable_hub_name_is_a_recipe_error():
-    # The tests run with HF_HUB_OFFLINE=1 (conftest): the hub code path is taken and fails with the key.
+def test_an_unreachable_hub_name_is_a_recipe_error(monkeypatch):
+    # conftest sets HF_HUB_OFFLINE=1 after datasets may have read it: set the flags it reads, so the hub code
+    # path is taken and fails at once instead of after a network timeout.
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(RecipeError, match=r"data.text.sources\[0\].path: 'someorg/no-such-dataset' is not a local "
                                           r"file, folder or glob, and loading it as a hub dataset failed"):
         read_one("someorg/no-such-dataset")
