@@ -1,7 +1,14 @@
 import os
 from pathlib import Path
 
-import pytest
+import torch
+
+# Triton reads TRITON_INTERPRET when it is first imported, and any test may import it first:
+# without a GPU the kernels run in the interpreter, so set it before anything else loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"
