@@ -127,17 +127,20 @@ class NonFiniteGuard:
         trainer = module.trainer
         step = trainer.global_step + 1  # the step being attempted; global_step counts those done
         finite = [bool(f) for _, f in micro]
-        index = finite.index(False) if False in finite else len(micro) - 1
+        bad_loss = False in finite
+        index = finite.index(False) if bad_loss else len(micro) - 1
+        # Micro-batches consumed before this one: the datamodule's data position, as a resume would count it.
         consumed = trainer.global_step * trainer.accumulate_grad_batches + index
         origin = self.locate(module, micro[index][0]) if micro else "no micro-batch was recorded"
-        if bad_parameter is not None and "forward pass was finite" in origin:
+        if bad_parameter is not None and not origin.startswith("first non-finite output"):
             origin += f"; first non-finite gradient: {bad_parameter}"
         first = step - self.consecutive + 1
         steps = f"step {step}" if first == step else f"steps {first}-{step}"
         return (f"training stopped: {self.consecutive} optimizer steps in a row had a NaN/Inf loss or gradient "
                 f"({steps}, each skipped; trainer.max_consecutive_nonfinite: {self.max_consecutive}); at step {step}, "
-                f"data position: micro-batch {consumed} of the run ({'its loss' if False in finite else 'the loss'} "
-                f"{'was non-finite' if False in finite else 'was finite, the gradient was not'}); {origin}")
+                f"data position: micro-batch {consumed} of the run "
+                f"({'its loss was non-finite' if bad_loss else 'the losses were finite, the gradient was not'}); "
+                f"{origin}")
 
     @staticmethod
     def locate(module: L.LightningModule, batch: dict) -> str:
