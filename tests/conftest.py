@@ -7,6 +7,9 @@ import torch
 # without a GPU the kernels run in the interpreter, so set it before anything else loads.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# datasets and huggingface_hub read these when imported: tests never reach a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
