@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+from . import finetune
 from .checkpoint.callback import StepCheckpoint
 from .checkpoint.folder import LAST, newest_good
 from .checkpoint.io import AtomicCheckpointIO, verify
@@ -231,6 +232,7 @@ def _fit_in(run_dir: Path, checkpoint: Path | None, recipe: Recipe) -> dict[str,
 def _train(run_dir: Path, checkpoint: Path | None, recipe: Recipe, signals: PreemptionSignals) -> dict[str, float]:
     datamodule = RecipeDataModule(recipe)
     module = LanguageModelModule(recipe)
+    finetune.prepare(module.model, recipe, resuming=checkpoint is not None)
     log.info(describe(recipe, module))
     trainer = build_trainer(recipe, run_dir, signals)
     if global_rank() == 0:
