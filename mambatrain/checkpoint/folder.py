@@ -103,9 +103,10 @@ def prune(folder: Path, keep: int, current_step: int) -> list[Path]:
 def tidy(folder: Path, current_step: int) -> None:
     """Housekeeping when training (re)starts at ``current_step``, run by global rank 0 only.
 
-    Removes temporary files of writes that were killed, and moves checkpoints newer than ``current_step`` into
-    ``superseded-<time>/``: they belong to a timeline this run abandoned (resumed from an older checkpoint), and
-    left in place ``--resume auto`` would jump back to them.
+    Deletes what killed writes left behind: temporary files, and unmarked checkpoints newer than
+    ``current_step``. Moves complete checkpoints newer than ``current_step`` into ``superseded-<time>/``: they
+    belong to a timeline this run abandoned (resumed by hand from an older checkpoint, or past a damaged one),
+    and left in place, a later ``--resume auto`` would jump back to them.
     """
     if not folder.is_dir():
         return
@@ -113,14 +114,18 @@ def tidy(folder: Path, current_step: int) -> None:
         if is_temp(path):
             path.unlink(missing_ok=True)
     newer = [c.path for c in candidates(folder) if c.step > current_step]
-    if not newer:
-        return
-    aside = folder / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
-    aside.mkdir(exist_ok=True)
-    for path in newer:
-        for item in (path, marker_path(path)):
-            if item.exists():
-                os.replace(item, aside / item.name)
-    log.warning("resumed at step %d: moved %d newer checkpoints of the abandoned timeline to %s",
-                current_step, len(newer), aside)
-    fsync_dir(folder)
+    unfinished = [p for p in newer if read_marker(p) is None]
+    for path in unfinished:
+        path.unlink(missing_ok=True)
+    abandoned = [p for p in newer if p not in unfinished]
+    if abandoned:
+        aside = folder / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir(exist_ok=True)
+        for path in abandoned:
+            for item in (path, marker_path(path)):
+                if item.exists():
+                    os.replace(item, aside / item.name)
+        log.warning("resumed at step %d: moved %d newer checkpoints of an abandoned timeline to %s",
+                    current_step, len(abandoned), aside)
+    if newer:
+        fsync_dir(folder)

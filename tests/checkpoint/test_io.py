@@ -106,12 +106,13 @@ def test_publish_last_and_prune_keep_the_newest(tmp_path):
     assert newest_good(tmp_path) == tmp_path / LAST
 
 
-def test_tidy_sets_aside_an_abandoned_timeline_and_removes_temporaries(tmp_path):
+def test_tidy_sets_aside_an_abandoned_timeline_and_removes_unfinished_writes(tmp_path):
     save_steps(tmp_path, 3, 6, 9)
     publish_last(tmp_path / step_name(9))
-    (tmp_path / ".step0000012.ckpt.99.tmp").write_bytes(b"x")
+    (tmp_path / ".step0000012.ckpt.99.tmp").write_bytes(b"x")  # killed while writing
+    (tmp_path / step_name(15)).write_bytes(b"y")  # killed before its marker
     tidy(tmp_path, current_step=3)  # resumed by hand from step 3
     assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == [step_name(3)]
     aside, = tmp_path.glob("superseded-*")
     assert sorted(p.name for p in aside.glob("*.ckpt")) == [LAST, step_name(6), step_name(9)]
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob(".*"))
