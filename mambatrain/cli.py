@@ -19,6 +19,9 @@ mambatrain trains Mamba, Transformer and hybrid language models on long contexts
   mambatrain plan recipes/quickstart.yaml --gpu-memory 80    parameters, FLOPs/token, memory: does it fit?
   mambatrain tokenizer train recipe.yaml                     train a byte-level BPE on the recipe's text
   mambatrain data prepare recipe.yaml                        tokenize the recipe's text once into shards
+  mambatrain export runs/x/version_0/checkpoints/last.ckpt out/   a Hugging Face folder (transformers layout)
+  mambatrain generate last.ckpt --prompt "Once upon a time"  sample with the recurrent state (+ KV cache)
+  mambatrain eval last.ckpt recipe.yaml                      loss by position and passkey retrieval, JSON + plots
 """
 
 
@@ -118,7 +121,64 @@ def plan_command(argv: list[str]) -> int:
     return 0 if fits else 1
 
 
-COMMANDS = {"fit": fit_command, "plan": plan_command, "data": data_command, "tokenizer": tokenizer_command}
+def export_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mambatrain export", description="Write a checkpoint (or model folder) as "
+                                     "config.json + model.safetensors (+ the run's tokenizer), in the layout of the "
+                                     "transformers class that computes the same model when there is one.")
+    parser.add_argument("checkpoint", help="a .ckpt file, or a model folder (exported, transformers, state-spaces/mamba)")
+    parser.add_argument("out_dir", help="folder to write")
+    args = parser.parse_args(argv)
+    import json
+    from .checkpoint.convert import export
+    out = export(args.checkpoint, args.out_dir)
+    architectures = json.loads((out / "config.json").read_text()).get("architectures")
+    print(f"wrote {out}: " + (f"loads with transformers' {architectures[0]} (AutoModelForCausalLM)" if architectures
+                              else "mambatrain's own layout (no transformers class computes this model)"))
+    return 0
+
+
+def generate_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mambatrain generate", description="Continue a prompt: one forward pass "
+                                     "over the prompt, then one token at a time with the Mamba state and a KV cache.")
+    parser.add_argument("checkpoint", help="a .ckpt file, or a model folder (exported, transformers, state-spaces/mamba)")
+    parser.add_argument("--prompt", required=True,
+                        help="text; for a model trained on synthetic data (no tokenizer), token ids such as '3 17 5'")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 for greedy decoding (default 1.0)")
+    parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens "
+                        "holding this much probability (default 1.0: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
+    parser.add_argument("--tokenizer", help="a tokenizer.json (or its folder) instead of the checkpoint's own")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when there is one)")
+    args = parser.parse_args(argv)
+    from .inference.generate import run
+    run(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+        args.tokenizer, args.device)
+    return 0
+
+
+def eval_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mambatrain eval", description="Loss by token position over long documents "
+                                     "of the recipe's validation data, and passkey retrieval by length and depth (its "
+                                     "eval section), written as results.json, loss_by_position.png and passkey.png. "
+                                     "Any recipe key can be overridden as --section.key VALUE.")
+    parser.add_argument("checkpoint", help="a .ckpt file, or a model folder (exported, transformers, state-spaces/mamba)")
+    parser.add_argument("recipe", help="YAML recipe: its data and eval sections say what to evaluate on")
+    parser.add_argument("--out", help="folder to write (default: the run's eval/<checkpoint name>/)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when there is one)")
+    args, overrides = parser.parse_known_args(argv)
+    from .config.load import load_recipe
+    from .eval.suite import run, summary
+    results, out = run(args.checkpoint, load_recipe(args.recipe, overrides), args.out, args.device)
+    for name, value in summary(results).items():
+        print(f"{name:<24} {value:.4f}")
+    print(f"wrote {out / 'results.json'} and the plots beside it")
+    return 0
+
+
+COMMANDS = {"fit": fit_command, "plan": plan_command, "data": data_command, "tokenizer": tokenizer_command,
+            "export": export_command, "generate": generate_command, "eval": eval_command}
 
 
 def _configure_logging() -> None:

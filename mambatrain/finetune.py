@@ -54,19 +54,18 @@ def tokenizer_fingerprint(spec: Optional[str]) -> Optional[str]:
     return hashlib.sha256(json.dumps(vocab, sort_keys=True).encode()).hexdigest()
 
 
-def check_tokenizer(weights: LoadedWeights, recipe: Recipe) -> None:
-    """The checkpoint's tokenizer and the recipe's are the same, when both runs read text."""
+def check_tokenizer(weights: LoadedWeights, recipe: Recipe, key: str = "finetune.init_from") -> None:
+    """The checkpoint's tokenizer and the recipe's are the same, when both runs read text; errors name ``key``."""
     wanted, _ = run_tokenizer(recipe_to_dict(recipe))
     if weights.tokenizer is None or wanted is None:
         return  # synthetic data on one side: token ids are the task's own
     have, want = tokenizer_fingerprint(weights.tokenizer), tokenizer_fingerprint(wanted)
     if have is None or want is None:
-        log.warning("finetune.init_from: cannot read both tokenizers (%s, %s) to check that they match",
-                    weights.tokenizer, wanted)
+        log.warning("%s: cannot read both tokenizers (%s, %s) to check that they match", key, weights.tokenizer,
+                    wanted)
     elif have != want:
-        raise RecipeError(f"finetune.init_from: {weights.source} was trained with the tokenizer {weights.tokenizer} "
-                          f"but data.text.tokenizer is {wanted}: their token ids differ; fine-tune with the "
-                          f"checkpoint's tokenizer")
+        raise RecipeError(f"{key}: {weights.source} was trained with the tokenizer {weights.tokenizer} but "
+                          f"data.text.tokenizer is {wanted}: their token ids differ; use the checkpoint's tokenizer")
 
 
 def init_from(model: LanguageModel, recipe: Recipe) -> None:

@@ -28,6 +28,7 @@ from .config.load import recipe_to_yaml
 from .config.schema import LoggingConfig, Recipe, RecipeError
 from .data.datamodule import RecipeDataModule
 from .distributed.strategy import RUN_DIR_ENV, build_strategy, global_batch, global_rank
+from .eval.callback import LongContextEval
 from .lit.callbacks import ThroughputMonitor
 from .lit.guards import SSMStatistics
 from .lit.module import LanguageModelModule
@@ -117,6 +118,7 @@ def build_trainer(recipe: Recipe, run_dir: Path, signals: PreemptionSignals | No
         num_sanity_val_steps=0, use_distributed_sampler=False,
         logger=build_logger(recipe, run_dir), default_root_dir=str(run_dir),
         callbacks=[ThroughputMonitor.from_recipe(recipe), SSMStatistics(t.log_every_n_steps), TQDMProgressBar(),
+                   *LongContextEval.from_recipe(recipe, run_dir),
                    checkpoints],  # last: a preemption exit comes after the other callbacks have logged the step
         # Atomic, fsynced, marked checkpoint files; StepCheckpoint replaces Lightning's ModelCheckpoint.
         plugins=[AtomicCheckpointIO()], enable_checkpointing=False,

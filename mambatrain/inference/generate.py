@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+import sys
+from typing import Iterator, Optional, TextIO
 
 import torch
 
+from ..config.schema import RecipeError
 from ..models.lm import LanguageModel
 from .step import decode_step
 
@@ -63,3 +65,50 @@ def generate(model: LanguageModel, prompt: torch.Tensor, max_new_tokens: int, **
     """prompt (B, T) -> (B, T + new) token ids; ``sampling`` as ``stream``."""
     new = list(stream(model, prompt, max_new_tokens, **sampling))
     return torch.cat([prompt, torch.stack(new, dim=1)], dim=1) if new else prompt
+
+
+def _encode_prompt(prompt: str, tokenizer, source: str) -> list[int]:
+    if tokenizer is not None:
+        return [int(i) for i in tokenizer.encode(prompt)]
+    try:
+        return [int(piece) for piece in prompt.split()]
+    except ValueError:
+        raise RecipeError(f"--prompt: {source} was trained without a tokenizer (synthetic data), so the prompt is "
+                          f"token ids separated by spaces, e.g. --prompt '3 17 5'; got {prompt!r}") from None
+
+
+def run(path: str, prompt: str, max_new_tokens: int = 64, temperature: float = 1.0, top_k: Optional[int] = None,
+        top_p: float = 1.0, seed: Optional[int] = 0, tokenizer: Optional[str] = None, device: Optional[str] = None,
+        out: Optional[TextIO] = None) -> list[int]:
+    """``mambatrain generate``: load, encode the prompt, stream the continuation to ``out``; returns its ids."""
+    from ..checkpoint.convert import load_model
+    from ..data.tokenizer import load_tokenizer
+
+    model, weights = load_model(path)
+    spec = tokenizer or weights.tokenizer
+    tok = load_tokenizer(spec, weights.eod_token) if spec else None
+    if tok is not None and tok.vocab_size > model.config.vocab_size:
+        raise RecipeError(f"--tokenizer: {tok.name} has {tok.vocab_size} tokens but {weights.source} has "
+                          f"{model.config.vocab_size} embedding rows: not the model's tokenizer")
+    ids = _encode_prompt(prompt, tok, weights.source)
+    if not ids or max(ids) >= model.config.vocab_size or min(ids) < 0:
+        raise RecipeError(f"--prompt: needs at least one token, each below the vocabulary size "
+                          f"{model.config.vocab_size}; got {ids}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    out = out or sys.stdout
+    generated: list[int] = []
+    text = shown = ""
+    for token in stream(model, torch.tensor([ids], device=device), max_new_tokens, temperature, top_k, top_p, seed,
+                        stop_id=tok.eod_id if tok is not None else None):
+        generated.append(int(token[0]))
+        if tok is None:
+            out.write(f"{generated[-1]} ")
+        else:  # decode the whole continuation, holding back a character whose bytes are still arriving
+            text = tok.decode([i for i in generated if i != tok.eod_id])
+            ready = text.rstrip("\ufffd")
+            out.write(ready[len(shown):])
+            shown = ready
+        out.flush()
+    out.write(text[len(shown):] + "\n")
+    return generated

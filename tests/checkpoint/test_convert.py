@@ -243,3 +243,27 @@ def test_tokenizer_that_does_not_fit_the_model_is_one_clear_error(tmp_path):
                      tokenizer=str(tokenizer))
     with pytest.raises(ConversionError, match="tokens but the model only 50 embedding rows"):
         export(path, tmp_path / "out")
+
+
+def test_export_command(tmp_path, capsys):
+    from mambatrain.cli import main
+    path = save_ckpt(perturb(LanguageModel(EXPORTS["BambaForCausalLM"])), tmp_path / "run.ckpt")
+    assert main(["export", str(path), str(tmp_path / "out")]) == 0
+    assert "loads with transformers' BambaForCausalLM" in capsys.readouterr().out
+    path.write_bytes(path.read_bytes()[:4096])
+    assert main(["export", str(path), str(tmp_path / "out2")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "run.ckpt" in error
+
+
+def test_export_copies_the_tokenizer(tmp_path):
+    from mambatrain.data.tokenizer import train_bpe
+    tokenizer = train_bpe(["some text to learn merges from"] * 4, 280, tmp_path / "tokenizer")
+    config = ModelConfig(kind="mamba", d_model=32, n_layers=1, vocab_size=288, mamba=MambaConfig(version=1, d_state=8))
+    path = save_ckpt(LanguageModel(config), tmp_path / "run.ckpt", source="text", tokenizer=str(tokenizer))
+    out = export(path, tmp_path / "out")
+    assert (out / "tokenizer.json").read_bytes() == tokenizer.read_bytes()
+    assert (out / "tokenizer_config.json").is_file()
+    _, weights = load_model(out)
+    assert weights.tokenizer == str(out / "tokenizer.json")
+    assert transformers.AutoTokenizer.from_pretrained(out)("some text")["input_ids"]

@@ -89,3 +89,40 @@ def test_sampling_is_seeded_and_filters():
     assert picks == {1, 2}
     # 1 and 2 hold ~0.99 of the mass: top_p 0.5 keeps token 1 only.
     assert {sample_next(logits, top_p=0.5).item() for _ in range(20)} == {1}
+
+
+def _checkpoint(tmp_path, model: LanguageModel, data: dict):
+    import dataclasses
+
+    from mambatrain.config.load import load_recipe, recipe_to_dict
+    values = dataclasses.asdict(model.config)
+    values["pattern"] = values["pattern"] if values["kind"] == "hybrid" else None
+    recipe = load_recipe(values={"model": values, "data": data})
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "global_step": 1,
+                "hyper_parameters": {"recipe": recipe_to_dict(recipe)}}, path)
+    return path
+
+
+def test_generate_command_streams_text(tmp_path, capsys):
+    from mambatrain.cli import main
+    from mambatrain.data.tokenizer import ByteTokenizer
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(kind="mamba", d_model=32, n_layers=2, vocab_size=257,
+                                      mamba=MambaConfig(d_state=8, head_dim=8, chunk_size=64))).eval()
+    path = _checkpoint(tmp_path, model, {"source": "text", "text": {"sources": [{"path": "train.txt"}]}})
+    assert main(["generate", str(path), "--prompt", "héllo", "--max-new-tokens", "6", "--temperature", "0"]) == 0
+    prompt = torch.tensor([list("héllo".encode())])
+    expected = ByteTokenizer().decode(generate(model, prompt, 6, temperature=0, stop_id=256)[0, prompt.shape[1]:])
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_generate_command_takes_token_ids_for_synthetic_runs(tmp_path, capsys):
+    from mambatrain.cli import main
+    model = tiny("hybrid")
+    path = _checkpoint(tmp_path, model, {"source": "mqar", "mqar": {"num_kv_pairs": 4}})
+    assert main(["generate", str(path), "--prompt", "3 17 5", "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    expected = generate(model, torch.tensor([[3, 17, 5]]), 4, temperature=0)[0, 3:].tolist()
+    assert capsys.readouterr().out.split() == [str(i) for i in expected]
+    assert main(["generate", str(path), "--prompt", "hello"]) == 2
+    assert "trained without a tokenizer" in capsys.readouterr().err
