@@ -1,6 +1,7 @@
 """Preemption signals are recorded, decided on by every rank together, and end a real run with status 75."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -55,28 +56,46 @@ TINY = {
 }
 
 
-def test_sigterm_checkpoints_at_a_step_boundary_and_exits_75(tmp_path):
+def run_until_first_checkpoint_then_sigterm(tmp_path, *overrides):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump({**TINY, "logging": {"root_dir": str(tmp_path), "run_name": "tiny"}}))
     folder = tmp_path / "tiny" / "version_0" / "checkpoints"
     # One thread: on a shared CPU a second OpenMP thread of a tiny model only waits for a core.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "mambatrain", "fit", str(recipe), "--resume", "auto"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    process = subprocess.Popen([sys.executable, "-m", "mambatrain", "fit", str(recipe), "--resume", "auto",
+                                *overrides], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                               env=env)
     try:
         deadline = time.time() + 120
         while newest_good(folder) is None and time.time() < deadline and process.poll() is None:
             time.sleep(0.2)  # training is under way once the first periodic checkpoint exists
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGTERM)  # to this process only: with DDP, rank 0 of two
         _, stderr = process.communicate(timeout=120)
     finally:
         process.kill()
     assert process.returncode == REQUEUE_EXIT_CODE, stderr[-3000:]
-    assert "SIGTERM received: saved" in stderr and "Traceback" not in stderr
+    assert "Traceback" not in stderr
+    return folder, stderr
+
+
+def test_sigterm_checkpoints_at_a_step_boundary_and_exits_75(tmp_path):
+    folder, stderr = run_until_first_checkpoint_then_sigterm(tmp_path)
+    assert "SIGTERM received: saved" in stderr
     saved = verify(newest_good(folder))
     assert saved["global_step"] > 5  # past the periodic checkpoint: the preemption wrote its own
     assert verify(folder / LAST)["sha256"] == saved["sha256"]
     checkpoint = torch.load(folder / LAST, weights_only=False)
-    # Saved after the optimizer step, never between its two micro-batches.
+    # Lightning counts a micro-batch as completed after on_train_batch_end: 2 x steps - 1 completed means the
+    # save came right after the second micro-batch of the step, never between its two micro-batches.
     assert checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"] + 1 == \
         2 * checkpoint["global_step"]
+
+
+@pytest.mark.slow
+def test_sigterm_to_rank_0_stops_both_ddp_ranks_at_the_same_step(tmp_path):
+    folder, stderr = run_until_first_checkpoint_then_sigterm(tmp_path, "--trainer.devices", "2",
+                                                              "--trainer.strategy", "ddp")
+    # Rank 1 received nothing itself: the all-reduced request stopped it at rank 0's step.
+    stops = re.findall(r"SIGTERM received: saved \S+ at step (\d+)", stderr)
+    assert len(stops) == 2 and stops[0] == stops[1], stderr[-3000:]
+    assert verify(newest_good(folder))["global_step"] == int(stops[0])
