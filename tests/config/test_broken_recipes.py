@@ -105,14 +105,6 @@ INCOMPATIBLE = [
 
 
 
-def known_gap(name: str) -> str | None:
-    """Why a case fails today, for cases this test found in config/load.py and schema.py (not yet fixed there)."""
-    if name.endswith("=None"):
-        # jsonargparse lets null through for a plain int/float key; the check then compares None with a number.
-        return "a null size is not rejected by type: the message is '>' not supported between NoneType and int"
-    return None
-
-
 def _leaves(schema, prefix=""):
     """(dotted key, type) of every recipe key, and (dotted key, dataclass) of every section, depth first."""
     hints = typing.get_type_hints(schema)
@@ -181,7 +173,11 @@ def _cases():
             yield what, key, changes
 
 
-CASES = list(_cases())
+CASES = [case for case in _cases() if not case[0].endswith("=None")]
+# A null where a number belongs: jsonargparse lets it through for a plain int/float key, and the check then
+# compares None with a number ("'>' not supported between NoneType and int", no key named). Found by this test
+# in config/load.py and schema.py; kept apart, as one expected failure, until it is fixed there.
+NULL_SIZES = [case for case in _cases() if case[0].endswith("=None")]
 
 
 def _recipe(changes: dict) -> dict:
@@ -210,13 +206,10 @@ def one_parser():
 
 def test_there_are_hundreds_of_cases():
     assert len(CASES) >= 200
-    assert len({name for name, _, _ in CASES}) == len(CASES)
+    assert len({name for name, _, _ in CASES + NULL_SIZES}) == len(CASES) + len(NULL_SIZES)
 
 
-@pytest.mark.parametrize("name,key,changes", [
-    pytest.param(*case, marks=pytest.mark.xfail(reason=known_gap(case[0]))) if known_gap(case[0]) else case
-    for case in CASES], ids=[case[0] for case in CASES])
-def test_broken_recipe_fails_with_one_line_naming_the_key(name, key, changes):
+def check_fails_with_one_line(key, changes):
     with pytest.raises(RecipeError) as error:
         recipe = load.load_recipe(values=_recipe(changes))
         check_data(recipe)  # files, tokenizer, shards: what the datamodule checks before the model is built
@@ -225,6 +218,22 @@ def test_broken_recipe_fails_with_one_line_naming_the_key(name, key, changes):
     assert "\n" not in message
     for internal in ("Traceback", "NoneType", "<class", "class_path"):
         assert internal not in message, message
+
+
+@pytest.mark.parametrize("name,key,changes", CASES, ids=[case[0] for case in CASES])
+def test_broken_recipe_fails_with_one_line_naming_the_key(name, key, changes):
+    check_fails_with_one_line(key, changes)
+
+
+@pytest.mark.xfail(reason="null sizes are not rejected by type (see NULL_SIZES)")
+def test_null_sizes_fail_with_one_line_naming_the_key():
+    unclear = []
+    for name, key, changes in NULL_SIZES:
+        try:
+            check_fails_with_one_line(key, changes)
+        except AssertionError:
+            unclear.append(name)
+    assert not unclear, f"{len(unclear)} of {len(NULL_SIZES)} null sizes fail unclearly: {', '.join(unclear)}"
 
 
 CLI_CASES = ["typo model.d_modle", "heads not dividing d_model",
