@@ -161,7 +161,8 @@ def main() -> int:
             left = temporaries(chaos_root, kind.split(":")[1])
             attempt["temporary_file_left_by_the_kill"] = left[0].name if left else None
         attempts.append(attempt)
-        print(f"  kill {i + 1}: {kind:<17} newest complete checkpoint step {attempt['newest_complete_checkpoint_at_kill']:>3}"
+        print(f"  kill {i + 1}: {kind:<17} newest complete checkpoint: step "
+              f"{attempt['newest_complete_checkpoint_at_kill']:>3}"
               f"; this start resumed from {attempt['resumed_from']}"
               + (f"; left {attempt['temporary_file_left_by_the_kill']}" if kind.startswith("write") else ""),
               flush=True)

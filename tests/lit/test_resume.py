@@ -75,7 +75,8 @@ def test_run_directory_records(straight):
     run_dir, _ = straight
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     # keep_last_checkpoints: 3 of the six step checkpoints, each with its marker, and last.ckpt.
-    assert names == ["last.ckpt", "last.ckpt.done"] + [f"step000000{s}.ckpt{m}" for s in (4, 5, 6) for m in ("", ".done")]
+    kept = [f"step000000{step}.ckpt{suffix}" for step in (4, 5, 6) for suffix in ("", ".done")]
+    assert names == ["last.ckpt", "last.ckpt.done"] + kept
     environment = json.loads((run_dir / "environment.json").read_text())
     for key in ("python", "torch", "lightning", "triton", "device", "command", "git_commit", "started_at"):
         assert key in environment
