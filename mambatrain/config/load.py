@@ -54,6 +54,13 @@ def _check_keys(values: dict, schema: type, prefix: str) -> None:
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
             section = prefix.rstrip(".") or "the recipe"
             raise RecipeError(f"{where}: unknown key{hint}; {section} accepts: {', '.join(allowed)}")
+        if value is None and type(None) not in typing.get_args(hints[key]):
+            # jsonargparse lets null through for plain types; the checks after it would then fail obscurely.
+            if typing.get_origin(hints[key]) is typing.Literal:
+                expected = "one of " + ", ".join(str(choice) for choice in typing.get_args(hints[key]))
+            else:
+                expected = getattr(hints[key], "__name__", str(hints[key]).replace("typing.", ""))
+            raise RecipeError(f"{where}: must not be null; expected {expected}")
         sub = _nested_dataclass(hints[key])
         if sub is not None and typing.get_origin(hints[key]) is list:
             # A list of sections, such as data.text.sources: check each item's keys.

@@ -175,9 +175,8 @@ def _cases():
 
 
 CASES = [case for case in _cases() if not case[0].endswith("=None")]
-# A null where a number belongs: jsonargparse lets it through for a plain int/float key, and the check then
-# compares None with a number ("'>' not supported between NoneType and int", no key named). Found by this test
-# in config/load.py and schema.py; kept apart, as one expected failure, until it is fixed there.
+# A null where a number belongs: jsonargparse lets it through for a plain int/float key, so the loader rejects
+# nulls for keys that are not optional (this test found the gap); kept as its own group of cases.
 NULL_SIZES = [case for case in _cases() if case[0].endswith("=None")]
 
 
