@@ -7,6 +7,10 @@ import torch
 # without a GPU the kernels run in the interpreter, so set it before anything else loads.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tiny test models gain nothing from a second thread, and on a 2-core machine it mostly waits for a core
+# (about 10x slower); subprocesses (CLI tests) inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 # datasets and huggingface_hub read these when imported: tests never reach a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

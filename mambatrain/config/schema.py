@@ -160,6 +160,8 @@ class ModelConfig:
         for key in ("d_model", "n_layers", "vocab_size"):
             _require(getattr(self, key) > 0, f"model.{key}", f"must be positive, got {getattr(self, key)}")
         _require(self.d_mlp >= 0, "model.d_mlp", f"must be 0 (no MLP) or positive, got {self.d_mlp}")
+        for key in ("norm_eps", "init_std"):
+            _require(getattr(self, key) > 0, f"model.{key}", f"must be positive, got {getattr(self, key)}")
         self._resolve_pattern()
         if MAMBA in self.pattern:
             self.mamba.validate(self.d_model)
@@ -369,6 +371,7 @@ class OptimizerConfig:
     def __post_init__(self) -> None:
         _require(self.lr > 0, "optimizer.lr", f"must be positive, got {self.lr}")
         _require(self.weight_decay >= 0, "optimizer.weight_decay", f"must be 0 or more, got {self.weight_decay}")
+        _require(self.eps > 0, "optimizer.eps", f"must be positive, got {self.eps}")
         for key in ("beta1", "beta2"):
             _require(0 <= getattr(self, key) < 1, f"optimizer.{key}", f"must be in [0, 1), got {getattr(self, key)}")
 
@@ -437,6 +440,7 @@ class TrainerConfig:
                     "keep_last_checkpoints", "max_consecutive_nonfinite"):
             _require(getattr(self, key) > 0, f"trainer.{key}", f"must be positive, got {getattr(self, key)}")
         _require(self.gradient_clip >= 0, "trainer.gradient_clip", f"must be 0 or more, got {self.gradient_clip}")
+        _require(self.seed >= 0, "trainer.seed", f"must be 0 or more, got {self.seed}")
         _require(self.strategy != "auto" or self.devices * self.num_nodes == 1, "trainer.strategy",
                  f"{self.devices * self.num_nodes} devices need strategy: ddp or fsdp")
         _require(set(self.activation_checkpointing) <= {"M", "A"}, "trainer.activation_checkpointing",
