@@ -121,11 +121,14 @@ def plan_command(argv: list[str]) -> int:
     return 0 if fits else 1
 
 
+CHECKPOINT_HELP = "a .ckpt file, or a model folder (exported, transformers, state-spaces/mamba)"
+
+
 def export_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mambatrain export", description="Write a checkpoint (or model folder) as "
                                      "config.json + model.safetensors (+ the run's tokenizer), in the layout of the "
                                      "transformers class that computes the same model when there is one.")
-    parser.add_argument("checkpoint", help="a .ckpt file, or a model folder (exported, transformers, state-spaces/mamba)")
+    parser.add_argument("checkpoint", help=CHECKPOINT_HELP)
     parser.add_argument("out_dir", help="folder to write")
     args = parser.parse_args(argv)
     import json
@@ -140,7 +143,7 @@ def export_command(argv: list[str]) -> int:
 def generate_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mambatrain generate", description="Continue a prompt: one forward pass "
                                      "over the prompt, then one token at a time with the Mamba state and a KV cache.")
-    parser.add_argument("checkpoint", help="a .ckpt file, or a model folder (exported, transformers, state-spaces/mamba)")
+    parser.add_argument("checkpoint", help=CHECKPOINT_HELP)
     parser.add_argument("--prompt", required=True,
                         help="text; for a model trained on synthetic data (no tokenizer), token ids such as '3 17 5'")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
@@ -163,7 +166,7 @@ def eval_command(argv: list[str]) -> int:
                                      "of the recipe's validation data, and passkey retrieval by length and depth (its "
                                      "eval section), written as results.json, loss_by_position.png and passkey.png. "
                                      "Any recipe key can be overridden as --section.key VALUE.")
-    parser.add_argument("checkpoint", help="a .ckpt file, or a model folder (exported, transformers, state-spaces/mamba)")
+    parser.add_argument("checkpoint", help=CHECKPOINT_HELP)
     parser.add_argument("recipe", help="YAML recipe: its data and eval sections say what to evaluate on")
     parser.add_argument("--out", help="folder to write (default: the run's eval/<checkpoint name>/)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when there is one)")

@@ -308,7 +308,8 @@ def config_from_hf(c: dict, source: str) -> ModelConfig:
     heads = c["num_attention_heads"]
     _refuse(c.get("head_dim") not in (None, c["hidden_size"] // heads), source,
             f"head_dim {c.get('head_dim')} differs from hidden_size / num_attention_heads")
-    attention = AttentionConfig(n_heads=heads, n_kv_heads=c.get("num_key_value_heads") or heads, rope_base=_rope(c, source))
+    attention = AttentionConfig(n_heads=heads, n_kv_heads=c.get("num_key_value_heads") or heads,
+                                rope_base=_rope(c, source))
     if model_type == "llama":
         _refuse(c.get("sliding_window") is not None, source, "sliding_window models are not supported")
         return ModelConfig(kind="transformer", d_mlp=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
@@ -318,8 +319,9 @@ def config_from_hf(c: dict, source: str) -> ModelConfig:
     expand = int(c.get("mamba_expand", 2))
     n_heads = c.get("mamba_n_heads", 128)
     head_dim = c.get("mamba_d_head", "auto")
+    head_dim = expand * c["hidden_size"] // n_heads if head_dim == "auto" else head_dim
     mamba = MambaConfig(version=2, d_state=c.get("mamba_d_state", 256), d_conv=c.get("mamba_d_conv", 4),
-                        expand=expand, head_dim=expand * c["hidden_size"] // n_heads if head_dim == "auto" else head_dim,
+                        expand=expand, head_dim=head_dim,
                         n_groups=c.get("mamba_n_groups", 1), chunk_size=_chunk(c.get("mamba_chunk_size", 256)),
                         conv_bias=c.get("mamba_conv_bias", True))
     return ModelConfig(d_mlp=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-5), mamba=mamba,

@@ -34,7 +34,8 @@ def token_losses(model: LanguageModel, input_ids: torch.Tensor, labels: torch.Te
     if window is None or window >= T:
         spans, states = [(0, T)], None
     else:
-        spans, states = [(a, min(a + window, T)) for a in range(0, T, window)], model.decoding_states(B, input_ids.device)
+        spans = [(a, min(a + window, T)) for a in range(0, T, window)]
+        states = model.decoding_states(B, input_ids.device)
     losses, correct = [], []
     for a, b in spans:
         logits = model.logits(model(input_ids[:, a:b], states=states)).float()  # (B, t, V)

@@ -141,7 +141,8 @@ def test_import_bamba(tmp_path):
 
 def test_models_without_a_transformers_class_keep_our_layout(tmp_path):
     config = ModelConfig(kind="hybrid", pattern="MA", d_model=32, n_layers=2, vocab_size=VOCAB, d_mlp=16,
-                         mamba=MambaConfig(version=1, d_state=8), attention=AttentionConfig(n_heads=4, sliding_window=8))
+                         mamba=MambaConfig(version=1, d_state=8),
+                         attention=AttentionConfig(n_heads=4, sliding_window=8))
     ours = perturb(LanguageModel(config))
     out = export(save_ckpt(ours, tmp_path / "run.ckpt"), tmp_path / "export")
     assert json.loads((out / "config.json").read_text())["model_type"] == "mambatrain"

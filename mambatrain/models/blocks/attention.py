@@ -84,9 +84,8 @@ class CausalSelfAttention(nn.Module):
         self.out_proj = nn.Linear(self.n_heads * self.head_dim, d_model, bias=False)
 
     def empty_cache(self, batch: int, device, dtype=torch.float32) -> KVCache:
-        shape = (batch, self.n_kv_heads, 0, self.head_dim)
-        return KVCache(k=torch.zeros(shape, device=device, dtype=dtype), v=torch.zeros(shape, device=device, dtype=dtype),
-                       doc=torch.zeros(batch, 0, dtype=torch.int32, device=device))
+        empty = torch.zeros(batch, self.n_kv_heads, 0, self.head_dim, device=device, dtype=dtype)
+        return KVCache(k=empty, v=empty.clone(), doc=torch.zeros(batch, 0, dtype=torch.int32, device=device))
 
     def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None,
                 state: KVCache | None = None) -> torch.Tensor:
