@@ -20,7 +20,8 @@ def test_windows_with_carried_state_equal_whole_sequence(version, with_documents
         seq_idx = torch.zeros(2, 90, dtype=torch.int32)
         seq_idx[:, 30:] = 1
         seq_idx[0, 47:] = 2
-        seq_idx[1, 61:] = 2
+        seq_idx[1, 58:] = 2  # two tokens before a window edge (60): inside the carried conv tail
+        seq_idx[0, 89:] = 3  # a one-token document at the very end
     with torch.no_grad():
         whole = model(tokens, seq_idx)
         states = model.empty_states(2, tokens.device)
