@@ -29,7 +29,7 @@ def recipe_parser(prog: str = "mambatrain fit", with_docs: bool = False) -> Argu
     ``with_docs`` reads the fields' docstrings into the help (slower: only for --help).
     """
     set_parsing_settings(docstring_parse_attribute_docstrings=with_docs)
-    parser = ArgumentParser(prog=prog, exit_on_error=False, default_meta=False)
+    parser = ArgumentParser(prog=prog, exit_on_error=False)
     parser.add_class_arguments(Recipe, fail_untyped=True)
     return parser
 
