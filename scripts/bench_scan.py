@@ -263,6 +263,17 @@ def fwd_bwd_runner(forward, inputs):
     return run
 
 
+def time_ours(row: dict, ours, inputs, total_bytes: float, budget: float) -> None:
+    """Forward, forward+backward, peak memory, achieved bandwidth and tokens/s of one of our kernels."""
+    with torch.no_grad():
+        row["ours_fwd_ms"] = timed(ours, budget)
+    run = fwd_bwd_runner(ours, inputs)
+    row["ours_fwdbwd_ms"] = timed(run, budget)
+    row["ours_peak_GiB"] = peak_memory(run)
+    row["ours_fwdbwd_GBps"] = total_bytes / row["ours_fwdbwd_ms"] / 1e6
+    row["ours_tokens_per_s"] = row["length"] / row["ours_fwdbwd_ms"] * 1e3
+
+
 def bench_ssd_row(length: int, peers: dict) -> dict:
     row = {"length": length}
     fwd_bytes, total_bytes = ssd_bytes(length)
@@ -274,13 +285,7 @@ def bench_ssd_row(length: int, peers: dict) -> dict:
 
     def ours():
         return ssd_scan(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=True, chunk_size=chunk)
-    with torch.no_grad():
-        row["ours_fwd_ms"] = timed(ours, budget)
-    run = fwd_bwd_runner(ours, inputs)
-    row["ours_fwdbwd_ms"] = timed(run, budget)
-    row["ours_peak_GiB"] = peak_memory(run)
-    row["ours_fwdbwd_GBps"] = total_bytes / row["ours_fwdbwd_ms"] / 1e6
-    row["ours_tokens_per_s"] = length / row["ours_fwdbwd_ms"] * 1e3
+    time_ours(row, ours, inputs, total_bytes, budget)
 
     mamba = peers.get("mamba_ssm")
     if mamba is not None:
@@ -345,13 +350,7 @@ def bench_selective_row(length: int) -> dict:
 
     def ours():
         return selective_scan(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True)
-    with torch.no_grad():
-        row["ours_fwd_ms"] = timed(ours, budget)
-    run = fwd_bwd_runner(ours, inputs)
-    row["ours_fwdbwd_ms"] = timed(run, budget)
-    row["ours_peak_GiB"] = peak_memory(run)
-    row["ours_fwdbwd_GBps"] = total_bytes / row["ours_fwdbwd_ms"] / 1e6
-    row["ours_tokens_per_s"] = length / row["ours_fwdbwd_ms"] * 1e3
+    time_ours(row, ours, inputs, total_bytes, budget)
     del inputs, x, dt, A, B, C, D, z, dt_bias
     torch.cuda.empty_cache()
     return row
