@@ -6,7 +6,6 @@ Model code stays single-device: data parallelism wraps it here, from the outside
 from __future__ import annotations
 
 import os
-from functools import partial
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
