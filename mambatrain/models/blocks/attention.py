@@ -71,6 +71,11 @@ class KVCache:
     doc: torch.Tensor
     position: int = 0
 
+    def keys_with(self, k: torch.Tensor, v: torch.Tensor, doc: torch.Tensor):
+        """Keys, values (B, Hkv, S, hd) and doc ids (B, S) of the cached positions followed by the new ones."""
+        return (torch.cat([self.k.to(k.dtype), k], dim=2), torch.cat([self.v.to(v.dtype), v], dim=2),
+                torch.cat([self.doc, doc.to(self.doc.dtype)], dim=1))
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, d_model: int, config: AttentionConfig):
@@ -118,9 +123,7 @@ class CausalSelfAttention(nn.Module):
         if seq_idx is None:  # the new tokens continue the last cached document
             last = state.doc[:, -1:] if state.doc.shape[1] else torch.zeros(B, 1, dtype=torch.int32, device=q.device)
             seq_idx = last.expand(B, T)
-        keys = torch.cat([state.k.to(k.dtype), k], dim=2)  # (B, Hkv, S, hd)
-        values = torch.cat([state.v.to(v.dtype), v], dim=2)
-        docs = torch.cat([state.doc, seq_idx.to(state.doc.dtype)], dim=1)  # (B, S)
+        keys, values, docs = state.keys_with(k, v, seq_idx)  # (B, Hkv, S, hd), (B, S)
         S, start = keys.shape[2], state.position
         q_pos = torch.arange(start, start + T, device=q.device)
         k_pos = torch.arange(start + T - S, start + T, device=q.device)
