@@ -20,7 +20,7 @@ Rank r of N holds tokens [r T/N, (r+1) T/N) of every sequence of the batch (T/N 
 
 Model code stays single-device: ``context_parallel_forward`` walks the model's blocks from the outside and gives
 each block a state object (its only hooks are the carried state of Mamba blocks and ``KVCache.keys_with``).
-Activation checkpointing is not applied on this path (recomputation would repeat the exchanges).
+Activation checkpointing is refused on this path for now (recomputation would repeat the exchanges).
 """
 
 from __future__ import annotations
@@ -172,6 +172,9 @@ def context_parallel_forward(model, input_ids: torch.Tensor, cp: ContextParallel
                              seq_idx: torch.Tensor | None = None) -> torch.Tensor:
     """``model(input_ids, seq_idx)`` for this rank's shard: input_ids (B, L) and seq_idx (B, L) (global document
     ids) are ``cp.shard`` of the whole sequence's. Returns this shard's final hidden states (B, L, d_model)."""
+    if model.checkpoint_kinds and torch.is_grad_enabled():  # never silently train without it
+        raise NotImplementedError("trainer.activation_checkpointing is not supported with context parallelism yet "
+                                  "(recomputing a block would repeat its exchanges)")
     B, L = input_ids.shape
     x = model.embedding(input_ids)
     for block in model.blocks:
