@@ -144,7 +144,8 @@ def windowed_reference(naive, x, dt, A, B, C, D, z, dt_bias, window: int, per_he
 
 # ------------------------------------------------------------------------------------------------ correctness
 
-def check_ssd(odd_length: int, long_length: int) -> dict:
+def check_ssd(odd_length: int, long_length: int, mamba=None) -> dict:
+    """Our SSD kernel (and mamba_ssm's, when given) against the float64 loop on the same rounded inputs."""
     result = {}
     for dtype in (torch.float32, torch.bfloat16):
         x, dt, A, B, C, D, dt_bias = ssd_inputs(odd_length, dtype, requires_grad=True, seed=1)
@@ -163,6 +164,17 @@ def check_ssd(odd_length: int, long_length: int) -> dict:
         errors = {"y": rel_err(y, y_ref), "final_state": rel_err(final, final_ref)}
         errors.update({f"d{n}": rel_err(g, gr) for n, g, gr in zip(names, grads, grads_ref)})
         result[f"odd_length_{odd_length}_{str(dtype).split('.')[-1]}"] = errors
+        if mamba is not None:  # the same comparison for the peer: what precision its users get
+            key = f"mamba_ssm_odd_length_{odd_length}_{str(dtype).split('.')[-1]}"
+            try:
+                y, final = mamba(x, dt, A, B, C, SSD_SHAPE["chunk"], D=D, dt_bias=dt_bias, dt_softplus=True,
+                                 initial_states=h0, return_final_states=True)
+                grads = torch.autograd.grad((y, final), inputs, (dy.to(y.dtype), dfinal.to(final.dtype)))
+                errors = {"y": rel_err(y, y_ref), "final_state": rel_err(final, final_ref)}
+                errors.update({f"d{n}": rel_err(g, gr) for n, g, gr in zip(names, grads, grads_ref)})
+                result[key] = errors
+            except Exception as error:  # the peer's failure is a result too
+                result[key] = f"failed: {' '.join(str(error).split())[:300]}"
     with torch.no_grad():
         x, dt, A, B, C, D, dt_bias = ssd_inputs(long_length, torch.bfloat16, seed=2)
         y, final = ssd_scan(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=True, return_final_state=True,
@@ -406,32 +418,32 @@ def main() -> None:
         (out / "bench_scan.json").write_text(json.dumps(report, indent=1))
 
     long_length = 65536 if args.quick else args.long_check
-    if "check" not in args.skip:
-        if "ssd" not in args.skip:
-            report["check_ssd"] = check_ssd(4099, long_length)
-            print("ssd check:", json.dumps(report["check_ssd"]))
+    check = "check" not in args.skip
+    # SSD first, then the selective scan: each part is saved as soon as it is done
+    if "ssd" not in args.skip:
+        peers = {}
+        if not args.quick and not args.no_peers:
+            peers["mamba_ssm"], report["mamba_ssm_status"] = load_mamba_ssm()
+            peers["fla"], report["fla_status"] = load_fla()
+        if check:
+            report["check_ssd"] = check_ssd(4099, long_length, peers.get("mamba_ssm"))
+            print("ssd check:", json.dumps(report["check_ssd"]), flush=True)
             save()
-        if "selective" not in args.skip:
-            report["check_selective"] = check_selective(4099, long_length)
-            print("selective check:", json.dumps(report["check_selective"]))
-            save()
-        torch.cuda.empty_cache()
-
-    peers = {}
-    if not args.quick and not args.no_peers and "ssd" not in args.skip:
-        peers["mamba_ssm"], report["mamba_ssm_status"] = load_mamba_ssm()
-        peers["fla"], report["fla_status"] = load_fla()
-        if peers["mamba_ssm"] is not None:  # its first call autotunes for over a minute: keep that out of timings
+        if peers.get("mamba_ssm") is not None:  # its first call autotunes for over a minute: keep that out of timings
             x, dt, A, B, C, D, dt_bias = ssd_inputs(8192, requires_grad=True)
             fwd_bwd_runner(lambda: peers["mamba_ssm"](x, dt, A, B, C, SSD_SHAPE["chunk"], D=D, dt_bias=dt_bias,
                                                       dt_softplus=True), [x, dt, A, B, C, D, dt_bias])()
-    if "ssd" not in args.skip:
         report["ssd"] = []
         for length in args.lengths:
             report["ssd"].append(bench_ssd_row(length, peers))
             print("ssd", json.dumps(report["ssd"][-1]), flush=True)
             save()
+        torch.cuda.empty_cache()
     if "selective" not in args.skip:
+        if check:
+            report["check_selective"] = check_selective(4099, long_length)
+            print("selective check:", json.dumps(report["check_selective"]), flush=True)
+            save()
         report["selective"] = []
         for length in args.lengths:
             report["selective"].append(bench_selective_row(length))
