@@ -1,15 +1,19 @@
 """Mamba-1 selective scan in Triton, forward and backward.
 
 Same signature and behaviour as ``naive.selective_scan_naive``; the maths is
-in this folder's README.md. A forward program owns one batch row and a block
-of BD channels and walks time in tiles of BT steps: inside a tile the
-recurrence is a parallel ``tl.associative_scan`` over a [NI, BT, BD, NL]
-tile (d_state = NI * NL), across tiles the fp32 state is carried in
-registers; it keeps the state at the start of every segment of
-``CHECKPOINT_STEPS`` steps. The backward runs the segments in parallel: pass
-A finds each segment's adjoint for a zero carry and its decay product, pass B
-chains them into the true carries, pass C recomputes each segment's states
-and runs the adjoint recurrence as a reverse scan, producing the gradients.
+in this folder's README.md. Time is cut into segments of
+``CHECKPOINT_STEPS`` steps, and both directions run the segments in
+parallel (at batch 1 the channel blocks alone leave most of the GPU idle).
+A program owns one batch row, a block of BD channels and one segment, and
+walks it in tiles of BT steps: inside a tile the recurrence is a parallel
+``tl.associative_scan`` over a [NI, BT, BD, NL] tile (d_state = NI * NL),
+across tiles the fp32 state is carried in registers. Forward: pass 1 finds
+each segment's end state from zero and its decay product, pass 2 chains them
+into the true start states (kept for the backward), pass 3 recomputes each
+segment from its start state and writes y. Backward: pass A finds each
+segment's adjoint for a zero carry and its decay product, pass B chains them
+into the true carries, pass C recomputes each segment's states and runs the
+adjoint recurrence as a reverse scan, producing the gradients.
 """
 
 import functools
@@ -252,8 +256,8 @@ def _tile_states(
     b_ub = b_u[None, :, :, None] * b_B[:, :, None, :]  # [NI, BT, BD, NL]
     # fold the carried state into the first step, so the scanned b is h itself
     b_in = tl.where((o_tl == 0)[None, :, None, None], b_ub + b_a * b_h[:, None, :, :], b_ub)
-    _, b_hs = tl.associative_scan((b_a, b_in), 1, _affine_combine)  # [NI, BT, BD, NL]
-    return b_x, b_dtr, b_dt, b_a, b_u, b_B, b_ub, b_hs
+    b_cum, b_hs = tl.associative_scan((b_a, b_in), 1, _affine_combine)  # [NI, BT, BD, NL]
+    return b_x, b_dtr, b_dt, b_a, b_u, b_B, b_ub, b_hs, b_cum
 
 
 @triton.jit
@@ -310,21 +314,28 @@ def _sum_n(b):
     return tl.sum(tl.sum(b, axis=0), axis=2)
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["D", "N", "GSIZE", "BATCH"],
+@triton.autotune(configs=_FWD_CONFIGS, key=["D", "N", "GSIZE", "BATCH", "LOCAL"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _fwd_kernel(
-    x, dt, A, B, C, Dp, z, dt_bias, h0, seq_idx,
-    y, hT, ckpt,
+    x, dt, A, B, C, Dp, z, dt_bias, seq_idx,
+    y, hT, ckpt, c_loc, P,
     L, D, N, GSIZE, S, BATCH,
     s_xb, s_xt, s_dtb, s_dtt, s_zb, s_zt,
     s_Bb, s_Bt, s_Bg, s_Cb, s_Ct, s_Cg, s_sb, s_st,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, LOCAL: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, NI: tl.constexpr,
 ):
+    """One program per (BD channels, batch row, segment of S steps).
+
+    LOCAL (pass 1): the segment's end state from a zero start (c_loc) and the
+    product of its decays (P), so that its true end state is c_loc + P * start.
+    Otherwise (pass 3): the outputs y of the segment from its true start state
+    in ckpt; the last segment writes the final state.
+    """
     NL: tl.constexpr = BN // NI
-    i_d, i_b = tl.program_id(0), tl.program_id(1)
+    i_d, i_b, i_seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b64 = tl.cast(i_b, tl.int64)
     o_d = i_d * BD + tl.arange(0, BD)
     o_n3 = tl.arange(0, NI)[:, None, None] * NL + tl.arange(0, NL)[None, None, :]  # [NI, 1, NL]
@@ -333,40 +344,65 @@ def _fwd_kernel(
     i_g = (i_d * BD) // GSIZE
     o_dn = o_d[None, :, None] * N + o_n3  # [NI, BD, NL]
     b_A2 = tl.load(A + o_dn, mask=m_n3, other=0.0) * LOG2E
-    if HAS_H0:
-        b_h = tl.load(h0 + i_b64 * D * N + o_dn, mask=m_n3, other=0.0).to(tl.float32)
-    else:
+    NS = tl.cdiv(L, S)
+    o_seg = (i_b64 * NS + i_seg) * D * N + o_dn
+    if LOCAL:
         b_h = tl.zeros([NI, BD, NL], dtype=tl.float32)
+        b_P = tl.full([NI, BD, NL], 1.0, dtype=tl.float32)
+    else:
+        b_h = tl.load(ckpt + o_seg, mask=m_n3, other=0.0)
     if HAS_D:
         b_D = tl.load(Dp + o_d).to(tl.float32)
     o_tl = tl.arange(0, BT)
     TPS = S // BT
-    NT = tl.cdiv(L, BT)
-    for i_t in range(0, NT):
-        if i_t % TPS == 0:
-            p_ck = ckpt + (i_b64 * tl.cdiv(L, S) + i_t // TPS) * D * N + o_dn
-            tl.store(p_ck, b_h, mask=m_n3)
-        b_x, b_dtr, b_dt, b_a, b_u, b_B, b_ub, b_hs = _tile_states(
+    t_first = i_seg * TPS
+    t_end = tl.minimum(t_first + TPS, tl.cdiv(L, BT))
+    for i_t in range(t_first, t_end):
+        b_x, b_dtr, b_dt, b_a, b_u, b_B, b_ub, b_hs, b_cum = _tile_states(
             x, dt, B, dt_bias, seq_idx, b_A2, b_h,
             i_b, i_t, i_g, o_d, o_n3, L, N,
             s_xb, s_xt, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg, s_sb, s_st,
             HAS_BIAS, SOFTPLUS, HAS_SEQ, BT,
         )
-        t0 = tl.cast(i_t, tl.int64) * BT
-        m_t = i_t * BT + o_tl < L
-        p_C = C + i_b64 * s_Cb + t0 * s_Ct + i_g * s_Cg + o_tl[None, :, None] * s_Ct + o_n3
-        b_C = tl.load(p_C, mask=m_t[None, :, None] & m_n3, other=0.0).to(tl.float32)  # [NI, BT, NL]
-        b_y = _sum_n(b_hs * b_C[:, :, None, :])  # [BT, BD]
-        if HAS_D:
-            b_y += b_x * b_D[None, :]
-        if HAS_Z:
-            p_z = z + i_b64 * s_zb + t0 * s_zt + o_tl[:, None] * s_zt + o_d[None, :]
-            b_z = tl.load(p_z, mask=m_t[:, None], other=0.0).to(tl.float32)
-            b_y *= b_z * _sigmoid(b_z, FAST_MATH)
-        p_y = y + (i_b64 * L + t0) * D + o_tl[:, None] * D + o_d[None, :]
-        tl.store(p_y, b_y.to(y.dtype.element_ty), mask=m_t[:, None])
+        if LOCAL:
+            b_P *= _last_step(b_cum, BT)
+        else:
+            t0 = tl.cast(i_t, tl.int64) * BT
+            m_t = i_t * BT + o_tl < L
+            p_C = C + i_b64 * s_Cb + t0 * s_Ct + i_g * s_Cg + o_tl[None, :, None] * s_Ct + o_n3
+            b_C = tl.load(p_C, mask=m_t[None, :, None] & m_n3, other=0.0).to(tl.float32)  # [NI, BT, NL]
+            b_y = _sum_n(b_hs * b_C[:, :, None, :])  # [BT, BD]
+            if HAS_D:
+                b_y += b_x * b_D[None, :]
+            if HAS_Z:
+                p_z = z + i_b64 * s_zb + t0 * s_zt + o_tl[:, None] * s_zt + o_d[None, :]
+                b_z = tl.load(p_z, mask=m_t[:, None], other=0.0).to(tl.float32)
+                b_y *= b_z * _sigmoid(b_z, FAST_MATH)
+            p_y = y + (i_b64 * L + t0) * D + o_tl[:, None] * D + o_d[None, :]
+            tl.store(p_y, b_y.to(y.dtype.element_ty), mask=m_t[:, None])
         b_h = _last_step(b_hs, BT)  # [NI, BD, NL]
-    tl.store(hT + i_b64 * D * N + o_dn, b_h, mask=m_n3)
+    if LOCAL:
+        tl.store(c_loc + o_seg, b_h, mask=m_n3)
+        tl.store(P + o_seg, b_P, mask=m_n3)
+    elif i_seg == NS - 1:
+        tl.store(hT + i_b64 * D * N + o_dn, b_h, mask=m_n3)
+
+
+@triton.jit
+def _fwd_combine_kernel(c_loc, P, h0, ckpt, NS, DN, HAS_H0: tl.constexpr, BLOCK: tl.constexpr):
+    """Forward pass 2: the true start state of every segment, first to last (NS short steps)."""
+    i_c, i_b = tl.program_id(0), tl.program_id(1)
+    i_b64 = tl.cast(i_b, tl.int64)
+    o = i_c * BLOCK + tl.arange(0, BLOCK)
+    m = o < DN
+    if HAS_H0:
+        b_h = tl.load(h0 + i_b64 * DN + o, mask=m, other=0.0)
+    else:
+        b_h = tl.zeros([BLOCK], dtype=tl.float32)
+    for i_s in range(0, NS):
+        o_seg = (i_b64 * NS + i_s) * DN + o
+        tl.store(ckpt + o_seg, b_h, mask=m)
+        b_h = tl.load(c_loc + o_seg, mask=m, other=0.0) + tl.load(P + o_seg, mask=m, other=0.0) * b_h
 
 
 @triton.autotune(configs=_BWD_CONFIGS, key=["D", "N", "GSIZE", "BD"], prune_configs_by={"early_config_prune": _prune})
@@ -499,7 +535,7 @@ def _bwd_kernel(
             # phase 1: states at the start of every tile of the segment, to scratch
             for k in range(0, n_tiles - 1):
                 tl.store(p_scr + k * s_sck + o_scr, b_h)
-                _, _, _, _, _, _, _, b_hs = _tile_states(
+                _, _, _, _, _, _, _, b_hs, _ = _tile_states(
                     x, dt, B, dt_bias, seq_idx, b_A2, b_h,
                     i_b, t_first + k, i_g, o_d, o_n3, L, N,
                     s_xb, s_xt, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg, s_sb, s_st,
@@ -514,7 +550,7 @@ def _bwd_kernel(
                 k = n_tiles - 1 - kk
                 i_t = t_first + k
                 b_h0 = tl.load(p_scr + k * s_sck + o_scr)
-                b_x, b_dtr, b_dt, b_a, b_u, b_B, b_ub, b_hs = _tile_states(
+                b_x, b_dtr, b_dt, b_a, b_u, b_B, b_ub, b_hs, _ = _tile_states(
                     x, dt, B, dt_bias, seq_idx, b_A2, b_h0,
                     i_b, i_t, i_g, o_d, o_n3, L, N,
                     s_xb, s_xt, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg, s_sb, s_st,
@@ -609,19 +645,25 @@ def _bwd_block_d(gsize: int) -> int:
     return _pow2_divisor(gsize, 16)
 
 
+# Backward programs to aim for: enough warps per SM to hide the latency of the
+# shuffle reductions (256, about 2 per SM, left an H100 mostly idle).
+BWD_PROGRAMS = 2048
+# Programs along the segments at most: each holds a scratch of
+# CHECKPOINT_STEPS / BT states for all channels (6 MB at 1536 x 16).
+_BWD_SEGMENT_PROGRAMS = 256
+
+
 def _bwd_grid(batch: int, nblk_per_group: int, groups: int, nseg: int) -> tuple[int, int]:
     """(NSUB, NG) of backward pass C: channel blocks per program, programs along the segments.
 
-    About 256 programs (2 per SM on an H100, 1-8 warps each): their scratch
-    and running dB, dC (see CHECKPOINT_STEPS) should fit in L2 together.
-    Long sequences: the segments give the programs, each takes all blocks of
-    its group (NSUB), and dB, dC leave one partial sum per group and step.
-    Short ones: fewer blocks per program, more partial sums.
+    Long sequences: up to _BWD_SEGMENT_PROGRAMS programs along the segments,
+    each taking NSUB blocks of its group, with NSUB lowered until there are
+    about BWD_PROGRAMS programs; dB, dC leave one partial sum per program and
+    step. Short ones: every block its own program.
     """
-    target = 256
-    ng = max(1, min(nseg, target))
+    ng = max(1, min(nseg, _BWD_SEGMENT_PROGRAMS))
     nsub = nblk_per_group
-    while nsub > 1 and batch * groups * (nblk_per_group // nsub) * ng < target:
+    while nsub > 1 and batch * groups * (nblk_per_group // nsub) * ng < BWD_PROGRAMS:
         nsub = next(d for d in range(nsub - 1, 0, -1) if nblk_per_group % d == 0)
     return nsub, ng
 
@@ -643,6 +685,9 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx):
     _check_steps()
     nseg = triton.cdiv(length, CHECKPOINT_STEPS)
     ckpt = _empty(batch, nseg, channels, d_state, device=dev)
+    # pass 1's outputs (segment end states from zero, decay products); unused for one segment
+    c_loc = _empty(batch, nseg, channels, d_state, device=dev) if nseg > 1 else ckpt
+    P = _empty(batch, nseg, channels, d_state, device=dev) if nseg > 1 else ckpt
     if length == 0:
         return y, (h0.clone() if h0 is not None else hT.zero_()), ckpt
     sB, sC = B.stride(), C.stride()
@@ -650,20 +695,33 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx):
     s_z = z.stride() if z is not None else (0, 0, 0)
     bn = triton.next_power_of_2(d_state)
     if any(_fits(c, bn, gsize, c.kwargs["BD"], True) for c in _FWD_CONFIGS):
-        kernel = _fwd_kernel[lambda meta: (channels // meta["BD"], batch)]
+        kernel = _fwd_kernel[lambda meta: (channels // meta["BD"], batch, nseg)]
     else:  # nothing fits (odd group sizes, tiny d_state): a plain launch
         bd, kw, nw = _fallback_config(bn, gsize)
-        kernel = functools.partial(_fwd_kernel.fn[(channels // bd, batch)], BD=bd, num_warps=nw, **kw)
-    kernel(
-        x, dt, A, B, C, D, z, dt_bias, h0, seq_idx,
-        y, hT, ckpt,
+        kernel = functools.partial(_fwd_kernel.fn[(channels // bd, batch, nseg)], BD=bd, num_warps=nw, **kw)
+    args = (
+        x, dt, A, B, C, D, z, dt_bias, seq_idx,
+        y, hT, ckpt, c_loc, P,
         length, channels, d_state, gsize, CHECKPOINT_STEPS, batch,
         x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), s_z[0], s_z[1],
         sB[0], sB[1], sB[2], sC[0], sC[1], sC[2], s_seq[0], s_seq[1],
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
-        SOFTPLUS=dt_softplus, HAS_H0=h0 is not None, HAS_SEQ=seq_idx is not None,
-        BN=bn,
     )
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
+                 SOFTPLUS=dt_softplus, HAS_SEQ=seq_idx is not None, BN=bn)
+    if nseg > 1:
+        # segments run in parallel (batch 1 has too few channel blocks to fill the GPU):
+        # pass 1 each segment's end state from zero and its decay product, pass 2 chains them
+        kernel(*args, LOCAL=True, **flags)
+        dn = channels * d_state
+        _fwd_combine_kernel[(triton.cdiv(dn, 1024), batch)](
+            c_loc, P, h0, ckpt, nseg, dn, HAS_H0=h0 is not None, BLOCK=1024,
+        )
+    elif h0 is not None:
+        ckpt[:, 0].copy_(h0)
+    else:
+        ckpt.zero_()
+    # pass 3: outputs, segments in parallel from their true start states
+    kernel(*args, LOCAL=False, **flags)
     return y, hT, ckpt
 
 

@@ -21,6 +21,7 @@ from .triton_fwd import (
     INTERPRET,
     ssd_bmm_fwd_kernel,
     ssd_chunk_cumsum_fwd_kernel,
+    ssd_chain_kernel,
     ssd_output_fwd_kernel,
     ssd_state_fwd_kernel,
 )
@@ -53,6 +54,19 @@ def _tiles(x: Tensor, B: Tensor, chunk_size: int) -> dict:
     fp32 = x.dtype == torch.float32
     return dict(L=L, NT=triton.cdiv(length, L), BT=BT, NB=L // BT, BN=BN, BV=BV,
                 precision="ieee" if fp32 else "tf32", precise=fp32)
+
+
+# Programs the sequential state kernels aim for: their chunk loop runs in
+# segments, in parallel (batch x heads x state tiles alone is ~100 programs at
+# batch 1, leaving an H100 mostly idle).
+STATE_PROGRAMS = 1024
+
+
+def _segments(nt: int, batch_heads: int) -> tuple[int, int]:
+    """(chunks per segment, segments) of the state kernels; 4 state tiles per head assumed."""
+    nseg = max(1, min(nt, triton.cdiv(STATE_PROGRAMS, 4 * batch_heads)))
+    seg = triton.cdiv(nt, nseg)
+    return seg, triton.cdiv(nt, seg)
 
 
 def _bucket(nt: int) -> int:
@@ -113,15 +127,30 @@ def ssd_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chun
     h0 = initial_state.float().contiguous() if initial_state is not None else final
     docp = doc if doc is not None else dtp
 
-    def grid_state(meta):
-        return (triton.cdiv(d_state, meta["BK"]), triton.cdiv(head_dim, meta["BV"]), batch * heads)
+    seg, nseg = _segments(NT, batch * heads)
 
-    ssd_state_fwd_kernel[grid_state](
-        x, B, dtp, dA_cs[0], dA_cs[-1], docp, h0, states, final, length, NT, _bucket(NT), *x.stride(), *B.stride(),
-        H=heads, G=groups, P=head_dim, N=d_state, L=L,
-        HAS_INIT=initial_state is not None, HAS_DOC=doc is not None, PRECISE=k["precise"],
-        PRECISION=k["precision"],
-    )
+    def grid_state(meta):
+        return (triton.cdiv(d_state, meta["BK"]), triton.cdiv(head_dim, meta["BV"]), batch * heads * nseg)
+
+    def state_pass(h_in, has_in, seg_local, seg_decay, local):
+        ssd_state_fwd_kernel[grid_state](
+            x, B, dtp, dA_cs[0], dA_cs[-1], docp, h_in, states, final, seg_local, seg_decay,
+            length, NT, _bucket(NT), seg, nseg, *x.stride(), *B.stride(),
+            H=heads, G=groups, P=head_dim, N=d_state, L=L,
+            HAS_INIT=has_in, HAS_DOC=doc is not None, PRECISE=k["precise"], PRECISION=k["precision"], LOCAL=local,
+        )
+    if nseg == 1:
+        state_pass(h0, initial_state is not None, final, final, False)
+    else:  # pass 1: each segment from zero; pass 2: what enters each; pass 3: the states
+        seg_local = torch.empty(batch * heads, nseg, head_dim * d_state, device=dev, dtype=f32)
+        seg_decay = torch.empty(batch * heads, nseg, device=dev, dtype=f32)
+        state_pass(h0, False, seg_local, seg_decay, True)
+        starts = torch.empty_like(seg_local)
+        ssd_chain_kernel[(triton.cdiv(head_dim * d_state, 1024), batch * heads)](
+            seg_local, seg_decay, h0, starts, nseg, head_dim * d_state,
+            HAS_IN=initial_state is not None, REVERSE=False, BLOCK=1024,
+        )
+        state_pass(starts, True, seg_local, seg_decay, False)
     out = torch.empty(batch, length, heads, head_dim, device=dev, dtype=x.dtype)
     ypre = torch.empty_like(out) if z is not None else out.new_empty(0)
     NV = triton.cdiv(head_dim, k["BV"])
@@ -154,15 +183,30 @@ def ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_st
     kc_tiles = triton.cdiv(d_state, 32) * triton.cdiv(head_dim, 32)
     Kc_part = torch.zeros(batch, heads, NT, kc_tiles, device=dev, dtype=f32)
 
-    def grid_state(meta):
-        return (triton.cdiv(d_state, meta["BK"]), triton.cdiv(head_dim, meta["BV"]), batch * heads)
+    seg, nseg = _segments(NT, batch * heads)
 
-    ssd_state_bwd_kernel[grid_state](
-        dout, zp, C, dtp, dA_cs[0], docp, states, dhT, dstates, dh0, Kc_part,
-        length, NT, _bucket(NT), *dout.stride(), *_strides4(z), *C.stride(),
-        H=heads, G=groups, P=head_dim, N=d_state, L=L, KC_TILES=kc_tiles,
-        HAS_DFINAL=dfinal is not None, HAS_Z=z is not None, HAS_DOC=doc is not None, PRECISION=k["precision"],
-    )
+    def grid_state(meta):
+        return (triton.cdiv(d_state, meta["BK"]), triton.cdiv(head_dim, meta["BV"]), batch * heads * nseg)
+
+    def state_pass(dh_in, has_in, seg_local, seg_decay, local):
+        ssd_state_bwd_kernel[grid_state](
+            dout, zp, C, dtp, dA_cs[0], docp, states, dh_in, dstates, dh0, Kc_part, seg_local, seg_decay,
+            length, NT, _bucket(NT), seg, nseg, *dout.stride(), *_strides4(z), *C.stride(),
+            H=heads, G=groups, P=head_dim, N=d_state, L=L, KC_TILES=kc_tiles,
+            HAS_DFINAL=has_in, HAS_Z=z is not None, HAS_DOC=doc is not None, PRECISION=k["precision"], LOCAL=local,
+        )
+    if nseg == 1:
+        state_pass(dhT, dfinal is not None, dh0, dh0, False)
+    else:  # as in the forward, walking the segments last to first
+        seg_local = torch.empty(batch * heads, nseg, head_dim * d_state, device=dev, dtype=f32)
+        seg_decay = torch.empty(batch * heads, nseg, device=dev, dtype=f32)
+        state_pass(dhT, False, seg_local, seg_decay, True)
+        ends = torch.empty_like(seg_local)
+        ssd_chain_kernel[(triton.cdiv(head_dim * d_state, 1024), batch * heads)](
+            seg_local, seg_decay, dhT, ends, nseg, head_dim * d_state,
+            HAS_IN=dfinal is not None, REVERSE=True, BLOCK=1024,
+        )
+        state_pass(ends, True, seg_local, seg_decay, False)
 
     hpg = heads // groups
     nsplit = _num_splits(x, NT * NB * batch * groups, hpg)

@@ -34,17 +34,22 @@ from .triton_fwd import configs, decay_block, dot
         {"BK": 32, "BV": 32, "num_warps": 4},
         {"BK": 64, "BV": 32, "num_warps": 8, "num_stages": 2},
     ),
-    key=["P", "N", "L", "HAS_Z", "T_BUCKET"],
+    key=["P", "N", "L", "HAS_Z", "T_BUCKET", "LOCAL"],
 )
 @triton.jit
 def ssd_state_bwd_kernel(
-    dout, z, C, dtp, dA_cs, doc, states, dhT, dstates, dh0, Kc_part,
-    T, NT, T_BUCKET, s_ob, s_ot, s_oh, s_op, s_zb, s_zt, s_zh, s_zp, s_Cb, s_Ct, s_Cg, s_Cn,
+    dout, z, C, dtp, dA_cs, doc, states, dhT, dstates, dh0, Kc_part, seg_local, seg_decay,
+    T, NT, T_BUCKET, SEG, NSEG, s_ob, s_ot, s_oh, s_op, s_zb, s_zt, s_zh, s_zp, s_Cb, s_Ct, s_Cg, s_Cn,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, KC_TILES: tl.constexpr,
     HAS_DFINAL: tl.constexpr, HAS_Z: tl.constexpr, HAS_DOC: tl.constexpr, PRECISION: tl.constexpr,
+    LOCAL: tl.constexpr,
 ):
-    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """Gradients of the states entering every chunk, walking the chunks backwards; segments of SEG chunks
+    in parallel as in ``ssd_state_fwd_kernel`` (LOCAL: pass 1; otherwise dhT holds what enters each
+    segment from its end, shaped (batch x heads, NSEG, P, N))."""
+    i_k, i_v, i_bhs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_bh, i_seg = i_bhs // NSEG, i_bhs % NSEG
     i_b, i_h = i_bh // H, i_bh % H
     i_g = i_h // (H // G)
     o_k = i_k * BK + tl.arange(0, BK)
@@ -60,14 +65,15 @@ def ssd_state_bwd_kernel(
     o_d0 = i_b.to(tl.int64) * T
 
     # [BV, BK] gradient of the state leaving the current chunk
+    o_seg = (i_bh.to(tl.int64) * NSEG + i_seg) * (P * N) + o_vk
     b_dh = tl.zeros([BV, BK], dtype=tl.float32)
-    if HAS_DFINAL:
-        b_dh += tl.load(dhT + i_bh.to(tl.int64) * (P * N) + o_vk, mask=m_vk, other=0.)
-    for i_r in range(NT):
-        i_c = NT - 1 - i_r
+    b_P = 1.0
+    if HAS_DFINAL and not LOCAL:
+        b_dh += tl.load(dhT + o_seg, mask=m_vk, other=0.)
+    c_end = tl.minimum(NT, i_seg * SEG + SEG)
+    for i_r in range(i_seg * SEG, c_end):
+        i_c = c_end - 1 - (i_r - i_seg * SEG)
         o_st = (i_bh.to(tl.int64) * NT + i_c) * (P * N) + o_vk
-        tl.store(dstates + o_st, b_dh, mask=m_vk)
-        b_h = tl.load(states + o_st, mask=m_vk, other=0.)
         t0 = i_c * L
         m_t = t0 + o_l < T
         i_end = tl.minimum(t0 + L, T) - 1
@@ -81,10 +87,13 @@ def ssd_state_bwd_kernel(
             b_doc_prev = tl.load(doc + o_d0 + tl.maximum(t0 - 1, 0))
             b_g = tl.where(b_doc == b_doc_prev, b_g, 0.)
             b_decay = tl.where(b_doc_end == b_doc_prev, b_decay, 0.)
-        # <dh_c, exp(a_end) h_{c-1}>: how the carried state's decay over the chunk
-        # moves the loss; every a of the chunk gets it (ssd_ddt_bwd_kernel)
-        tl.store(Kc_part + (i_bh.to(tl.int64) * NT + i_c) * KC_TILES + i_k * tl.cdiv(P, BV) + i_v,
-                 b_decay * tl.sum(tl.sum(b_dh * b_h, axis=1), axis=0))
+        if not LOCAL:
+            tl.store(dstates + o_st, b_dh, mask=m_vk)
+            b_h = tl.load(states + o_st, mask=m_vk, other=0.)
+            # <dh_c, exp(a_end) h_{c-1}>: how the carried state's decay over the chunk
+            # moves the loss; every a of the chunk gets it (ssd_ddt_bwd_kernel)
+            tl.store(Kc_part + (i_bh.to(tl.int64) * NT + i_c) * KC_TILES + i_k * tl.cdiv(P, BV) + i_v,
+                     b_decay * tl.sum(tl.sum(b_dh * b_h, axis=1), axis=0))
         m_vt = m_v[:, None] & m_t[None, :]
         # [BV, L]: dy^T, transposed by the pointers
         b_dyt = tl.load(p_o0 + t0.to(tl.int64) * s_ot + o_l[None, :] * s_ot + o_v[:, None] * s_op,
@@ -98,7 +107,12 @@ def ssd_state_bwd_kernel(
                       mask=m_t[:, None] & m_k[None, :], other=0.)
         b_dyt = (b_dyt * b_g[None, :]).to(b_C.dtype)
         b_dh = b_dh * b_decay + dot(b_dyt, b_C, PRECISION)
-    tl.store(dh0 + i_bh.to(tl.int64) * (P * N) + o_vk, b_dh, mask=m_vk)
+        b_P = b_P * b_decay
+    if LOCAL:
+        tl.store(seg_local + o_seg, b_dh, mask=m_vk)
+        tl.store(seg_decay + i_bh.to(tl.int64) * NSEG + i_seg, b_P)
+    elif i_seg == 0:
+        tl.store(dh0 + i_bh.to(tl.int64) * (P * N) + o_vk, b_dh, mask=m_vk)
 
 
 @triton.jit

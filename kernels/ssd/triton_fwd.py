@@ -185,17 +185,26 @@ def ssd_bmm_fwd_kernel(
         {"BK": 32, "BV": 32, "num_warps": 4},
         {"BK": 64, "BV": 32, "num_warps": 4, "num_stages": 2},
     ),
-    key=["P", "N", "L", "T_BUCKET"],
+    key=["P", "N", "L", "T_BUCKET", "LOCAL"],
 )
 @triton.jit
 def ssd_state_fwd_kernel(
-    x, B, dtp, dA_cs, dA_lo, doc, h0, states, hT,
-    T, NT, T_BUCKET, s_xb, s_xt, s_xh, s_xp, s_Bb, s_Bt, s_Bg, s_Bn,
+    x, B, dtp, dA_cs, dA_lo, doc, h0, states, hT, seg_local, seg_decay,
+    T, NT, T_BUCKET, SEG, NSEG, s_xb, s_xt, s_xh, s_xp, s_Bb, s_Bt, s_Bg, s_Bn,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
     HAS_INIT: tl.constexpr, HAS_DOC: tl.constexpr, PRECISE: tl.constexpr, PRECISION: tl.constexpr,
+    LOCAL: tl.constexpr,
 ):
-    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """States entering every chunk, one program per (state tile, batch x head, segment of SEG chunks).
+
+    Segments run in parallel (one per program would leave the GPU idle at batch 1). LOCAL (pass 1): the
+    segment's end state from zero (seg_local) and the product of its chunk decays (seg_decay), so that the
+    true end state is seg_local + seg_decay * start; ``ssd_chain_kernel`` (pass 2) turns those into the true
+    start of every segment, which pass 3 reads from h0 (then shaped (batch x heads, NSEG, P, N)).
+    """
+    i_k, i_v, i_bhs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_bh, i_seg = i_bhs // NSEG, i_bhs % NSEG
     i_b, i_h = i_bh // H, i_bh % H
     i_g = i_h // (H // G)
     o_k = i_k * BK + tl.arange(0, BK)
@@ -210,11 +219,14 @@ def ssd_state_fwd_kernel(
     o_a0 = i_bh.to(tl.int64) * T
     o_d0 = i_b.to(tl.int64) * T
 
+    o_seg = (i_bh.to(tl.int64) * NSEG + i_seg) * (P * N) + o_vk
     b_h = tl.zeros([BV, BK], dtype=tl.float32)
-    if HAS_INIT:
-        b_h += tl.load(h0 + i_bh.to(tl.int64) * (P * N) + o_vk, mask=m_vk, other=0.)
-    for i_c in range(NT):
-        tl.store(states + (i_bh.to(tl.int64) * NT + i_c) * (P * N) + o_vk, b_h, mask=m_vk)
+    b_P = 1.0
+    if HAS_INIT and not LOCAL:
+        b_h += tl.load(h0 + o_seg, mask=m_vk, other=0.)
+    for i_c in range(i_seg * SEG, tl.minimum(NT, i_seg * SEG + SEG)):
+        if not LOCAL:
+            tl.store(states + (i_bh.to(tl.int64) * NT + i_c) * (P * N) + o_vk, b_h, mask=m_vk)
         t0 = i_c * L
         m_t = t0 + o_l < T
         i_end = tl.minimum(t0 + L, T) - 1
@@ -241,7 +253,33 @@ def ssd_state_fwd_kernel(
         p_B = p_B0 + t0.to(tl.int64) * s_Bt + o_l[:, None] * s_Bt + o_k[None, :] * s_Bn
         b_B = tl.load(p_B, mask=m_t[:, None] & m_k[None, :], other=0.)
         b_h = b_h * b_decay + dot(b_xt, b_B, PRECISION)
-    tl.store(hT + i_bh.to(tl.int64) * (P * N) + o_vk, b_h, mask=m_vk)
+        b_P = b_P * b_decay
+    if LOCAL:
+        tl.store(seg_local + o_seg, b_h, mask=m_vk)
+        tl.store(seg_decay + i_bh.to(tl.int64) * NSEG + i_seg, b_P)
+    elif i_seg == NSEG - 1:
+        tl.store(hT + i_bh.to(tl.int64) * (P * N) + o_vk, b_h, mask=m_vk)
+
+
+@triton.jit
+def ssd_chain_kernel(seg_local, seg_decay, h_in, starts, NSEG, PN,
+                     HAS_IN: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 2 of the segmented state kernels: what enters each segment, from what enters the first.
+
+    Per (batch x head): starts[s] = h entering segment s (in the walk's direction: last to first with
+    REVERSE), h entering the next = seg_local[s] + seg_decay[s] * starts[s]. NSEG short elementwise steps.
+    """
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    o = i_c * BLOCK + tl.arange(0, BLOCK)
+    m = o < PN
+    b_h = tl.zeros([BLOCK], dtype=tl.float32)
+    if HAS_IN:
+        b_h += tl.load(h_in + i_bh.to(tl.int64) * PN + o, mask=m, other=0.)
+    for i in range(NSEG):
+        i_s = NSEG - 1 - i if REVERSE else i
+        o_s = (i_bh.to(tl.int64) * NSEG + i_s) * PN + o
+        tl.store(starts + o_s, b_h, mask=m)
+        b_h = tl.load(seg_local + o_s, mask=m, other=0.) + tl.load(seg_decay + i_bh.to(tl.int64) * NSEG + i_s) * b_h
 
 
 @triton.autotune(

@@ -224,11 +224,20 @@ def test_every_autotune_config(dtype):
     spaces = [k.configs for k in kernels]
     inp, seq_idx = make_inputs(2, 1000, 4, 2, 64, 128, dtype, seq=[300, 512], strided=True)
     grads, ref = reference(inp, seq_idx)
+    from triton.runtime.errors import OutOfResources
+
+    checked = 0
     try:
         for r in range(max(len(s) for s in spaces)):
             for k, s in zip(kernels, spaces):
                 k.configs = [s[r % len(s)]]
-            check(run(ssd_scan, inp, seq_idx, grads, chunk_size=256), ref, TOL[dtype])
+            try:
+                out = run(ssd_scan, inp, seq_idx, grads, chunk_size=256)
+            except OutOfResources:  # autotuning skips configs that do not fit this GPU; so do we
+                continue
+            check(out, ref, TOL[dtype])
+            checked += 1
+        assert checked > 0
     finally:
         for k, s in zip(kernels, spaces):
             k.configs = s

@@ -1,0 +1,86 @@
+"""Where the scan kernels spend their time on a GPU: per-kernel CUDA time of one forward+backward, and a sweep
+of the launch-shape knobs that set how many programs the sequential parts get.
+
+    python scripts/profile_scan.py --length 1048576 --out $OUT
+
+Writes profile_scan.json: for SSD (24 heads x 64, d_state 128, chunk 256) and the selective scan (1536
+channels, d_state 16), bf16, batch 1: the kernels of one forward+backward with their summed CUDA time, and
+fwd+bwd milliseconds for each value of ssd.triton.STATE_PROGRAMS and selective_scan.triton.BWD_PROGRAMS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_scan import SSD_SHAPE, commit, fwd_bwd_runner, sel_inputs, ssd_inputs, timed  # noqa: E402
+
+from mambatrain_kernels.selective_scan import triton as sel_triton  # noqa: E402
+from mambatrain_kernels.ssd import triton as ssd_triton  # noqa: E402
+
+
+def kernel_times(run) -> list[dict]:
+    """CUDA time per kernel name over one call of ``run`` (after a warm-up call)."""
+    run()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    totals = defaultdict(float)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name] += event.device_time_total / 1e3  # ms
+    return [{"kernel": k, "ms": round(v, 3)} for k, v in sorted(totals.items(), key=lambda kv: -kv[1])]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--length", type=int, default=1048576)
+    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks"))
+    parser.add_argument("--state-programs", type=int, nargs="*", default=[256, 1024, 4096])
+    parser.add_argument("--bwd-programs", type=int, nargs="*", default=[256, 2048, 8192])
+    args = parser.parse_args()
+    report = {"gpu": torch.cuda.get_device_name(), "commit": commit(), "length": args.length}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        (out / "profile_scan.json").write_text(json.dumps(report, indent=1))
+
+    x, dt, A, B, C, D, dt_bias = inputs = ssd_inputs(args.length, requires_grad=True)
+    ssd = fwd_bwd_runner(lambda: ssd_triton.ssd_scan(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=True,
+                                                     chunk_size=SSD_SHAPE["chunk"]), inputs)
+    report["ssd_sweep"] = {}
+    for n in args.state_programs:
+        ssd_triton.STATE_PROGRAMS = n
+        report["ssd_sweep"][n] = timed(ssd, 800)
+        print("ssd STATE_PROGRAMS", n, report["ssd_sweep"][n], flush=True)
+    ssd_triton.STATE_PROGRAMS = min(report["ssd_sweep"], key=report["ssd_sweep"].get)
+    report["ssd_kernels"] = kernel_times(ssd)
+    save()
+    del inputs, x, dt, A, B, C, D, dt_bias, ssd
+    torch.cuda.empty_cache()
+
+    x, dt, A, B, C, D, z, dt_bias = inputs = sel_inputs(args.length, requires_grad=True)
+    sel = fwd_bwd_runner(lambda: sel_triton.selective_scan(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
+                                                           dt_softplus=True), inputs)
+    report["selective_sweep"] = {}
+    for n in args.bwd_programs:
+        sel_triton.BWD_PROGRAMS = n
+        report["selective_sweep"][n] = timed(sel, 800)
+        print("selective BWD_PROGRAMS", n, report["selective_sweep"][n], flush=True)
+    sel_triton.BWD_PROGRAMS = min(report["selective_sweep"], key=report["selective_sweep"].get)
+    report["selective_kernels"] = kernel_times(sel)
+    save()
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
