@@ -239,12 +239,13 @@ def plot(path: Path) -> None:
     title = f"{results['environment']['gpu']}, commit {results['environment']['commit'][:8]}"
     runs = [r for r in results["runs"] if "step_s" in r]
     for key, ylabel, name in [("peak_bytes", "peak memory (GiB)", "memory_vs_length"),
-                              ("tokens_per_s", "tokens / s", "tokens_per_s_vs_length")]:
+                              ("tokens_per_s", "tokens / s", "tokens_per_s_vs_length")] if runs else []:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for model in dict.fromkeys(r["model"] for r in runs):
-            mine = [r for r in runs if r["model"] == model and r.get(key) is not None]
+            mine = [r for r in runs if r["model"] == model]
+            measured = [r for r in mine if r.get(key) is not None]  # CPU dry runs measure no memory
             scale = 2**30 if key == "peak_bytes" else 1
-            line, = ax.plot([r["length"] for r in mine], [r[key] / scale for r in mine], "o-", label=model)
+            line, = ax.plot([r["length"] for r in measured], [r[key] / scale for r in measured], "o-", label=model)
             if key == "peak_bytes":
                 ax.plot([r["length"] for r in mine], [r["predicted_peak_bytes"] / scale for r in mine], "x--",
                         color=line.get_color(), alpha=0.6, label=f"{model} (plan)")
