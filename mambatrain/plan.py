@@ -117,13 +117,43 @@ def block_activation_bytes(config: ModelConfig, letter: str) -> float:
     return mixer + _mlp_activation_bytes(config) + norms
 
 
+def _carried_bytes(config: ModelConfig, tokens: int, batch_size: int) -> tuple[float, float]:
+    """Bytes held between windows (``models.windowed``): (whole sequence's carried state, transient per window).
+
+    Mamba: conv tail + fp32 SSM state per stream, whatever the length. Attention: every window's bf16 keys and
+    values stay (and, in backward, their gradients accumulate beside them); one window's attention concatenates
+    all earlier keys and values (widened to n_heads for grouped-query attention), with their gradient in backward.
+    """
+    kept, transient = 0.0, 0.0
+    for letter in config.pattern:
+        if letter == MAMBA:
+            m = config.mamba
+            di = m.expand * config.d_model
+            conv = di if m.version == 1 else di + 2 * m.n_groups * m.d_state
+            kept += batch_size * (BF16 * (m.d_conv - 1) * conv + FP32 * di * m.d_state)
+        else:
+            a = config.attention
+            head_dim = config.d_model // a.n_heads
+            kv_tokens = tokens if a.sliding_window is None else min(tokens, a.sliding_window * batch_size)
+            kept += 2 * (2 * BF16 * a.n_kv_heads * head_dim * tokens)  # keys + values, and their gradients
+            transient = max(transient, 2 * (2 * BF16 * a.n_heads * head_dim * kv_tokens))
+    return kept, transient
+
+
 def training_memory(config: ModelConfig, seq_len: int, batch_size: int, checkpoint_kinds: str = "",
-                    loss_chunk_size: int = 8192, shards: int = 1) -> dict[str, float]:
-    """Predicted peak bytes on one device for a training step: weights, gradients, AdamW, activations."""
+                    loss_chunk_size: int = 8192, shards: int = 1,
+                    sequence_window: int | None = None) -> dict[str, float]:
+    """Predicted peak bytes on one device for a training step: weights, gradients, AdamW, activations.
+
+    With ``sequence_window`` shorter than ``seq_len`` the activations are one window's (``models.windowed``),
+    plus what windows carry: small for Mamba, every position's keys and values for attention.
+    """
     with torch.device("meta"):
         from .models.lm import LanguageModel
         params = sum(p.numel() for p in LanguageModel(config).parameters())
+    windowed = sequence_window is not None and seq_len > sequence_window
     tokens = seq_len * batch_size
+    active = (sequence_window if windowed else seq_len) * batch_size  # tokens whose activations are held at once
     states = 16 * params / shards  # fp32 weights + fp32 gradients + two fp32 AdamW moments
     kept, recompute = FP32 * config.d_model * 2, 0.0  # embedding output and final norm input
     for letter in config.pattern:
@@ -133,10 +163,12 @@ def training_memory(config: ModelConfig, seq_len: int, batch_size: int, checkpoi
             recompute = max(recompute, full)
         else:
             kept += full
-    logits = 3 * FP32 * min(loss_chunk_size, tokens) * config.vocab_size  # one chunk: logits, softmax, grad
-    return {"parameters": params, "weights_grads_optimizer": states, "activations": kept * tokens,
-            "recomputed_block": recompute * tokens, "loss_chunk": logits,
-            "peak": states + (kept + recompute) * tokens + logits}
+    carried, transient = _carried_bytes(config, tokens, batch_size) if windowed else (0.0, 0.0)
+    logits = 3 * FP32 * min(loss_chunk_size, active) * config.vocab_size  # one chunk: logits, softmax, grad
+    return {"parameters": params, "mode": "windowed" if windowed else "one pass",
+            "weights_grads_optimizer": states, "activations": kept * active,
+            "recomputed_block": recompute * active, "carried_state": carried, "window_attention": transient,
+            "loss_chunk": logits, "peak": states + (kept + recompute) * active + carried + transient + logits}
 
 
 def describe_plan(recipe, gpu_memory_gib: float) -> tuple[str, bool]:
@@ -147,7 +179,7 @@ def describe_plan(recipe, gpu_memory_gib: float) -> tuple[str, bool]:
         counts = LanguageModel(model_config).parameter_counts()
     shards = trainer.devices * trainer.num_nodes if trainer.strategy == "fsdp" else 1
     memory = training_memory(model_config, data.seq_len, data.batch_size, trainer.activation_checkpointing,
-                             trainer.loss_chunk_size, shards)
+                             trainer.loss_chunk_size, shards, trainer.sequence_window)
     gib = lambda b: f"{b / 2**30:8.2f} GiB"
     lines = [f"model {model_config.kind}, pattern {model_config.pattern}, "
              f"length {data.seq_len:,} x batch {data.batch_size} per device"]
@@ -155,15 +187,24 @@ def describe_plan(recipe, gpu_memory_gib: float) -> tuple[str, bool]:
     flops = training_flops_per_token(model_config, data.seq_len)
     lines.append(f"  training FLOPs per token  {flops:>15.4g}  ({flops * data.seq_len * data.batch_size:.3g} per step)")
     lines.append("predicted peak memory per device (estimate, bf16 compute):")
+    if memory["mode"] == "windowed":
+        lines.append(f"  mode: windowed, {trainer.sequence_window:,} tokens per window (exact; one extra forward)")
+    else:
+        lines.append("  mode: one pass over the whole length" + ("" if trainer.sequence_window is None else
+                     f" (shorter than trainer.sequence_window {trainer.sequence_window:,})"))
     lines.append(f"  weights + grads + AdamW   {gib(memory['weights_grads_optimizer'])}"
                  + (f"  (sharded over {shards})" if shards > 1 else ""))
     lines.append(f"  saved activations         {gib(memory['activations'])}"
                  f"  (recomputed: {trainer.activation_checkpointing or 'none'})")
     lines.append(f"  block being recomputed    {gib(memory['recomputed_block'])}")
+    if memory["mode"] == "windowed":
+        lines.append(f"  carried between windows   {gib(memory['carried_state'])}  (attention keys/values + grads)")
+        lines.append(f"  one window's attention    {gib(memory['window_attention'])}")
     lines.append(f"  one loss chunk            {gib(memory['loss_chunk'])}")
     lines.append(f"  peak                      {gib(memory['peak'])}")
     fits = memory["peak"] <= gpu_memory_gib * 2**30
     verdict = "fits" if fits else "does NOT fit"
     lines.append(f"{verdict} a {gpu_memory_gib:g} GiB GPU" + ("" if fits else
-                 "; try trainer.activation_checkpointing: MA, a smaller data.batch_size or trainer.strategy: fsdp"))
+                 "; try trainer.sequence_window, trainer.activation_checkpointing: MA, a smaller data.batch_size "
+                 "or trainer.strategy: fsdp"))
     return "\n".join(lines), fits

@@ -1,4 +1,6 @@
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -18,6 +20,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+
+# The editable install maps mambatrain_kernels to the checkout that installed it (main), not necessarily this
+# one (a git worktree): test this checkout's kernels, before anything imports them.
+_spec = importlib.util.spec_from_file_location("mambatrain_kernels", REPO / "kernels" / "__init__.py",
+                                               submodule_search_locations=[str(REPO / "kernels")])
+sys.modules["mambatrain_kernels"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sys.modules["mambatrain_kernels"])
 RECIPES = REPO / "recipes"
 
 

@@ -5,7 +5,8 @@
     y_t  = h_t @ C_t + D * x_t
     y_t  = y_t * silu(z_t)                       (if z is given)
 
-The state h is float32 whatever the input dtype. Where ``seq_idx`` changes
+The state h is float32 whatever the input dtype (float64 for float64 inputs, so
+that exactness tests in float64 hold to float64 rounding). Where ``seq_idx`` changes
 between t-1 and t a new document starts and h_{t-1} is taken as zero.
 """
 
@@ -39,33 +40,34 @@ def selective_scan_naive(
     D, dt_bias (channels,); initial_state (batch, channels, d_state);
     seq_idx (batch, length) integer document ids.
     Returns y (batch, length, channels) in x's dtype, and the final state
-    (batch, channels, d_state) in float32 when ``return_final_state``.
+    (batch, channels, d_state) in float32 (float64 for float64 x) when ``return_final_state``.
     """
     batch, length, channels = x.shape
-    xf, dtf = x.float(), dt.float()
+    ct = torch.promote_types(x.dtype, torch.float32)
+    xf, dtf = x.to(ct), dt.to(ct)
     if dt_bias is not None:
-        dtf = dtf + dt_bias.float()
+        dtf = dtf + dt_bias.to(ct)
     if dt_softplus:
         dtf = F.softplus(dtf)
-    Af = A.float()
-    h = x.new_zeros(batch, channels, A.shape[1], dtype=torch.float32)
+    Af = A.to(ct)
+    h = x.new_zeros(batch, channels, A.shape[1], dtype=ct)
     if initial_state is not None:
-        h = h + initial_state.float()
+        h = h + initial_state.to(ct)
     ys = []
     for t in range(length):
         decay = torch.exp(dtf[:, t, :, None] * Af)  # (batch, channels, d_state)
         if seq_idx is not None and t > 0:
-            same_doc = (seq_idx[:, t] == seq_idx[:, t - 1]).float()[:, None, None]
+            same_doc = (seq_idx[:, t] == seq_idx[:, t - 1]).to(ct)[:, None, None]
             h = h * same_doc
         # Groups are widened one step at a time: widening all of B and C at once costs length x channels x d_state.
-        B_t, C_t = _expand_groups(B[:, t, None].float(), channels)[:, 0], _expand_groups(C[:, t, None].float(), channels)[:, 0]
+        B_t, C_t = _expand_groups(B[:, t, None].to(ct), channels)[:, 0], _expand_groups(C[:, t, None].to(ct), channels)[:, 0]
         h = decay * h + (dtf[:, t] * xf[:, t])[:, :, None] * B_t
         ys.append((h * C_t).sum(-1))
     y = torch.stack(ys, dim=1)
     if D is not None:
-        y = y + xf * D.float()
+        y = y + xf * D.to(ct)
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(z.to(ct))
     y = y.to(x.dtype)
     return (y, h) if return_final_state else y
 

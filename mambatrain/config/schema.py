@@ -433,6 +433,12 @@ class TrainerConfig:
     """Tokens per chunk of the fused output projection + cross-entropy (logits are never built whole)."""
     activation_checkpointing: str = ""
     """Block kinds whose activations are recomputed in the backward pass: "" none, "M" Mamba, "A" attention, "MA" all."""
+    sequence_window: Optional[int] = None
+    """Tokens per window when a batch is longer: the whole model runs one window at a time inside one activation
+    checkpoint, carrying Mamba state and attention keys/values (with their gradients) to the next window. Loss
+    and gradients equal one pass over the whole length (exact backprop, not truncated); memory holds one window's
+    activations plus the carried state (attention keys/values grow with length); one extra forward. null: one pass.
+    Any positive size is exact; a multiple of model.mamba.chunk_size keeps the scan's chunks full (faster)."""
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "devices", "num_nodes", "accumulate_grad_batches", "val_every_n_steps",
@@ -445,6 +451,8 @@ class TrainerConfig:
                  f"{self.devices * self.num_nodes} devices need strategy: ddp or fsdp")
         _require(set(self.activation_checkpointing) <= {"M", "A"}, "trainer.activation_checkpointing",
                  f"use the block letters M and/or A (or \"\" for none), got {self.activation_checkpointing!r}")
+        _require(self.sequence_window is None or self.sequence_window > 0, "trainer.sequence_window",
+                 f"must be positive or null, got {self.sequence_window}")
 
 
 @dataclass

@@ -13,6 +13,7 @@ from ..config.load import recipe_to_dict
 from ..config.schema import Recipe
 from ..models.lm import LanguageModel
 from ..models.loss import IGNORE_INDEX
+from ..models.windowed import windowed_loss
 from .guards import NonFiniteGuard
 from .optim import build_optimizer
 
@@ -50,9 +51,15 @@ class LanguageModelModule(L.LightningModule):
     def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids, seq_idx)
 
-    def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.model(batch["input_ids"], batch.get("seq_idx"))
-        return self.model.loss(hidden, batch["labels"], self.recipe.trainer.loss_chunk_size), hidden
+    def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The mean loss, and the final hidden states (None when the batch ran window by window)."""
+        trainer, ids = self.recipe.trainer, batch["input_ids"]
+        if trainer.sequence_window is not None and ids.shape[1] > trainer.sequence_window:
+            loss = windowed_loss(self.model, ids, batch["labels"], batch.get("seq_idx"), trainer.sequence_window,
+                                 trainer.loss_chunk_size)
+            return loss, None
+        hidden = self.model(ids, batch.get("seq_idx"))
+        return self.model.loss(hidden, batch["labels"], trainer.loss_chunk_size), hidden
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, _ = self._loss(batch)
@@ -64,12 +71,14 @@ class LanguageModelModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, hidden = self._loss(batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(loss.clamp(max=20)), sync_dist=True)
+        if hidden is None:
+            return  # windowed batches keep no hidden states: no val/accuracy (it would need every position's logits)
         targets = batch["labels"] != IGNORE_INDEX
         # Accuracy over labelled positions only: logits for those tokens, never the whole (B, T, vocab).
         predictions = self.model.logits(hidden[targets]).argmax(-1)
         accuracy = (predictions == batch["labels"][targets]).float().mean()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("val/ppl", torch.exp(loss.clamp(max=20)), sync_dist=True)
         self.log("val/accuracy", accuracy, prog_bar=True, sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:

@@ -35,7 +35,7 @@ data.passkey.digits data.passkey.val_samples data.selective_copy.num_tokens data
 data.prepared.shard_tokens optimizer.lr trainer.max_steps trainer.devices trainer.num_nodes
 trainer.accumulate_grad_batches trainer.val_every_n_steps trainer.limit_val_batches trainer.log_every_n_steps
 trainer.checkpoint_every_n_steps trainer.loss_chunk_size trainer.keep_last_checkpoints
-trainer.max_consecutive_nonfinite eval.documents eval.passkey_samples eval.seq_len eval.window""".split()
+trainer.max_consecutive_nonfinite trainer.sequence_window eval.documents eval.passkey_samples eval.seq_len eval.window""".split()
 NON_NEGATIVE = """model.d_mlp data.num_workers data.prepared.shuffle_documents optimizer.weight_decay
 scheduler.warmup_steps trainer.gradient_clip eval.every_n_steps""".split()
 

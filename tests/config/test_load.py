@@ -71,6 +71,16 @@ def test_negative_size(tmp_path):
     assert fails(tmp_path, MINIMAL, ["--trainer.max_steps", "0"]).startswith("trainer.max_steps: must be positive")
 
 
+@pytest.mark.parametrize("window", ["0", "-4096"])
+def test_sequence_window_must_be_positive(tmp_path, window):
+    message = fails(tmp_path, MINIMAL, ["--trainer.sequence_window", window])
+    assert message.startswith("trainer.sequence_window: must be positive"), message
+
+
+def test_sequence_window_loads(tmp_path):
+    assert load_recipe(write(tmp_path, MINIMAL), ["--trainer.sequence_window", "4096"]).trainer.sequence_window == 4096
+
+
 def test_pattern_length_must_match_layers(tmp_path):
     message = fails(tmp_path, {**MINIMAL, "model": {**MINIMAL["model"], "pattern": "MAM"}})
     assert message.startswith("model.pattern:") and "n_layers is 4" in message

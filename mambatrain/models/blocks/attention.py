@@ -14,8 +14,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from ...config.schema import AttentionConfig
+from .precision import upcast
 
 
 def rotary_tables(length: int, head_dim: int, base: float, device, offset: int = 0):
@@ -28,7 +30,7 @@ def rotary_tables(length: int, head_dim: int, base: float, device, offset: int =
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: (B, H, T, hd); rotate the two halves of each head (GPT-NeoX / Llama layout)
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = upcast(x).chunk(2, dim=-1)
     rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return rotated.to(x.dtype)
 
@@ -77,6 +79,36 @@ class KVCache:
                 torch.cat([self.doc, doc.to(self.doc.dtype)], dim=1))
 
 
+@dataclass
+class PastKeys:
+    """Keys and values of the earlier windows of a sequence, for training window by window (``models.windowed``).
+
+    k, v: one rotated (B, n_kv_heads, window, head_dim) tensor per earlier window, in order; kept as separate
+    chunks (each the output of its own window) so that no window saves a copy of all earlier keys.
+    doc: document ids of the earlier positions, (B, position), or None when the batch has no ``seq_idx``.
+    position: tokens before this window, i.e. the RoPE position of its first token.
+    After the block runs, ``new_k`` and ``new_v`` hold this window's keys and values; nothing else changes.
+    """
+
+    k: tuple[torch.Tensor, ...]
+    v: tuple[torch.Tensor, ...]
+    doc: torch.Tensor | None
+    position: int
+    new_k: torch.Tensor | None = None
+    new_v: torch.Tensor | None = None
+
+    def since(self, first: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The chunks' keys and values from position ``first`` on (chunks wholly before it are skipped)."""
+        keys, values, offset = [], [], 0
+        for k, v in zip(self.k, self.v):
+            end = offset + k.shape[2]
+            if end > first:
+                keys.append(k[:, :, max(0, first - offset):])
+                values.append(v[:, :, max(0, first - offset):])
+            offset = end
+        return keys, values
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, d_model: int, config: AttentionConfig):
         super().__init__()
@@ -105,7 +137,9 @@ class CausalSelfAttention(nn.Module):
         cos, sin = rotary_tables(T, self.head_dim, self.rope_base, x.device, offset)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         gqa = self.n_kv_heads != self.n_heads
-        if state is not None:
+        if isinstance(state, PastKeys):
+            y = self._attend_past(q, k, v, seq_idx, state)
+        elif state is not None:
             y = self._attend_cached(q, k, v, seq_idx, state)
         elif seq_idx is None and self.sliding_window is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -133,3 +167,32 @@ class CausalSelfAttention(nn.Module):
         state.k, state.v, state.doc = keys[:, :, S - keep:], values[:, :, S - keep:], docs[:, S - keep:]
         state.position = start + T
         return y
+
+    def _attend_past(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_idx: torch.Tensor | None,
+                     past: PastKeys) -> torch.Tensor:
+        """Queries of this window over the earlier windows' keys and its own; sets ``past.new_k/new_v``."""
+        B, _, T, _ = q.shape
+        start = past.position
+        past.new_k, past.new_v = k, v
+        # With a sliding window, keys before the first query's reach are never looked at: skip them (linear cost).
+        first = 0 if self.sliding_window is None else max(0, start - (self.sliding_window - 1))
+        keys, values = past.since(first)
+        keys, values = torch.cat(keys + [k], dim=2), torch.cat(values + [v], dim=2)  # (B, Hkv, S, hd)
+        if self.n_kv_heads != self.n_heads:
+            # The lower-right causal kernels take equal head counts; widening costs one window's worth per head.
+            keys = keys.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            values = values.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        S = keys.shape[2]
+        if seq_idx is None and self.sliding_window is None:
+            # The last T keys are this window's: causal alignment at the lower right, no dense (T, S) mask.
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(T, S))
+        if seq_idx is None:
+            q_doc = torch.zeros(B, T, dtype=torch.int32, device=q.device)
+            k_doc = torch.zeros(B, S, dtype=torch.int32, device=q.device)
+        else:
+            q_doc = seq_idx
+            k_doc = torch.cat([past.doc[:, first:].to(seq_idx.dtype), seq_idx], dim=1)
+        q_pos = torch.arange(start, start + T, device=q.device)
+        k_pos = torch.arange(start + T - S, start + T, device=q.device)
+        mask = attention_mask(q_doc, k_doc, q_pos, k_pos, self.sliding_window)  # (B, 1, T, S)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)

@@ -18,6 +18,7 @@ from torch import nn
 from ...config.schema import MambaConfig
 from .. import scan
 from .norm import GatedRMSNorm
+from .precision import upcast
 
 
 @dataclass
@@ -138,9 +139,9 @@ class Mamba1Mixer(nn.Module):
         dt_low, Bmat, Cmat = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = dt_low @ self.dt_proj.weight.t().to(dt_low.dtype)  # bias and softplus happen inside the scan
         y = scan.selective_scan(
-            self.config.backend, x, dt, -torch.exp(self.A_log.float()),
+            self.config.backend, x, dt, -torch.exp(upcast(self.A_log)),
             Bmat.view(B, T, 1, self.d_state), Cmat.view(B, T, 1, self.d_state),
-            D=self.D.float(), z=z, dt_bias=self.dt_proj.bias.float(), dt_softplus=True,
+            D=upcast(self.D), z=z, dt_bias=upcast(self.dt_proj.bias), dt_softplus=True,
             initial_state=initial, seq_idx=seq_idx, return_final_state=state is not None,
         )
         if state is not None:
@@ -192,9 +193,9 @@ class Mamba2Mixer(nn.Module):
         x, Bmat, Cmat = xBC.split([self.d_inner, gn, gn], dim=-1)
         y = scan.ssd_scan(
             self.config.backend,
-            x.view(B, T, self.n_heads, self.head_dim), dt, -torch.exp(self.A_log.float()),
+            x.view(B, T, self.n_heads, self.head_dim), dt, -torch.exp(upcast(self.A_log)),
             Bmat.view(B, T, self.n_groups, self.d_state), Cmat.view(B, T, self.n_groups, self.d_state),
-            D=self.D.float(), dt_bias=self.dt_bias.float(), dt_softplus=True, initial_state=initial,
+            D=upcast(self.D), dt_bias=upcast(self.dt_bias), dt_softplus=True, initial_state=initial,
             seq_idx=seq_idx, return_final_state=state is not None, chunk_size=self.config.chunk_size,
         )
         if state is not None:

@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .precision import upcast
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
@@ -13,9 +15,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32: bf16 sums of squares lose the small channels.
-        xf = x.float()
+        xf = upcast(x)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        return (xf * upcast(self.weight)).to(x.dtype)
 
 
 class GatedRMSNorm(RMSNorm):
@@ -26,7 +28,7 @@ class GatedRMSNorm(RMSNorm):
         self.group_size = group_size or dim
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        gated = y.float() * F.silu(z.float())
+        gated = upcast(y) * F.silu(upcast(z))
         grouped = gated.unflatten(-1, (-1, self.group_size))
         grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (grouped.flatten(-2) * self.weight.float()).to(y.dtype)
+        return (grouped.flatten(-2) * upcast(self.weight)).to(y.dtype)

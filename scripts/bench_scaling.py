@@ -1,0 +1,329 @@
+"""Training step time, throughput, MFU and peak memory of ~130M models from 4k to 1M tokens on one GPU.
+
+    python scripts/bench_scaling.py                                  # the sweep: 3 models x 4k..1M (H100: <~9 min)
+    python scripts/bench_scaling.py --loss-steps mamba2=20,hybrid=3  # loss per step at 1,048,576 tokens
+    python scripts/bench_scaling.py --plot-only benchmarks/scaling-*.json   # PNG plots (CPU, needs matplotlib)
+    python scripts/bench_scaling.py --device cpu --tiny              # dry run of everything at toy sizes
+
+Models (d_model 768, vocab 50,280 tied; ``plan`` counts their parameters, printed at the start):
+  mamba2       24 Mamba-2 blocks (expand 2, d_state 128, head_dim 64), no MLP: the mamba-130m layout;
+  hybrid       24 blocks, model.attention_ratio 0.3 (7 attention, 17 Mamba-2), no MLP;
+  transformer  12 blocks of attention (12 heads, RoPE) + SwiGLU MLP 2048: the Transformer++ of the Mamba paper
+               at the same size (one attention + MLP block has the parameters of two Mamba blocks).
+A step is forward + backward + AdamW, bf16 autocast over fp32 weights (Lightning's "bf16-mixed"), batch 1,
+our model and chunked loss. A length runs in one pass when ``plan`` predicts it fits (80% of the GPU), otherwise
+with ``trainer.sequence_window`` (``models.windowed``: exact, one extra forward). Each configuration: 1 warm-up
+step, then timed steps (CUDA events, median); a model stops at the first length that runs out of memory or whose
+step exceeds --max-step-s. MFU counts model FLOPs (``plan.training_flops_per_token``, without the recomputation).
+The JSON (--out, default $OUT or benchmarks/) is rewritten after every configuration, so a killed run keeps what
+it measured; it holds the GPU, commit, date, versions, and plan's predicted peak beside the measured one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mambatrain.config.schema import AttentionConfig, MambaConfig, ModelConfig
+from mambatrain.data.mqar import mqar_sample
+from mambatrain.models.lm import LanguageModel
+from mambatrain.models.windowed import windowed_loss
+from mambatrain.plan import peak_flops, training_flops_per_token, training_memory
+
+LENGTHS = [4096, 8192, 16384, 65536, 131072, 262144, 1048576]
+TINY_LENGTHS = [256, 512, 2048]
+MODELS = ["mamba2", "hybrid", "transformer"]
+LOSS_CHUNK = 8192
+
+
+def model_config(name: str, tiny: bool) -> ModelConfig:
+    d_model, layers, vocab = (64, 4, 256) if tiny else (768, 24, 50280)
+    mamba = MambaConfig(version=2, expand=2, d_state=16 if tiny else 128, head_dim=16 if tiny else 64,
+                        chunk_size=64 if tiny else 256)
+    attention = AttentionConfig(n_heads=4 if tiny else 12)
+    if name == "mamba2":
+        return ModelConfig(kind="mamba", d_model=d_model, n_layers=layers, vocab_size=vocab, mamba=mamba)
+    if name == "hybrid":
+        return ModelConfig(kind="hybrid", d_model=d_model, n_layers=layers, vocab_size=vocab, attention_ratio=0.3,
+                           mamba=mamba, attention=attention)
+    if name == "transformer":
+        return ModelConfig(kind="transformer", d_model=d_model, n_layers=layers // 2, vocab_size=vocab,
+                           d_mlp=128 if tiny else 2048, attention=attention)
+    raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+
+
+def parse_length(text: str) -> int:
+    """4k -> 4096, 1M -> 1048576, 1000 -> 1000."""
+    scale = {"k": 1 << 10, "m": 1 << 20}.get(text[-1].lower(), 1)
+    return int(text[:-1] if scale > 1 else text) * scale
+
+
+def environment(device: torch.device) -> dict:
+    commit = os.environ.get("MAMBATRAIN_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                    cwd=Path(__file__).parent).stdout.strip() or "unknown"
+        except OSError:
+            commit = "unknown"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    return {"gpu": gpu, "gpu_memory_bytes": memory, "commit": commit, "date": datetime.datetime.now().isoformat(),
+            "torch": torch.__version__, "triton": triton_version, "python": sys.version.split()[0]}
+
+
+def write_json(path: Path, results: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(path)
+
+
+class Trainer:
+    """One model with its AdamW, stepping on (1, T) batches: fp32 weights, bf16 autocast on CUDA."""
+
+    def __init__(self, config: ModelConfig, device: torch.device, lr: float = 1e-3):
+        torch.manual_seed(0)
+        self.config, self.device = config, device
+        self.model = LanguageModel(config).to(device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.1,
+                                           fused=device.type == "cuda")
+
+    def step(self, input_ids: torch.Tensor, labels: torch.Tensor, window: int | None) -> float:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            if window is not None and input_ids.shape[1] > window:
+                loss = windowed_loss(self.model, input_ids, labels, None, window, LOSS_CHUNK)
+            else:
+                loss = self.model.loss(self.model(input_ids), labels, LOSS_CHUNK)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+def timed_step(trainer: Trainer, ids, labels, window) -> tuple[float, float]:
+    """(seconds, loss) of one step, timed with CUDA events on a GPU."""
+    if trainer.device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        loss = trainer.step(ids, labels, window)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3, loss.item()
+    t0 = time.perf_counter()
+    loss = trainer.step(ids, labels, window).item()
+    return time.perf_counter() - t0, loss
+
+
+def choose_window(config: ModelConfig, length: int, window: int, budget: float | None) -> int | None:
+    """None (one pass) when plan predicts it fits ``budget`` bytes (or the length is no longer than a window),
+    else ``window``. Without a budget (CPU), windows whenever the length is longer than one."""
+    if length <= window:
+        return None
+    if budget is not None and training_memory(config, length, 1, loss_chunk_size=LOSS_CHUNK)["peak"] <= budget:
+        return None
+    return window
+
+
+def sweep(args, device: torch.device, results: dict, out: Path) -> None:
+    budget = None if device.type != "cuda" else 0.8 * results["environment"]["gpu_memory_bytes"]
+    peak = peak_flops(results["environment"]["gpu"])
+    for name in args.models:
+        config = model_config(name, args.tiny)
+        trainer = Trainer(config, device)
+        for length in args.lengths:
+            window = choose_window(config, length, args.window, budget)
+            predicted = training_memory(config, length, 1, loss_chunk_size=LOSS_CHUNK, sequence_window=window)
+            row = {"model": name, "length": length, "sequence_window": window,
+                   "mode": predicted["mode"], "parameters": predicted["parameters"],
+                   "predicted_peak_bytes": predicted["peak"]}
+            ids = torch.randint(0, config.vocab_size, (1, length), device=device)
+            stop = False
+            try:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                warm, _ = timed_step(trainer, ids, ids, window)
+                times = [warm]
+                if warm <= args.max_step_s:
+                    times = [timed_step(trainer, ids, ids, window)[0] for _ in range(args.steps)]
+                else:
+                    row["note"] = f"warm-up step {warm:.1f} s > --max-step-s: timed once; longer lengths skipped"
+                    stop = True
+                seconds = statistics.median(times)
+                flops = training_flops_per_token(config, length)
+                row.update(step_s=seconds, step_times_s=times, tokens_per_s=length / seconds,
+                           flops_per_token=flops, mfu=None if peak is None else flops * length / seconds / peak)
+                if device.type == "cuda":
+                    row["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+                    row["predicted_over_measured"] = predicted["peak"] / row["peak_bytes"]
+            except torch.OutOfMemoryError:
+                row["note"] = "out of memory"
+                stop = True
+            trainer.optimizer.zero_grad(set_to_none=True)
+            del ids
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            results["runs"].append(row)
+            write_json(out, results)
+            print_row(row)
+            if stop:
+                break
+        del trainer
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def print_row(row: dict) -> None:
+    gib = lambda b: f"{b / 2**30:7.2f}" if b is not None else "      -"
+    if "step_s" not in row:
+        print(f"{row['model']:<12}{row['length']:>9,}  {row['mode']:<9}  {row.get('note', '')}", flush=True)
+        return
+    mfu = f"{100 * row['mfu']:5.1f}%" if row["mfu"] is not None else "    -"
+    print(f"{row['model']:<12}{row['length']:>9,}  {row['mode']:<9}  {row['step_s']:8.3f} s  "
+          f"{row['tokens_per_s']:>10,.0f} tok/s  MFU {mfu}  peak {gib(row.get('peak_bytes'))} GiB  "
+          f"predicted {gib(row['predicted_peak_bytes'])} GiB  {row.get('note', '')}", flush=True)
+
+
+def loss_curves(args, device: torch.device, results: dict, out: Path) -> None:
+    """Train each named model for its step count at --loss-length on MQAR (keys, values, then queries)."""
+    for spec in args.loss_steps.split(","):
+        name, _, steps = spec.partition("=")
+        config = model_config(name, args.tiny)
+        trainer = Trainer(config, device, lr=args.lr)
+        length = args.loss_length
+        window = args.window if length > args.window else None
+        run = {"model": name, "length": length, "sequence_window": window, "lr": args.lr, "task": "mqar",
+               "num_kv_pairs": args.kv_pairs, "losses": [], "step_s": []}
+        results["loss_runs"].append(run)
+        for step in range(int(steps or 20)):
+            sample = mqar_sample(step, 0, length, config.vocab_size, args.kv_pairs)
+            ids, labels = sample["input_ids"][None].to(device), sample["labels"][None].to(device)
+            try:
+                seconds, loss = timed_step(trainer, ids, labels, window)
+            except torch.OutOfMemoryError:
+                run["note"] = f"out of memory at step {step}"
+                break
+            run["losses"].append(loss)
+            run["step_s"].append(seconds)
+            write_json(out, results)
+            print(f"{name:<12}{length:>9,}  step {step:3d}  loss {loss:.4f}  {seconds:7.2f} s", flush=True)
+            if not math.isfinite(loss):
+                run["note"] = "non-finite loss"
+                break
+        del trainer
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def plot(path: Path) -> None:
+    """memory_vs_length.png, tokens_per_s_vs_length.png (and loss_at_length.png) beside the JSON."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    results = json.loads(path.read_text())
+    title = f"{results['environment']['gpu']}, commit {results['environment']['commit'][:8]}"
+    runs = [r for r in results["runs"] if "step_s" in r]
+    for key, ylabel, name in [("peak_bytes", "peak memory (GiB)", "memory_vs_length"),
+                              ("tokens_per_s", "tokens / s", "tokens_per_s_vs_length")] if runs else []:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for model in dict.fromkeys(r["model"] for r in runs):
+            mine = [r for r in runs if r["model"] == model]
+            measured = [r for r in mine if r.get(key) is not None]  # CPU dry runs measure no memory
+            scale = 2**30 if key == "peak_bytes" else 1
+            line, = ax.plot([r["length"] for r in measured], [r[key] / scale for r in measured], "o-", label=model)
+            if key == "peak_bytes":
+                ax.plot([r["length"] for r in mine], [r["predicted_peak_bytes"] / scale for r in mine], "x--",
+                        color=line.get_color(), alpha=0.6, label=f"{model} (plan)")
+            for r in results["runs"]:
+                if r["model"] == model and r.get("note") == "out of memory":
+                    ax.axvline(r["length"], color=line.get_color(), linestyle=":", alpha=0.5)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length (tokens, batch 1)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path.parent / f"{path.stem}_{name}.png", dpi=120)
+        plt.close(fig)
+    if results.get("loss_runs"):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for run in results["loss_runs"]:
+            ax.plot(range(len(run["losses"])), run["losses"], "o-", label=f"{run['model']} at {run['length']:,}")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("training loss (MQAR)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path.parent / f"{path.stem}_loss.png", dpi=120)
+        plt.close(fig)
+    print(f"plots written beside {path}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
+    parser.add_argument("--lengths", default=None, help="comma-separated, e.g. 4k,64k,1M (default: 4k..1M)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after 1 warm-up)")
+    parser.add_argument("--window", type=parse_length, default=None,
+                        help="trainer.sequence_window where one pass would not fit (default 16k; tiny: 512)")
+    parser.add_argument("--max-step-s", type=float, default=60.0, help="stop a model's sweep past this step time")
+    parser.add_argument("--loss-steps", default=None, help="e.g. mamba2=20,hybrid=3: loss curves, no sweep")
+    parser.add_argument("--loss-length", type=parse_length, default=None, help="default 1M (tiny: 2048)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate of the loss curves")
+    parser.add_argument("--kv-pairs", type=int, default=64, help="MQAR key-value pairs of the loss curves")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="toy sizes, for a CPU dry run")
+    parser.add_argument("--out", default=None, help="JSON file or folder (default $OUT, else benchmarks/)")
+    parser.add_argument("--plot-only", type=Path, default=None, help="plot an earlier JSON and exit")
+    args = parser.parse_args(argv)
+    if args.plot_only is not None:
+        plot(args.plot_only)
+        return
+    args.models = [m for m in args.models.split(",") if m]
+    args.lengths = ([parse_length(x) for x in args.lengths.split(",")] if args.lengths
+                    else TINY_LENGTHS if args.tiny else LENGTHS)
+    args.window = args.window or (512 if args.tiny else 16384)
+    args.loss_length = args.loss_length or (2048 if args.tiny else 1 << 20)
+    device = torch.device(args.device)
+    out = Path(args.out or os.environ.get("OUT") or "benchmarks")
+    results = {"environment": environment(device), "runs": [], "loss_runs": [],
+               "settings": {"batch": 1, "precision": "bf16 autocast, fp32 weights, AdamW" if device.type == "cuda"
+                            else "fp32", "loss_chunk_size": LOSS_CHUNK, "window": args.window,
+                            "steps": args.steps, "max_step_s": args.max_step_s, "tiny": args.tiny}}
+    if out.suffix != ".json":
+        gpu = results["environment"]["gpu"].replace(" ", "_").replace("/", "_")
+        kind = "loss" if args.loss_steps else "scaling"
+        out = out / f"{kind}-{gpu}-{datetime.date.today().isoformat()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"{results['environment']}\nwriting {out}")
+    for name in dict.fromkeys(args.models + [s.partition("=")[0] for s in (args.loss_steps or "").split(",") if s]):
+        params = training_memory(model_config(name, args.tiny), 1, 1)["parameters"]
+        print(f"{name:<12}{model_config(name, args.tiny).pattern}  {params / 1e6:.1f}M parameters")
+    if args.loss_steps:
+        loss_curves(args, device, results, out)
+    else:
+        sweep(args, device, results, out)
+    write_json(out, results)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
