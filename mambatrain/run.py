@@ -138,6 +138,8 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*weights_only.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # The module's on_after_batch_transfer (context-parallel slices) runs beside the datamodule's hooks, as meant.
+    warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
     # On resume the run's own folders are reused on purpose; Lightning's CSV logger appends, it deletes nothing.
     warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
 
