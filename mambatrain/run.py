@@ -20,7 +20,7 @@ from .checkpoint.preemption import PreemptionSignals
 from .config.load import recipe_to_yaml
 from .config.schema import LoggingConfig, Recipe, RecipeError
 from .data.datamodule import RecipeDataModule
-from .distributed.strategy import RUN_DIR_ENV, build_strategy, global_batch, global_rank
+from .distributed.strategy import RUN_DIR_ENV, build_strategy, data_parallel_size, global_batch, global_rank
 from .eval.callback import LongContextEval
 from .lit.callbacks import ThroughputMonitor
 from .lit.guards import SSMStatistics
@@ -138,6 +138,8 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*weights_only.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # The module's on_after_batch_transfer (context-parallel slices) runs beside the datamodule's hooks, as meant.
+    warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
     # On resume the run's own folders are reused on purpose; Lightning's CSV logger appends, it deletes nothing.
     warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
 
@@ -180,9 +182,11 @@ def _train(run_dir: Path, checkpoint: Path | None, recipe: Recipe, signals: Pree
     log.info("device: %s x%d, precision %s", trainer.accelerator.__class__.__name__.replace("Accelerator", "").lower(),
              trainer.num_devices, trainer.precision)
     log.info("run directory: %s%s", run_dir, f" (resuming from {checkpoint})" if checkpoint else "")
-    log.info("global batch: %d sequences x %d tokens (micro batch %d x accumulation %d x %d data-parallel ranks)",
+    log.info("global batch: %d sequences x %d tokens (micro batch %d x accumulation %d x %d data-parallel ranks)%s",
              global_batch(recipe), recipe.data.seq_len, recipe.data.batch_size,
-             recipe.trainer.accumulate_grad_batches, recipe.trainer.devices * recipe.trainer.num_nodes)
+             recipe.trainer.accumulate_grad_batches, data_parallel_size(recipe),
+             f", each sequence split over {recipe.trainer.context_parallel} context-parallel ranks"
+             if recipe.trainer.context_parallel > 1 else "")
     with warnings.catch_warnings():
         _quiet_known_warnings()
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None)

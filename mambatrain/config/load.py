@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
-from jsonargparse import ArgumentParser, set_parsing_settings
 
 from .schema import Recipe, RecipeError
+
+if typing.TYPE_CHECKING:
+    from jsonargparse import ArgumentParser
 
 REQUIRED_SECTIONS = ("model", "data")
 
@@ -28,6 +30,9 @@ def recipe_parser(prog: str = "mambatrain fit", with_docs: bool = False) -> Argu
 
     ``with_docs`` reads the fields' docstrings into the help (slower: only for --help).
     """
+    # Imported here: training from Python (scripts/bench_multi_gpu.py) needs recipe_to_dict, not the parser.
+    from jsonargparse import ArgumentParser, set_parsing_settings
+
     set_parsing_settings(docstring_parse_attribute_docstrings=with_docs)
     parser = ArgumentParser(prog=prog, exit_on_error=False)
     parser.add_class_arguments(Recipe, fail_untyped=True)

@@ -439,6 +439,10 @@ class TrainerConfig:
     and gradients equal one pass over the whole length (exact backprop, not truncated); memory holds one window's
     activations plus the carried state (attention keys/values grow with length); one extra forward. null: one pass.
     Any positive size is exact; a multiple of model.mamba.chunk_size keeps the scan's chunks full (faster)."""
+    context_parallel: int = 1
+    """Ranks that split each sequence along its length (context parallelism; Mamba state passed from rank to rank,
+    attention keys gathered). Groups are consecutive ranks; the devices x num_nodes / context_parallel groups are
+    the data-parallel replicas. 1: off."""
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "devices", "num_nodes", "accumulate_grad_batches", "val_every_n_steps",
@@ -453,6 +457,22 @@ class TrainerConfig:
                  f"use the block letters M and/or A (or \"\" for none), got {self.activation_checkpointing!r}")
         _require(self.sequence_window is None or self.sequence_window > 0, "trainer.sequence_window",
                  f"must be positive or null, got {self.sequence_window}")
+        self._check_context_parallel()
+
+    def _check_context_parallel(self) -> None:
+        cp, world = self.context_parallel, self.devices * self.num_nodes
+        _require(cp > 0, "trainer.context_parallel", f"must be positive, got {cp}")
+        if cp == 1:
+            return
+        _require(world % cp == 0, "trainer.context_parallel",
+                 f"{cp} does not divide the {world} ranks (devices x num_nodes); pick a divisor of {world}")
+        # Not wired or not tested yet: refuse rather than train wrongly.
+        _require(self.strategy == "ddp", "trainer.context_parallel",
+                 f"needs strategy: ddp (got {self.strategy}; fsdp with context parallelism is not supported yet)")
+        _require(not self.activation_checkpointing, "trainer.context_parallel",
+                 "does not work with trainer.activation_checkpointing yet (recomputation would repeat the exchanges)")
+        _require(self.sequence_window is None, "trainer.context_parallel",
+                 "does not work with trainer.sequence_window yet (set one of them)")
 
 
 @dataclass
@@ -541,6 +561,9 @@ class Recipe:
 
     def __post_init__(self) -> None:
         data, vocab = self.data, self.model.vocab_size
+        cp = self.trainer.context_parallel
+        _require(data.seq_len % cp == 0, "trainer.context_parallel",
+                 f"data.seq_len {data.seq_len} does not split evenly over {cp} ranks")
         used = data.sources_used()
         if "mqar" in used:
             needed = 2 * data.mqar.num_kv_pairs + 2 * data.mqar.num_kv_pairs

@@ -78,8 +78,10 @@ class RecipeDataModule(L.LightningDataModule):
         return self.recipe.trainer.accumulate_grad_batches
 
     def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        """This rank's data-parallel rank and their number: the ranks of one context-parallel group (consecutive
+        ranks, trainer.context_parallel of them) read the same batches, each training on its slice of the length."""
+        trainer, cp = self.trainer, self.recipe.trainer.context_parallel
+        return (trainer.global_rank // cp, trainer.world_size // cp) if trainer is not None else (0, 1)
 
     # -------------------------------------------------------------------------------------- synthetic sources
 
@@ -161,7 +163,9 @@ class RecipeDataModule(L.LightningDataModule):
         step = self.trainer.global_step if self.trainer is not None else 0
         state = {"batches_consumed": step * self._batches_per_step()}
         if self.recipe.data.source in STREAMING:
-            state["streams"] = gather_across_ranks(self.stream_states)
+            # One entry per data-parallel rank (a group's ranks hold the same positions): a run may resume with
+            # another trainer.context_parallel as long as the data-parallel ranks stay as many.
+            state["streams"] = gather_across_ranks(self.stream_states)[::self.recipe.trainer.context_parallel]
             state["num_streams"] = max(self.recipe.data.num_workers, 1)
         return state
 
@@ -180,6 +184,7 @@ class RecipeDataModule(L.LightningDataModule):
                               f"the same number, got {streams}")
         rank, world = self._rank_world()
         if len(state["streams"]) != world:
-            raise RecipeError(f"trainer.devices: the checkpoint was written by {len(state['streams'])} ranks; an "
-                              f"exact resume of text or prepared data needs the same number, got {world}")
+            raise RecipeError(f"trainer.devices: the checkpoint was written by {len(state['streams'])} data-parallel "
+                              f"ranks; an exact resume of text or prepared data needs the same number (devices x "
+                              f"num_nodes / context_parallel), got {world}")
         self.stream_states = state["streams"][rank]

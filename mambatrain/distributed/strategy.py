@@ -40,7 +40,8 @@ def build_strategy(recipe: Recipe):
 
 
 def data_parallel_size(recipe: Recipe) -> int:
-    return recipe.trainer.devices * recipe.trainer.num_nodes
+    """Model replicas that read different data: all ranks, less the factor that splits each sequence."""
+    return recipe.trainer.devices * recipe.trainer.num_nodes // recipe.trainer.context_parallel
 
 
 def global_batch(recipe: Recipe) -> int:

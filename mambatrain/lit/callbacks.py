@@ -28,7 +28,10 @@ class ThroughputMonitor(L.Callback):
     @classmethod
     def from_recipe(cls, recipe) -> "ThroughputMonitor":
         data = recipe.data
-        return cls(data.batch_size * data.seq_len, training_flops_per_token(recipe.model, data.seq_len),
+        # Each rank of a context-parallel group trains on its slice of the length, so all ranks together count
+        # every token once (FLOPs per token stay those of the whole length: attention sees all of it).
+        tokens = data.batch_size * data.seq_len // recipe.trainer.context_parallel
+        return cls(tokens, training_flops_per_token(recipe.model, data.seq_len),
                    recipe.trainer.log_every_n_steps)
 
     def _sync(self, pl_module) -> None:

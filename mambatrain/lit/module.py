@@ -11,6 +11,7 @@ import torch
 
 from ..config.load import recipe_to_dict
 from ..config.schema import Recipe
+from ..distributed import context_parallel_training as cpt
 from ..models.lm import LanguageModel
 from ..models.loss import IGNORE_INDEX
 from ..models.windowed import windowed_loss
@@ -45,15 +46,26 @@ class LanguageModelModule(L.LightningModule):
         self.model = LanguageModel(recipe.model)
         self.model.checkpoint_kinds = set(recipe.trainer.activation_checkpointing)
         self._rng_to_restore: dict | None = None
+        self.context_parallel = None  # this rank's ContextParallel group (setup) when trainer.context_parallel > 1
         self.guard = NonFiniteGuard(recipe.trainer.max_consecutive_nonfinite,
                                     check_gradients=recipe.trainer.precision != "16-mixed")
 
     def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids, seq_idx)
 
+    def setup(self, stage: str) -> None:
+        if self.context_parallel is None:  # process groups exist now; fit then validate calls this twice
+            self.context_parallel = cpt.build_context_parallel(self.recipe.trainer.context_parallel)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # Every rank of a context-parallel group got the whole batch; each keeps its slice of the length.
+        return cpt.shard_batch(batch, self.context_parallel) if self.context_parallel else batch
+
     def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The mean loss, and the final hidden states (None when the batch ran window by window)."""
         trainer, ids = self.recipe.trainer, batch["input_ids"]
+        if self.context_parallel is not None:
+            return cpt.loss_and_hidden(self.model, batch, self.context_parallel, trainer.loss_chunk_size)
         if trainer.sequence_window is not None and ids.shape[1] > trainer.sequence_window:
             loss = windowed_loss(self.model, ids, batch["labels"], batch.get("seq_idx"), trainer.sequence_window,
                                  trainer.loss_chunk_size)
@@ -67,7 +79,7 @@ class LanguageModelModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", torch.exp(loss.detach().clamp(max=20)))
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        return loss
+        return loss * cpt.backward_scale(self.context_parallel)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, hidden = self._loss(batch)
@@ -78,7 +90,10 @@ class LanguageModelModule(L.LightningModule):
         targets = batch["labels"] != IGNORE_INDEX
         # Accuracy over labelled positions only: logits for those tokens, never the whole (B, T, vocab).
         predictions = self.model.logits(hidden[targets]).argmax(-1)
-        accuracy = (predictions == batch["labels"][targets]).float().mean()
+        # Counted over the context-parallel group: a slice may hold no labelled token.
+        correct, count = cpt.group_sum(torch.stack([(predictions == batch["labels"][targets]).sum(), targets.sum()]),
+                                       self.context_parallel)
+        accuracy = correct.float() / count
         self.log("val/accuracy", accuracy, prog_bar=True, sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
