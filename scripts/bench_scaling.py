@@ -157,12 +157,12 @@ def sweep(args, device: torch.device, results: dict, out: Path) -> None:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
-                warm, _ = timed_step(trainer, ids, ids, window)
-                times = [warm]
-                if warm <= args.max_step_s:
-                    times = [timed_step(trainer, ids, ids, window)[0] for _ in range(args.steps)]
+                timed_step(trainer, ids, ids, window)  # warm-up: compiles and autotunes the kernels (a minute, once)
+                times = [timed_step(trainer, ids, ids, window)[0]]
+                if times[0] <= args.max_step_s:
+                    times += [timed_step(trainer, ids, ids, window)[0] for _ in range(args.steps - 1)]
                 else:
-                    row["note"] = f"warm-up step {warm:.1f} s > --max-step-s: timed once; longer lengths skipped"
+                    row["note"] = f"step {times[0]:.1f} s > --max-step-s: timed once; longer lengths skipped"
                     stop = True
                 seconds = statistics.median(times)
                 flops = training_flops_per_token(config, length)
@@ -184,6 +184,33 @@ def sweep(args, device: torch.device, results: dict, out: Path) -> None:
             if stop:
                 break
         del trainer
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def profile(args, device: torch.device, results: dict) -> None:
+    """Where a training step's time goes: the 25 kernels with the most CUDA time (after a warm-up step)."""
+    results["profiles"] = []
+    for name in args.models:
+        config = model_config(name, args.tiny)
+        trainer = Trainer(config, device)
+        ids = torch.randint(0, config.vocab_size, (1, args.profile_length), device=device)
+        window = None if args.profile_length <= args.window else args.window
+        timed_step(trainer, ids, ids, window)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            seconds, _ = timed_step(trainer, ids, ids, window)
+        table = prof.key_averages()
+        key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+        top = sorted(table, key=lambda e: -getattr(e, key))[:25]
+        results["profiles"].append({"model": name, "length": args.profile_length, "step_s": seconds, "kernels": [
+            {"name": e.key[:160], "ms": round(getattr(e, key) / 1e3, 3), "calls": e.count} for e in top]})
+        print(name, f"step {seconds:.3f} s")
+        for row in results["profiles"][-1]["kernels"][:12]:
+            print(f"  {row['ms']:9.2f} ms  {row['calls']:5d}  {row['name'][:100]}")
+        del trainer, ids
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -210,6 +237,8 @@ def loss_curves(args, device: torch.device, results: dict, out: Path) -> None:
         run = {"model": name, "length": length, "sequence_window": window, "lr": args.lr, "task": "mqar",
                "num_kv_pairs": args.kv_pairs, "losses": [], "step_s": []}
         results["loss_runs"].append(run)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         for step in range(int(steps or 20)):
             sample = mqar_sample(step, 0, length, config.vocab_size, args.kv_pairs)
             ids, labels = sample["input_ids"][None].to(device), sample["labels"][None].to(device)
@@ -220,6 +249,8 @@ def loss_curves(args, device: torch.device, results: dict, out: Path) -> None:
                 break
             run["losses"].append(loss)
             run["step_s"].append(seconds)
+            if device.type == "cuda":
+                run["peak_bytes"] = torch.cuda.max_memory_allocated(device)
             write_json(out, results)
             print(f"{name:<12}{length:>9,}  step {step:3d}  loss {loss:.4f}  {seconds:7.2f} s", flush=True)
             if not math.isfinite(loss):
@@ -292,6 +323,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="toy sizes, for a CPU dry run")
     parser.add_argument("--out", default=None, help="JSON file or folder (default $OUT, else benchmarks/)")
+    parser.add_argument("--profile-length", type=parse_length, default=None,
+                        help="instead of the sweep: CUDA time per kernel of one step of each model at this length")
     parser.add_argument("--plot-only", type=Path, default=None, help="plot an earlier JSON and exit")
     args = parser.parse_args(argv)
     if args.plot_only is not None:
@@ -319,6 +352,8 @@ def main(argv=None) -> None:
         print(f"{name:<12}{model_config(name, args.tiny).pattern}  {params / 1e6:.1f}M parameters")
     if args.loss_steps:
         loss_curves(args, device, results, out)
+    elif args.profile_length:
+        profile(args, device, results)
     else:
         sweep(args, device, results, out)
     write_json(out, results)
