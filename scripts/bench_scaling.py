@@ -37,6 +37,7 @@ import torch
 from mambatrain.config.schema import AttentionConfig, MambaConfig, ModelConfig
 from mambatrain.data.mqar import mqar_sample
 from mambatrain.models.lm import LanguageModel
+from mambatrain.models.loss import IGNORE_INDEX
 from mambatrain.models.windowed import windowed_loss
 from mambatrain.plan import peak_flops, training_flops_per_token, training_memory
 
@@ -234,14 +235,18 @@ def loss_curves(args, device: torch.device, results: dict, out: Path) -> None:
         trainer = Trainer(config, device, lr=args.lr)
         length = args.loss_length
         window = args.window if length > args.window else None
-        run = {"model": name, "length": length, "sequence_window": window, "lr": args.lr, "task": "mqar",
-               "num_kv_pairs": args.kv_pairs, "losses": [], "step_s": []}
+        run = {"model": name, "length": length, "sequence_window": window, "lr": args.lr, "warmup_steps": args.warmup_steps, "task": "mqar",
+               "labels": args.labels, "num_kv_pairs": args.kv_pairs, "losses": [], "step_s": []}
         results["loss_runs"].append(run)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         for step in range(int(steps or 20)):
+            for group in trainer.optimizer.param_groups:  # linear warm-up: AdamW's first steps are the largest
+                group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup_steps)
             sample = mqar_sample(step, 0, length, config.vocab_size, args.kv_pairs)
             ids, labels = sample["input_ids"][None].to(device), sample["labels"][None].to(device)
+            if args.labels == "all":  # language modelling on the stream: every next token is a label
+                labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], IGNORE_INDEX)], dim=1)
             try:
                 seconds, loss = timed_step(trainer, ids, labels, window)
             except torch.OutOfMemoryError:
@@ -319,6 +324,9 @@ def main(argv=None) -> None:
     parser.add_argument("--loss-steps", default=None, help="e.g. mamba2=20,hybrid=3: loss curves, no sweep")
     parser.add_argument("--loss-length", type=parse_length, default=None, help="default 1M (tiny: 2048)")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate of the loss curves")
+    parser.add_argument("--warmup-steps", type=int, default=5, help="loss curves: linear learning-rate warm-up")
+    parser.add_argument("--labels", choices=["all", "queries"], default="all",
+                        help="loss curves: next token at every position of the MQAR stream, or the answers only")
     parser.add_argument("--kv-pairs", type=int, default=64, help="MQAR key-value pairs of the loss curves")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="toy sizes, for a CPU dry run")
