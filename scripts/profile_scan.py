@@ -40,6 +40,17 @@ def kernel_times(run) -> list[dict]:
     return [{"kernel": k, "ms": round(v, 3)} for k, v in sorted(totals.items(), key=lambda kv: -kv[1])]
 
 
+def sweep(module, knob: str, values: list[int], run) -> dict:
+    """fwd+bwd ms of ``run`` for each value of ``module.knob``; the knob is left at the fastest value."""
+    times = {}
+    for value in values:
+        setattr(module, knob, value)
+        times[value] = timed(run, 800)
+        print(knob, value, times[value], flush=True)
+    setattr(module, knob, min(times, key=times.get))
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=1048576)
@@ -57,12 +68,7 @@ def main() -> None:
     x, dt, A, B, C, D, dt_bias = inputs = ssd_inputs(args.length, requires_grad=True)
     ssd = fwd_bwd_runner(lambda: ssd_triton.ssd_scan(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=True,
                                                      chunk_size=SSD_SHAPE["chunk"]), inputs)
-    report["ssd_sweep"] = {}
-    for n in args.state_programs:
-        ssd_triton.STATE_PROGRAMS = n
-        report["ssd_sweep"][n] = timed(ssd, 800)
-        print("ssd STATE_PROGRAMS", n, report["ssd_sweep"][n], flush=True)
-    ssd_triton.STATE_PROGRAMS = min(report["ssd_sweep"], key=report["ssd_sweep"].get)
+    report["ssd_sweep"] = sweep(ssd_triton, "STATE_PROGRAMS", args.state_programs, ssd)
     report["ssd_kernels"] = kernel_times(ssd)
     save()
     del inputs, x, dt, A, B, C, D, dt_bias, ssd
@@ -71,12 +77,7 @@ def main() -> None:
     x, dt, A, B, C, D, z, dt_bias = inputs = sel_inputs(args.length, requires_grad=True)
     sel = fwd_bwd_runner(lambda: sel_triton.selective_scan(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
                                                            dt_softplus=True), inputs)
-    report["selective_sweep"] = {}
-    for n in args.bwd_programs:
-        sel_triton.BWD_PROGRAMS = n
-        report["selective_sweep"][n] = timed(sel, 800)
-        print("selective BWD_PROGRAMS", n, report["selective_sweep"][n], flush=True)
-    sel_triton.BWD_PROGRAMS = min(report["selective_sweep"], key=report["selective_sweep"].get)
+    report["selective_sweep"] = sweep(sel_triton, "BWD_PROGRAMS", args.bwd_programs, sel)
     report["selective_kernels"] = kernel_times(sel)
     save()
     print(json.dumps(report, indent=1))

@@ -388,23 +388,6 @@ def _fwd_kernel(
         tl.store(hT + i_b64 * D * N + o_dn, b_h, mask=m_n3)
 
 
-@triton.jit
-def _fwd_combine_kernel(c_loc, P, h0, ckpt, NS, DN, HAS_H0: tl.constexpr, BLOCK: tl.constexpr):
-    """Forward pass 2: the true start state of every segment, first to last (NS short steps)."""
-    i_c, i_b = tl.program_id(0), tl.program_id(1)
-    i_b64 = tl.cast(i_b, tl.int64)
-    o = i_c * BLOCK + tl.arange(0, BLOCK)
-    m = o < DN
-    if HAS_H0:
-        b_h = tl.load(h0 + i_b64 * DN + o, mask=m, other=0.0)
-    else:
-        b_h = tl.zeros([BLOCK], dtype=tl.float32)
-    for i_s in range(0, NS):
-        o_seg = (i_b64 * NS + i_s) * DN + o
-        tl.store(ckpt + o_seg, b_h, mask=m)
-        b_h = tl.load(c_loc + o_seg, mask=m, other=0.0) + tl.load(P + o_seg, mask=m, other=0.0) * b_h
-
-
 @triton.autotune(configs=_BWD_CONFIGS, key=["D", "N", "GSIZE", "BD"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _bwd_carry_kernel(
@@ -459,22 +442,25 @@ def _bwd_carry_kernel(
 
 
 @triton.jit
-def _bwd_combine_kernel(c_loc, P, dhT, carry, dh0, NS, DN, HAS_DHT: tl.constexpr, BLOCK: tl.constexpr):
-    """Backward pass B: the carries between segments, last to first (NS short steps)."""
+def _chain_kernel(c_loc, P, h_in, starts, h_out, NS, DN,
+                  HAS_IN: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 2 of both directions: what enters every segment (in the walk's order: last to first with
+    REVERSE), from what enters the first: starts[s] = h, then h = c_loc[s] + P[s] * h. NS short steps;
+    h_out gets what leaves the last segment (the initial state's gradient in the backward)."""
     i_c, i_b = tl.program_id(0), tl.program_id(1)
     i_b64 = tl.cast(i_b, tl.int64)
     o = i_c * BLOCK + tl.arange(0, BLOCK)
     m = o < DN
-    if HAS_DHT:
-        b_c = tl.load(dhT + i_b64 * DN + o, mask=m, other=0.0)
+    if HAS_IN:
+        b_h = tl.load(h_in + i_b64 * DN + o, mask=m, other=0.0)
     else:
-        b_c = tl.zeros([BLOCK], dtype=tl.float32)
-    for i_s in range(0, NS):
-        o_seg = (i_b64 * NS + NS - 1 - i_s) * DN + o
-        tl.store(carry + o_seg, b_c, mask=m)
-        b_c = tl.load(c_loc + o_seg, mask=m, other=0.0) + tl.load(P + o_seg, mask=m, other=0.0) * b_c
-    # the carry out of the first step is the initial state's gradient
-    tl.store(dh0 + i_b64 * DN + o, b_c, mask=m)
+        b_h = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, NS):
+        i_s = NS - 1 - i if REVERSE else i
+        o_seg = (i_b64 * NS + i_s) * DN + o
+        tl.store(starts + o_seg, b_h, mask=m)
+        b_h = tl.load(c_loc + o_seg, mask=m, other=0.0) + tl.load(P + o_seg, mask=m, other=0.0) * b_h
+    tl.store(h_out + i_b64 * DN + o, b_h, mask=m)
 
 
 @triton.autotune(configs=_BWD_CONFIGS, key=["D", "N", "GSIZE", "BD", "NSUB"],
@@ -713,9 +699,9 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx):
         # pass 1 each segment's end state from zero and its decay product, pass 2 chains them
         kernel(*args, LOCAL=True, **flags)
         dn = channels * d_state
-        _fwd_combine_kernel[(triton.cdiv(dn, 1024), batch)](
-            c_loc, P, h0, ckpt, nseg, dn, HAS_H0=h0 is not None, BLOCK=1024,
-        )
+        _chain_kernel[(triton.cdiv(dn, 1024), batch)](
+            c_loc, P, h0, ckpt, hT, nseg, dn, HAS_IN=h0 is not None, REVERSE=False, BLOCK=1024,
+        )  # hT is written again, by pass 3's last segment
     elif h0 is not None:
         ckpt[:, 0].copy_(h0)
     else:
@@ -782,8 +768,8 @@ def _bwd(dout, dhT, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, s
         # pass B: the carries between segments
         carry = _empty(batch, nseg, channels, d_state, device=dev)
         dn = channels * d_state
-        _bwd_combine_kernel[(triton.cdiv(dn, 1024), batch)](
-            c_loc, P, dhT, carry, dh0, nseg, dn, HAS_DHT=dhT is not None, BLOCK=1024,
+        _chain_kernel[(triton.cdiv(dn, 1024), batch)](
+            c_loc, P, dhT, carry, dh0, nseg, dn, HAS_IN=dhT is not None, REVERSE=True, BLOCK=1024,
         )
         # pass C: all gradients, segments in parallel
         scratch = _empty(batch * ngrp, CHECKPOINT_STEPS // _scratch_bt(), channels, bn, device=dev)

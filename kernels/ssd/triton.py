@@ -69,6 +69,26 @@ def _segments(nt: int, batch_heads: int) -> tuple[int, int]:
     return seg, triton.cdiv(nt, seg)
 
 
+def _segmented(state_pass, h_in, has_in: bool, nseg: int, batch_heads: int, pn: int, reverse: bool, device):
+    """Run a state kernel's walk over segments of chunks in parallel.
+
+    ``state_pass(h_in, has_in, seg_local, seg_decay, local)`` launches the kernel. One segment: a plain walk
+    from ``h_in``. Several: pass 1 (local) walks each segment from zero, pass 2 (``ssd_chain_kernel``) chains
+    them into what enters every segment, pass 3 walks each segment from there.
+    """
+    if nseg == 1:
+        state_pass(h_in, has_in, h_in, h_in, False)
+        return
+    seg_local = torch.empty(batch_heads, nseg, pn, device=device, dtype=torch.float32)
+    seg_decay = torch.empty(batch_heads, nseg, device=device, dtype=torch.float32)
+    state_pass(h_in, False, seg_local, seg_decay, True)
+    starts = torch.empty_like(seg_local)
+    ssd_chain_kernel[(triton.cdiv(pn, 1024), batch_heads)](
+        seg_local, seg_decay, h_in, starts, nseg, pn, HAS_IN=has_in, REVERSE=reverse, BLOCK=1024,
+    )
+    state_pass(starts, True, seg_local, seg_decay, False)
+
+
 def _bucket(nt: int) -> int:
     """Autotuning key for the length (see ``triton_fwd.configs``)."""
     return triton.next_power_of_2(nt)
@@ -139,18 +159,7 @@ def ssd_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chun
             H=heads, G=groups, P=head_dim, N=d_state, L=L,
             HAS_INIT=has_in, HAS_DOC=doc is not None, PRECISE=k["precise"], PRECISION=k["precision"], LOCAL=local,
         )
-    if nseg == 1:
-        state_pass(h0, initial_state is not None, final, final, False)
-    else:  # pass 1: each segment from zero; pass 2: what enters each; pass 3: the states
-        seg_local = torch.empty(batch * heads, nseg, head_dim * d_state, device=dev, dtype=f32)
-        seg_decay = torch.empty(batch * heads, nseg, device=dev, dtype=f32)
-        state_pass(h0, False, seg_local, seg_decay, True)
-        starts = torch.empty_like(seg_local)
-        ssd_chain_kernel[(triton.cdiv(head_dim * d_state, 1024), batch * heads)](
-            seg_local, seg_decay, h0, starts, nseg, head_dim * d_state,
-            HAS_IN=initial_state is not None, REVERSE=False, BLOCK=1024,
-        )
-        state_pass(starts, True, seg_local, seg_decay, False)
+    _segmented(state_pass, h0, initial_state is not None, nseg, batch * heads, head_dim * d_state, False, dev)
     out = torch.empty(batch, length, heads, head_dim, device=dev, dtype=x.dtype)
     ypre = torch.empty_like(out) if z is not None else out.new_empty(0)
     NV = triton.cdiv(head_dim, k["BV"])
@@ -195,18 +204,8 @@ def ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_st
             H=heads, G=groups, P=head_dim, N=d_state, L=L, KC_TILES=kc_tiles,
             HAS_DFINAL=has_in, HAS_Z=z is not None, HAS_DOC=doc is not None, PRECISION=k["precision"], LOCAL=local,
         )
-    if nseg == 1:
-        state_pass(dhT, dfinal is not None, dh0, dh0, False)
-    else:  # as in the forward, walking the segments last to first
-        seg_local = torch.empty(batch * heads, nseg, head_dim * d_state, device=dev, dtype=f32)
-        seg_decay = torch.empty(batch * heads, nseg, device=dev, dtype=f32)
-        state_pass(dhT, False, seg_local, seg_decay, True)
-        ends = torch.empty_like(seg_local)
-        ssd_chain_kernel[(triton.cdiv(head_dim * d_state, 1024), batch * heads)](
-            seg_local, seg_decay, dhT, ends, nseg, head_dim * d_state,
-            HAS_IN=dfinal is not None, REVERSE=True, BLOCK=1024,
-        )
-        state_pass(ends, True, seg_local, seg_decay, False)
+    # the backward walks the chunks (and segments) last to first
+    _segmented(state_pass, dhT, dfinal is not None, nseg, batch * heads, head_dim * d_state, True, dev)
 
     hpg = heads // groups
     nsplit = _num_splits(x, NT * NB * batch * groups, hpg)
