@@ -227,25 +227,51 @@ def print_row(row: dict) -> None:
           f"predicted {gib(row['predicted_peak_bytes'])} GiB  {row.get('note', '')}", flush=True)
 
 
+MARKOV_BRANCHES = 4
+
+
+def markov_sample(index: int, length: int, vocab_size: int) -> torch.Tensor:
+    """A walk of ``length`` tokens on one fixed random graph: each token has MARKOV_BRANCHES successors,
+    chosen uniformly. The same graph every step (seed 0), a new walk each step (seed ``index``): a model
+    that learns the graph reaches ln(MARKOV_BRANCHES) nats from ln(vocab_size), so the loss visibly falls
+    within a few steps, whatever the length. (MQAR draws new keys and values every sequence: only in-context
+    recall lowers its loss, which takes far longer than a handful of steps.)"""
+    successors = torch.randint(0, vocab_size, (vocab_size, MARKOV_BRANCHES),
+                               generator=torch.Generator().manual_seed(0)).tolist()
+    gen = torch.Generator().manual_seed(1 + index)
+    picks = torch.randint(0, MARKOV_BRANCHES, (length,), generator=gen).tolist()
+    token = int(torch.randint(0, vocab_size, (1,), generator=gen))
+    walk = []
+    for pick in picks:  # a sequential walk: about a second per million tokens in plain Python
+        walk.append(token)
+        token = successors[token][pick]
+    return torch.tensor(walk)
+
+
 def loss_curves(args, device: torch.device, results: dict, out: Path) -> None:
-    """Train each named model for its step count at --loss-length on MQAR (keys, values, then queries)."""
+    """Train each named model for its step count at --loss-length on --task (markov or MQAR), one new sequence a step."""
     for spec in args.loss_steps.split(","):
         name, _, steps = spec.partition("=")
         config = model_config(name, args.tiny)
         trainer = Trainer(config, device, lr=args.lr)
         length = args.loss_length
         window = args.window if length > args.window else None
-        run = {"model": name, "length": length, "sequence_window": window, "lr": args.lr, "warmup_steps": args.warmup_steps, "task": "mqar",
-               "labels": args.labels, "num_kv_pairs": args.kv_pairs, "losses": [], "step_s": []}
+        run = {"model": name, "length": length, "sequence_window": window, "lr": args.lr,
+               "warmup_steps": args.warmup_steps, "task": args.task, "losses": [], "step_s": []}
+        if args.task == "mqar":
+            run.update(labels=args.labels, num_kv_pairs=args.kv_pairs)
         results["loss_runs"].append(run)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         for step in range(int(steps or 20)):
             for group in trainer.optimizer.param_groups:  # linear warm-up: AdamW's first steps are the largest
                 group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup_steps)
-            sample = mqar_sample(step, 0, length, config.vocab_size, args.kv_pairs)
-            ids, labels = sample["input_ids"][None].to(device), sample["labels"][None].to(device)
-            if args.labels == "all":  # language modelling on the stream: every next token is a label
+            if args.task == "markov":
+                ids = markov_sample(step, length, config.vocab_size)[None].to(device)
+            else:
+                sample = mqar_sample(step, 0, length, config.vocab_size, args.kv_pairs)
+                ids, labels = sample["input_ids"][None].to(device), sample["labels"][None].to(device)
+            if args.task == "markov" or args.labels == "all":  # language modelling: every next token is a label
                 labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], IGNORE_INDEX)], dim=1)
             try:
                 seconds, loss = timed_step(trainer, ids, labels, window)
@@ -303,7 +329,7 @@ def plot(path: Path) -> None:
         for run in results["loss_runs"]:
             ax.plot(range(len(run["losses"])), run["losses"], "o-", label=f"{run['model']} at {run['length']:,}")
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("training loss (MQAR)")
+        ax.set_ylabel("training loss (nats)")
         ax.set_title(title, fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
@@ -325,6 +351,8 @@ def main(argv=None) -> None:
     parser.add_argument("--loss-length", type=parse_length, default=None, help="default 1M (tiny: 2048)")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate of the loss curves")
     parser.add_argument("--warmup-steps", type=int, default=5, help="loss curves: linear learning-rate warm-up")
+    parser.add_argument("--task", choices=["markov", "mqar"], default="markov",
+                        help="loss curves: a fixed random Markov chain (learnable in steps) or MQAR (in-context recall)")
     parser.add_argument("--labels", choices=["all", "queries"], default="all",
                         help="loss curves: next token at every position of the MQAR stream, or the answers only")
     parser.add_argument("--kv-pairs", type=int, default=64, help="MQAR key-value pairs of the loss curves")
