@@ -71,15 +71,18 @@ def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ memory
-# Bytes each block keeps per token for its backward pass under bf16 autocast (fp32 residual stream and
-# norms, bf16 matmul outputs). Counted from the tensors the code saves; not yet calibrated against
-# measured GPU peaks (scripts/bench_scaling.py will do that), so treat it as an estimate.
+# Bytes each block keeps per token for its backward pass under bf16 autocast (fp32 residual stream and norms,
+# bf16 matmul outputs), counted tensor by tensor from what autograd saves (one storage counted once: a view
+# saved by an op keeps its whole base alive). The Mamba-2 and attention counts were checked on CPU against
+# ``torch.autograd.graph.saved_tensors_hooks`` (the SSD op through the Triton interpreter), and the resulting
+# peaks against the H100/H200 measurements in benchmarks/ (tests/test_plan_calibration.py). Mamba-1 is not
+# yet measured.
 
 BF16, FP32 = 2, 4
 
 
 def _norm_bytes(d: int) -> int:
-    return 2 * FP32 * d  # the fp32 input and its normalised copy
+    return 2 * FP32 * d + FP32  # the fp32 input, its normalised copy, and the (token,) fp32 inverse RMS
 
 
 def _mamba_activation_bytes(config: ModelConfig) -> float:
@@ -90,24 +93,37 @@ def _mamba_activation_bytes(config: ModelConfig) -> float:
                 + FP32 * di * m.d_state / 512 + 2 * BF16 * di + BF16 * di)
     heads, gn = di // m.head_dim, m.n_groups * m.d_state
     conv = di + 2 * gn
+    # in_proj: its bf16 input, and its whole bf16 output (z, xBC, dt): dt, a view of it, is saved by the scan.
     projections = BF16 * d + BF16 * (di + conv + heads)
-    conv_and_silu = 2 * BF16 * conv
-    scan = FP32 * heads * m.head_dim * m.d_state / m.chunk_size + BF16 * m.n_groups * m.chunk_size / 2 + 2 * FP32 * heads
-    gated_norm = 3 * FP32 * di
-    return projections + conv_and_silu + scan + gated_norm + BF16 * di
+    # The zero-padded conv input (conv1d saves it), the conv output (SiLU saves it) and the SiLU output
+    # (x, B, C of the scan are views of it): three bf16 copies of the conv channels.
+    conv_and_silu = 3 * BF16 * conv
+    # The SSD op's own outputs, saved for its backward (kernels/ssd/triton.py): chunk states
+    # (B, H, n_chunks, P, N) fp32, S = C B^T (B, G, n_chunks, L, L) bf16 (a full L x L square per chunk),
+    # softplus(dt) and the in-chunk cumsum of dt A, (B, H, T) fp32 each. (ypre only with z inside, never here.)
+    scan = (FP32 * heads * m.head_dim * m.d_state / m.chunk_size + BF16 * m.n_groups * m.chunk_size
+            + 2 * FP32 * heads)
+    # GatedRMSNorm in fp32: y and z upcast, silu(z), the gated product, its normalised copy (5 x di), and the
+    # per-group inverse RMS.
+    gated_norm = 5 * FP32 * di + FP32 * m.n_groups
+    return projections + conv_and_silu + scan + gated_norm + BF16 * di  # + out_proj's bf16 input
 
 
 def _attention_activation_bytes(config: ModelConfig) -> float:
     a = config.attention
     head_dim = config.d_model // a.n_heads
-    qkv = (a.n_heads + 2 * a.n_kv_heads) * head_dim
-    rotary = 2 * FP32 * (a.n_heads + a.n_kv_heads) * head_dim
-    return BF16 * config.d_model + BF16 * qkv + rotary + BF16 * a.n_heads * head_dim + FP32 * a.n_heads \
-        + BF16 * a.n_heads * head_dim
+    q, kv = a.n_heads * head_dim, a.n_kv_heads * head_dim
+    # qkv's bf16 input and its whole bf16 output (v, a view of it, goes to SDPA as is); the fp32 rotary
+    # tables (T, head_dim / 2) x 2; rotated q and k in bf16 (the fp32 rotation itself is not saved: its other
+    # factor, cos/sin, needs no gradient); the attention output (out_proj's input: a view of it) and the fp32
+    # log-sum-exp per head that flash attention keeps.
+    return (BF16 * config.d_model + BF16 * (q + 2 * kv) + 2 * FP32 * head_dim / 2 + BF16 * (q + kv)
+            + BF16 * q + FP32 * a.n_heads)
 
 
 def _mlp_activation_bytes(config: ModelConfig) -> float:
-    return 0 if config.d_mlp == 0 else BF16 * config.d_model + 5 * BF16 * config.d_mlp
+    # gate_up's bf16 input and output (SiLU saves the gate, a view of it), silu(gate), and the product (down's input)
+    return 0 if config.d_mlp == 0 else BF16 * config.d_model + 2 * BF16 * config.d_mlp + 2 * BF16 * config.d_mlp
 
 
 def block_activation_bytes(config: ModelConfig, letter: str) -> float:
@@ -117,27 +133,42 @@ def block_activation_bytes(config: ModelConfig, letter: str) -> float:
     return mixer + _mlp_activation_bytes(config) + norms
 
 
-def _carried_bytes(config: ModelConfig, tokens: int, batch_size: int) -> tuple[float, float]:
-    """Bytes held between windows (``models.windowed``): (whole sequence's carried state, transient per window).
+def _carried_bytes(config: ModelConfig, tokens: int, batch_size: int, window: int) -> float:
+    """Bytes that windows (``models.windowed``) hold beyond one window's activations, at the worst window.
 
-    Mamba: conv tail + fp32 SSM state per stream, whatever the length. Attention: every window's bf16 keys and
-    values stay (and, in backward, their gradients accumulate beside them); one window's attention concatenates
-    all earlier keys and values (widened to n_heads for grouped-query attention), with their gradient in backward.
+    Mamba: every window's carried state (conv tail + fp32 SSM state) is an input of the next window's
+    checkpoint, so all of them stay until the backward reaches that window: n_windows x state.
+    Attention: every earlier window's rotated keys and its whole qkv output (the carried values are a view of
+    it) stay; in backward, the gradients of those keys and values accumulate beside them; and each attention
+    layer of the window being rebuilt saves its concatenation of all keys and values so far. At window j (j
+    windows before it) that is j.W (keys + qkv + grads) + (j + 1).W (concatenation) tokens' worth, largest at
+    j = n - 2 (the last window, j = n - 1, holds no gradients of earlier keys yet at its peak), or n - 1.
     """
-    kept, transient = 0.0, 0.0
+    n_windows = -(-tokens // (window * batch_size)) if window else 1
+    kept, attention = 0.0, None
     for letter in config.pattern:
         if letter == MAMBA:
             m = config.mamba
             di = m.expand * config.d_model
             conv = di if m.version == 1 else di + 2 * m.n_groups * m.d_state
-            kept += batch_size * (BF16 * (m.d_conv - 1) * conv + FP32 * di * m.d_state)
+            kept += n_windows * batch_size * (BF16 * (m.d_conv - 1) * conv + FP32 * di * m.d_state)
         else:
-            a = config.attention
-            head_dim = config.d_model // a.n_heads
-            kv_tokens = tokens if a.sliding_window is None else min(tokens, a.sliding_window * batch_size)
-            kept += 2 * (2 * BF16 * a.n_kv_heads * head_dim * tokens)  # keys + values, and their gradients
-            transient = max(transient, 2 * (2 * BF16 * a.n_heads * head_dim * kv_tokens))
-    return kept, transient
+            attention = config.attention
+    if attention is not None and n_windows > 1:
+        a, layers = attention, config.pattern.count(ATTENTION)
+        head_dim = config.d_model // a.n_heads
+        stored = BF16 * a.n_kv_heads * head_dim + BF16 * (a.n_heads + 2 * a.n_kv_heads) * head_dim  # k + qkv
+        grads = 2 * BF16 * a.n_kv_heads * head_dim
+        concat = 2 * BF16 * a.n_heads * head_dim  # keys and values (GQA widens them to n_heads first)
+        W = window * batch_size
+        reach = tokens if a.sliding_window is None else min(tokens, (a.sliding_window + window) * batch_size)
+
+        def at(j: int) -> float:
+            past = j * W
+            held_grads = grads if j < n_windows - 1 else 0
+            return past * (stored + held_grads) + min(past + W, reach) * concat
+        kept += layers * max(at(n_windows - 1), at(n_windows - 2))
+    return kept
 
 
 def training_memory(config: ModelConfig, seq_len: int, batch_size: int, checkpoint_kinds: str = "",
@@ -154,8 +185,12 @@ def training_memory(config: ModelConfig, seq_len: int, batch_size: int, checkpoi
     windowed = sequence_window is not None and seq_len > sequence_window
     tokens = seq_len * batch_size
     active = (sequence_window if windowed else seq_len) * batch_size  # tokens whose activations are held at once
-    states = 16 * params / shards  # fp32 weights + fp32 gradients + two fp32 AdamW moments
-    kept, recompute = FP32 * config.d_model * 2, 0.0  # embedding output and final norm input
+    # fp32 weights + fp32 gradients + two fp32 AdamW moments. In one pass the gradients do not exist yet at the
+    # peak (the start of backward), but autocast's bf16 weight copies and the tied head's gradient do: 16 bytes
+    # overstates that moment by less than 2 bytes a parameter. Windows accumulate gradients: 16 is exact there.
+    states = 16 * params / shards
+    # The final norm (its input, normalised copy, inverse RMS) and its output, which the loss's checkpoint keeps.
+    kept, recompute = 3 * FP32 * config.d_model + FP32, 0.0
     for letter in config.pattern:
         full = block_activation_bytes(config, letter)
         if letter in checkpoint_kinds:
@@ -163,12 +198,15 @@ def training_memory(config: ModelConfig, seq_len: int, batch_size: int, checkpoi
             recompute = max(recompute, full)
         else:
             kept += full
-    carried, transient = _carried_bytes(config, tokens, batch_size) if windowed else (0.0, 0.0)
-    logits = 3 * FP32 * min(loss_chunk_size, active) * config.vocab_size  # one chunk: logits, softmax, grad
+    carried = _carried_bytes(config, tokens, batch_size, sequence_window) if windowed else 0.0
+    # One loss chunk's backward (models/loss.py): the fp32 log-softmax rebuilt by the checkpoint, the gradient
+    # that arrives for it and the gradient it passes on, all (chunk, vocab) fp32. The peak of a step is here, at
+    # the start of backward, while every block's activations are still held.
+    logits = 3 * FP32 * min(loss_chunk_size, active) * config.vocab_size
     return {"parameters": params, "mode": "windowed" if windowed else "one pass",
             "weights_grads_optimizer": states, "activations": kept * active,
-            "recomputed_block": recompute * active, "carried_state": carried, "window_attention": transient,
-            "loss_chunk": logits, "peak": states + (kept + recompute) * active + carried + transient + logits}
+            "recomputed_block": recompute * active, "carried_state": carried,
+            "loss_chunk": logits, "peak": states + (kept + recompute) * active + carried + logits}
 
 
 def describe_plan(recipe, gpu_memory_gib: float) -> tuple[str, bool]:
@@ -198,8 +236,8 @@ def describe_plan(recipe, gpu_memory_gib: float) -> tuple[str, bool]:
                  f"  (recomputed: {trainer.activation_checkpointing or 'none'})")
     lines.append(f"  block being recomputed    {gib(memory['recomputed_block'])}")
     if memory["mode"] == "windowed":
-        lines.append(f"  carried between windows   {gib(memory['carried_state'])}  (attention keys/values + grads)")
-        lines.append(f"  one window's attention    {gib(memory['window_attention'])}")
+        lines.append(f"  carried between windows   {gib(memory['carried_state'])}  "
+                     "(Mamba states; attention keys/values, their grads)")
     lines.append(f"  one loss chunk            {gib(memory['loss_chunk'])}")
     lines.append(f"  peak                      {gib(memory['peak'])}")
     fits = memory["peak"] <= gpu_memory_gib * 2**30

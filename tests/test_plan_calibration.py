@@ -1,0 +1,75 @@
+"""`plan`'s predicted peak memory against the peaks measured on GPUs (benchmarks/*.json): within ±15%.
+
+Each configuration is rebuilt from the JSON fields with the benchmark's own model builder (imported from
+scripts/ by path), so a change to plan.py, the benchmark or the model shows up here.
+"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from mambatrain.plan import training_memory
+
+ROOT = Path(__file__).resolve().parent.parent
+TOLERANCE = 0.15
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SCALING = json.loads((ROOT / "benchmarks" / "scaling_h100.json").read_text())
+MULTI_GPU = json.loads((ROOT / "benchmarks" / "bench_multi_gpu_2xh200.json").read_text())
+LOSS_CHUNK = SCALING["settings"]["loss_chunk_size"]
+MEASURED = [r for r in SCALING["runs"] if "peak_bytes" in r]
+
+
+def _leaked(row: dict) -> bool:
+    """Windowed sweep rows with Mamba layers ran at commit 7ae1467, whose carried conv tail kept its whole window
+    alive (fixed in d749dc6; see the JSON's notes): their peaks are not those of the code plan describes. The
+    1M row comes from a loss run after the fix (it has a note saying so). The Transformer has no Mamba layer."""
+    return row["mode"] == "windowed" and row["model"] != "transformer" and "note" not in row
+
+
+def _scaling_prediction(row: dict) -> float:
+    config = _script("bench_scaling").model_config(row["model"], tiny=False)
+    return training_memory(config, row["length"], 1, loss_chunk_size=LOSS_CHUNK,
+                           sequence_window=row["sequence_window"])["peak"]
+
+
+@pytest.mark.parametrize("row", MEASURED, ids=lambda r: f"{r['model']}-{r['length']}-{r['mode'].replace(' ', '_')}")
+def test_scaling_sweep_peak_within_15_percent(row):
+    if _leaked(row):
+        pytest.skip("measured with the conv-tail leak (commit 7ae1467): see test_leaked_rows_match_once_the_leak_is_added")
+    assert abs(_scaling_prediction(row) / row["peak_bytes"] - 1) <= TOLERANCE
+
+
+def test_leaked_rows_match_once_the_leak_is_added():
+    """The leak, modelled explicitly: every window but the last kept its conv input alive (bf16, conv channels,
+    one window's tokens) in each Mamba layer until the backward reached it. With it the rows fit too."""
+    scaling = _script("bench_scaling")
+    for row in filter(_leaked, MEASURED):
+        config = scaling.model_config(row["model"], tiny=False)
+        m = config.mamba
+        conv = m.expand * config.d_model + 2 * m.n_groups * m.d_state
+        windows = -(-row["length"] // row["sequence_window"])
+        leak = (windows - 1) * row["sequence_window"] * config.pattern.count("M") * 2 * conv
+        assert abs((_scaling_prediction(row) + leak) / row["peak_bytes"] - 1) <= TOLERANCE, row
+
+
+@pytest.mark.parametrize("row", MULTI_GPU["rows"], ids=lambda r: r["phase"])
+def test_lightning_runs_peak_within_15_percent(row):
+    """The 130M Mamba-2 through the Lightning trainer (bf16-mixed): DDP, one GPU, context parallelism (each rank
+    holds length / context_parallel tokens); predicted as scripts/bench_multi_gpu.py does."""
+    config = _script("bench_multi_gpu").model_config(tiny=False)
+    predicted = training_memory(config, row["length"] // row["context_parallel"], row["batch_per_replica"])["peak"]
+    if row["oom"]:  # ran out of memory: plan must say it does not fit
+        assert predicted > row["device_memory_gib"] * 2**30
+        return
+    measured = max(row["peak_allocated_gib"]) * 2**30
+    assert abs(predicted / measured - 1) <= TOLERANCE
