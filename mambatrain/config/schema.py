@@ -443,6 +443,13 @@ class TrainerConfig:
     """Ranks that split each sequence along its length (context parallelism; Mamba state passed from rank to rank,
     attention keys gathered). Groups are consecutive ranks; the devices x num_nodes / context_parallel groups are
     the data-parallel replicas. 1: off."""
+    carry_state: bool = False
+    """Truncated backpropagation through time: each batch row is its own contiguous token stream (row i of step k+1
+    continues row i of step k, packing runs on across steps), and every Mamba layer's SSM and conv state is carried,
+    detached, from one micro-batch into the next, so the model sees unbounded context at a fixed step size while
+    gradients stop at the step edge. Needs data.source text or prepared and data.num_workers 0 or 1 (one process
+    must hold all rows); attention layers see only the current step's tokens. The carried state is saved in
+    checkpoints (resume is exact); validation runs from zero state. false: every sequence starts from zero."""
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "devices", "num_nodes", "accumulate_grad_batches", "val_every_n_steps",
@@ -458,6 +465,12 @@ class TrainerConfig:
         _require(self.sequence_window is None or self.sequence_window > 0, "trainer.sequence_window",
                  f"must be positive or null, got {self.sequence_window}")
         self._check_context_parallel()
+        if self.carry_state:
+            _require(self.context_parallel == 1, "trainer.carry_state",
+                     "does not work with trainer.context_parallel > 1 yet (the carried state would need passing "
+                     "from the last rank of a group to the first)")
+            _require(self.sequence_window is None, "trainer.carry_state",
+                     "does not work with trainer.sequence_window (exact backprop over one long sequence); set one")
 
     def _check_context_parallel(self) -> None:
         cp, world = self.context_parallel, self.devices * self.num_nodes
@@ -565,6 +578,14 @@ class Recipe:
         _require(data.seq_len % cp == 0, "trainer.context_parallel",
                  f"data.seq_len {data.seq_len} does not split evenly over {cp} ranks")
         used = data.sources_used()
+        if self.trainer.carry_state:
+            _require(data.source in ("text", "prepared"), "trainer.carry_state",
+                     f"needs a token stream (data.source text or prepared); {data.source} samples are independent")
+            _require(data.num_workers <= 1, "trainer.carry_state",
+                     f"needs data.num_workers 0 or 1 (consecutive batches from different workers would break each "
+                     f"row's stream), got {data.num_workers}")
+            _require(self.model.kind != "transformer", "trainer.carry_state",
+                     "model.kind: transformer has no Mamba layer whose state could be carried")
         if "mqar" in used:
             needed = 2 * data.mqar.num_kv_pairs + 2 * data.mqar.num_kv_pairs
             _require(data.seq_len >= needed, "data.seq_len",

@@ -7,7 +7,8 @@ enough. Text and prepared sources are streams: each batch also carries its strea
 position, and the positions of the last batches trained on (recorded when Lightning
 hands a batch to training, never when it prefetches one) are saved with the count, for
 every rank. A resumed run restarts each stream there, so its batches are exactly those
-an uninterrupted run would have seen.
+an uninterrupted run would have seen. With ``trainer.carry_state`` a stream's position
+is that of each of its batch rows (``rows.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ..config.schema import Recipe, RecipeError
 from .mqar import mqar_sample
+from .rows import RowStreams
 from .shards import TokenStore, read_index
 from .sources import SourceReader
 from .streaming import POSITION_KEY, PreparedStreams, StreamBatches, TextStreams, gather_across_ranks
@@ -119,8 +121,11 @@ class RecipeDataModule(L.LightningDataModule):
         rank, world = self._rank_world()
         if data.source in STREAMING:
             streams = max(data.num_workers, 1)
-            dataset = StreamBatches(self._streams(data.source, validation=False), data.batch_size, rank, world,
-                                    data.num_workers, self.stream_states, first_stream=self.start_batch % streams)
+            open_stream = self._streams(data.source, validation=False)
+            if self.recipe.trainer.carry_state:  # row i of every batch continues row i of the batch before
+                open_stream = RowStreams(open_stream, data.batch_size)
+            dataset = StreamBatches(open_stream, data.batch_size, rank, world, data.num_workers, self.stream_states,
+                                    first_stream=self.start_batch % streams)
             return self._loader(dataset)
         total = self.recipe.trainer.max_steps * self._batches_per_step()
         dataset = SyntheticBatches(self._sample_fn(data.source, validation=False), total, data.batch_size, rank,
@@ -167,6 +172,7 @@ class RecipeDataModule(L.LightningDataModule):
             # another trainer.context_parallel as long as the data-parallel ranks stay as many.
             state["streams"] = gather_across_ranks(self.stream_states)[::self.recipe.trainer.context_parallel]
             state["num_streams"] = max(self.recipe.data.num_workers, 1)
+            state["row_streams"] = self.recipe.trainer.carry_state
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -177,6 +183,11 @@ class RecipeDataModule(L.LightningDataModule):
             log.warning("the checkpoint holds no stream position (it was not trained on %s data): "
                         "the %s streams start from the beginning", self.recipe.data.source, self.recipe.data.source)
             return
+        carry = self.recipe.trainer.carry_state
+        if state.get("row_streams", False) != carry:
+            raise RecipeError(f"trainer.carry_state: the checkpoint was written with carry_state: "
+                              f"{str(not carry).lower()}, whose data position (one stream per "
+                              f"{'batch row' if not carry else 'worker'}) cannot continue with {str(carry).lower()}")
         streams = max(self.recipe.data.num_workers, 1)
         if state["num_streams"] != streams:
             raise RecipeError(f"data.num_workers: the checkpoint was written with {state['num_streams']} data "

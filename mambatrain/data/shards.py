@@ -225,8 +225,9 @@ class PreparedStream:
         self.lo = store.doc_start_at_or_after(slot * store.n_tokens // n_slots)
         self.hi = store.doc_start_at_or_after((slot + 1) * store.n_tokens // n_slots)
         if self.hi <= self.lo:
-            raise DataError(f"data.prepared.path: slot {slot} of {n_slots} (ranks x workers) gets no document of "
-                            f"{store.root}, which holds {store.n_tokens} tokens; use fewer workers or more data")
+            raise DataError(f"data.prepared.path: slot {slot} of {n_slots} (ranks x workers, x batch rows with "
+                            f"trainer.carry_state) gets no document of {store.root}, which holds {store.n_tokens} "
+                            f"tokens; use fewer workers or more data")
         self.epoch, self.pos = (state["epoch"], state["pos"]) if state else (0, self.lo)
         self._done = False
 

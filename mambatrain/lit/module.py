@@ -1,4 +1,4 @@
-"""The LightningModule: next-token loss, metrics, optimizer, and RNG state in checkpoints."""
+"""The LightningModule: next-token loss, metrics, optimizer, and RNG (and carried Mamba) state in checkpoints."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from ..distributed import context_parallel_training as cpt
 from ..models.lm import LanguageModel
 from ..models.loss import IGNORE_INDEX
 from ..models.windowed import windowed_loss
+from .carried import CarriedState
 from .guards import NonFiniteGuard
 from .optim import build_optimizer
 
@@ -47,6 +48,7 @@ class LanguageModelModule(L.LightningModule):
         self.model.checkpoint_kinds = set(recipe.trainer.activation_checkpointing)
         self._rng_to_restore: dict | None = None
         self.context_parallel = None  # this rank's ContextParallel group (setup) when trainer.context_parallel > 1
+        self.carried = CarriedState() if recipe.trainer.carry_state else None  # training rows' Mamba state
         self.guard = NonFiniteGuard(recipe.trainer.max_consecutive_nonfinite,
                                     check_gradients=recipe.trainer.precision != "16-mixed")
 
@@ -61,8 +63,11 @@ class LanguageModelModule(L.LightningModule):
         # Every rank of a context-parallel group got the whole batch; each keeps its slice of the length.
         return cpt.shard_batch(batch, self.context_parallel) if self.context_parallel else batch
 
-    def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The mean loss, and the final hidden states (None when the batch ran window by window)."""
+    def _loss(self, batch: dict, states: list | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The mean loss, and the final hidden states (None when the batch ran window by window).
+
+        ``states``: Mamba state carried in from the previous micro-batch (trainer.carry_state), updated in place.
+        """
         trainer, ids = self.recipe.trainer, batch["input_ids"]
         if self.context_parallel is not None:
             return cpt.loss_and_hidden(self.model, batch, self.context_parallel, trainer.loss_chunk_size)
@@ -70,11 +75,16 @@ class LanguageModelModule(L.LightningModule):
             loss = windowed_loss(self.model, ids, batch["labels"], batch.get("seq_idx"), trainer.sequence_window,
                                  trainer.loss_chunk_size)
             return loss, None
-        hidden = self.model(ids, batch.get("seq_idx"))
+        hidden = self.model(ids, batch.get("seq_idx"), states)
         return self.model.loss(hidden, batch["labels"], trainer.loss_chunk_size), hidden
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, _ = self._loss(batch)
+        if self.carried is None:
+            loss, _ = self._loss(batch)
+        else:  # validation never touches these: it runs from zero state
+            ids = batch["input_ids"]
+            loss, _ = self._loss(batch, self.carried.for_batch(self.model, ids.shape[0], ids.device))
+            self.carried.detach_()
         self.guard.observe(loss, batch)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", torch.exp(loss.detach().clamp(max=20)))
@@ -112,11 +122,16 @@ class LanguageModelModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_states"] = collect_rng_states()
         checkpoint["nonfinite_guard"] = self.guard.state_dict()
+        if self.carried is not None:
+            checkpoint["carried_state"] = self.carried.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Restored at the first training batch: building dataloaders in between draws random numbers.
         self._rng_to_restore = checkpoint.get("rng_states")
         self.guard.load_state_dict(checkpoint.get("nonfinite_guard", {}))
+        if self.carried is not None and self._trainer is not None:  # resuming a fit, not loading weights to use
+            self.carried.load_state_dict(checkpoint.get("carried_state"), self.trainer.global_rank,
+                                         self.trainer.world_size)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self._rng_to_restore is not None:
