@@ -9,6 +9,12 @@ hands a batch to training, never when it prefetches one) are saved with the coun
 every rank. A resumed run restarts each stream there, so its batches are exactly those
 an uninterrupted run would have seen. With ``trainer.carry_state`` a stream's position
 is that of each of its batch rows (``rows.py``).
+
+On another layout (a different number of data-parallel ranks or workers) the resume is
+no longer exact, by necessity: synthetic samples continue from the global sample count
+(nothing skipped or repeated); prepared data shares what is left of the epoch among the
+new streams (``relayout.py``); text streams, whose positions are opaque datasets
+states, are refused, as is trainer.carry_state (its rows are the old layout's).
 """
 
 from __future__ import annotations
@@ -18,10 +24,11 @@ import logging
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from ..config.schema import Recipe, RecipeError
 from .mqar import mqar_sample
+from .relayout import redivide
 from .rows import RowStreams
 from .shards import TokenStore, read_index
 from .sources import SourceReader
@@ -60,6 +67,7 @@ class RecipeDataModule(L.LightningDataModule):
         super().__init__()
         self.recipe = recipe
         self.start_batch = 0
+        self.first_sample: int | None = None  # synthetic: global number of the resumed run's first sample
         self.stream_states: list | None = None  # per stream of this rank: position after its last trained batch
         if check:
             check_data(recipe)
@@ -127,10 +135,15 @@ class RecipeDataModule(L.LightningDataModule):
             dataset = StreamBatches(open_stream, data.batch_size, rank, world, data.num_workers, self.stream_states,
                                     first_stream=self.start_batch % streams)
             return self._loader(dataset)
-        total = self.recipe.trainer.max_steps * self._batches_per_step()
-        dataset = SyntheticBatches(self._sample_fn(data.source, validation=False), total, data.batch_size, rank,
-                                   world)
-        return self._loader(Subset(dataset, range(min(self.start_batch, total), total)))
+        left = max(self.recipe.trainer.max_steps * self._batches_per_step() - self.start_batch, 0)
+        return self._loader(SyntheticBatches(self._sample_fn(data.source, validation=False), left, data.batch_size,
+                                             rank, world, first_sample=self._first_sample()))
+
+    def _first_sample(self) -> int:
+        """Samples the whole run had trained on when this loader starts (global, over every rank)."""
+        if self.first_sample is not None:
+            return self.first_sample
+        return self.start_batch * self.recipe.data.batch_size * self._rank_world()[1]
 
     def val_dataloader(self) -> DataLoader:
         data = self.recipe.data
@@ -166,8 +179,13 @@ class RecipeDataModule(L.LightningDataModule):
         # Checkpoints are written at optimizer-step boundaries, so this counts exactly the batches trained on
         # (Lightning's prefetched next batch is not counted).
         step = self.trainer.global_step if self.trainer is not None else 0
-        state = {"batches_consumed": step * self._batches_per_step()}
-        if self.recipe.data.source in STREAMING:
+        batches = step * self._batches_per_step()
+        world = self._rank_world()[1]
+        state = {"batches_consumed": batches, "data_parallel_ranks": world}
+        if self.recipe.data.source not in STREAMING:
+            trained = (batches - self.start_batch) * self.recipe.data.batch_size * world
+            state["samples_consumed"] = self._first_sample() + trained
+        else:
             # One entry per data-parallel rank (a group's ranks hold the same positions): a run may resume with
             # another trainer.context_parallel as long as the data-parallel ranks stay as many.
             state["streams"] = gather_across_ranks(self.stream_states)[::self.recipe.trainer.context_parallel]
@@ -178,6 +196,7 @@ class RecipeDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict) -> None:
         self.start_batch = int(state["batches_consumed"])
         if self.recipe.data.source not in STREAMING:
+            self._load_sample_count(state)
             return
         if "streams" not in state:
             log.warning("the checkpoint holds no stream position (it was not trained on %s data): "
@@ -189,13 +208,33 @@ class RecipeDataModule(L.LightningDataModule):
                               f"{str(not carry).lower()}, whose data position (one stream per "
                               f"{'batch row' if not carry else 'worker'}) cannot continue with {str(carry).lower()}")
         streams = max(self.recipe.data.num_workers, 1)
-        if state["num_streams"] != streams:
-            raise RecipeError(f"data.num_workers: the checkpoint was written with {state['num_streams']} data "
-                              f"streams per rank (data.num_workers: {state['num_streams']}); an exact resume needs "
-                              f"the same number, got {streams}")
         rank, world = self._rank_world()
-        if len(state["streams"]) != world:
-            raise RecipeError(f"trainer.devices: the checkpoint was written by {len(state['streams'])} data-parallel "
-                              f"ranks; an exact resume of text or prepared data needs the same number (devices x "
-                              f"num_nodes / context_parallel), got {world}")
-        self.stream_states = state["streams"][rank]
+        old_ranks, old_streams = len(state["streams"]), state["num_streams"]
+        if (old_ranks, old_streams) == (world, streams):
+            self.stream_states = state["streams"][rank]
+            return
+        layout = (f"the checkpoint was written by {old_ranks} data-parallel ranks x {old_streams} streams "
+                  f"(data.num_workers), this run has {world} x {streams}")
+        if carry:
+            raise RecipeError(f"trainer.carry_state: {layout}; carried rows resume only on the same layout")
+        if self.recipe.data.source == "text":
+            raise RecipeError(f"data.source: {layout}; text streams resume only on the same layout (prepare the "
+                              f"data with `mambatrain data prepare` to resume on any layout)")
+        new = redivide(TokenStore(self.recipe.data.prepared.path, "train"), state["streams"], old_streams, world,
+                       streams)
+        self.stream_states = new.states[rank]
+        log.info("data layout changed: %s; the %s tokens left in epoch %d of %s are shared among the %d new "
+                 "streams (0 tokens skipped, no document read twice in the epoch)%s", layout, f"{new.tokens_left:,}",
+                 new.epoch, self.recipe.data.prepared.path, world * streams,
+                 f"; {new.ahead} old streams had begun epoch {new.epoch + 1}, whose start they read again"
+                 if new.ahead else "")
+
+    def _load_sample_count(self, state: dict) -> None:
+        """Synthetic samples are numbered: on any layout the run continues at the next global sample."""
+        world = self._rank_world()[1]
+        old_world = state.get("data_parallel_ranks", world)  # older checkpoints: written on this layout
+        self.first_sample = state.get("samples_consumed", self.start_batch * self.recipe.data.batch_size * old_world)
+        if old_world != world:
+            log.info("data layout changed: the checkpoint was written by %d data-parallel ranks, this run has %d; "
+                     "%s synthetic samples were trained on, the run continues at sample %d (0 skipped, none "
+                     "repeated)", old_world, world, f"{self.first_sample:,}", self.first_sample)

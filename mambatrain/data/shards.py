@@ -216,23 +216,39 @@ class TokenStore:
         return tokens, np.concatenate(starts)
 
 
+def slot_range(store: TokenStore, slot: int, n_slots: int) -> tuple[int, int]:
+    """Token range [lo, hi) of slot ``slot`` of ``n_slots``: an equal share, snapped to document starts."""
+    return (store.doc_start_at_or_after(slot * store.n_tokens // n_slots),
+            store.doc_start_at_or_after((slot + 1) * store.n_tokens // n_slots))
+
+
 class PreparedStream:
-    """Samples of one slot of a prepared split; ``state()`` is (epoch, token offset) of the next sample."""
+    """Samples of one slot of a prepared split; ``state()`` is (epoch, token offset) of the next sample.
+
+    A stream re-divided after a change of layout (``relayout.py``) first reads the token
+    intervals it was given for the rest of the epoch: its state then also holds ``end``
+    (where the current interval stops) and ``plan`` (the intervals after it). Its next
+    epoch is its own slot range, like any stream's.
+    """
 
     def __init__(self, store: TokenStore, slot: int, n_slots: int, seq_len: int, reset: bool,
                  state: Optional[dict] = None, cycle: bool = True):
         self.store, self.seq_len, self.reset, self.cycle = store, seq_len, reset, cycle
-        self.lo = store.doc_start_at_or_after(slot * store.n_tokens // n_slots)
-        self.hi = store.doc_start_at_or_after((slot + 1) * store.n_tokens // n_slots)
+        self.lo, self.hi = slot_range(store, slot, n_slots)
         if self.hi <= self.lo:
             raise DataError(f"data.prepared.path: slot {slot} of {n_slots} (ranks x workers, x batch rows with "
                             f"trainer.carry_state) gets no document of {store.root}, which holds {store.n_tokens} "
                             f"tokens; use fewer workers or more data")
         self.epoch, self.pos = (state["epoch"], state["pos"]) if state else (0, self.lo)
+        self.end = state.get("end", self.hi) if state else self.hi
+        self.plan = [list(interval) for interval in state.get("plan", [])] if state else []
         self._done = False
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
+        state = {"epoch": self.epoch, "pos": self.pos}
+        if self.end != self.hi or self.plan:  # still inside intervals given by a re-division
+            state.update(end=self.end, plan=[list(interval) for interval in self.plan])
+        return state
 
     def __iter__(self) -> "PreparedStream":
         return self
@@ -243,14 +259,18 @@ class PreparedStream:
         need = self.seq_len + 1
         pieces, starts, n = [], [], 0
         while n < need:
-            if self.pos >= self.hi:
-                if not self.cycle:
+            if self.pos >= self.end:
+                if self.plan:  # the next interval of a re-divided epoch: it begins a document (or its tail)
+                    self.pos, self.end = self.plan.pop(0)
+                elif not self.cycle:
                     self._done = True
                     break
-                self.epoch, self.pos = self.epoch + 1, self.lo
+                else:
+                    self.epoch, self.pos, self.end = self.epoch + 1, self.lo, self.hi
                 if n > 0:
                     starts.append(np.array([n], dtype=np.int64))
-            take = min(need - n, self.hi - self.pos)
+                continue
+            take = min(need - n, self.end - self.pos)
             tokens, doc_starts = self.store.read(self.pos, self.pos + take)
             pieces.append(tokens)
             starts.append(doc_starts + n)

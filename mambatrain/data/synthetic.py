@@ -62,17 +62,21 @@ def selective_copy_sample(index: int, seed: int, seq_len: int, vocab_size: int,
 
 
 class SyntheticBatches(torch.utils.data.Dataset):
-    """Batch ``b`` of one data-parallel rank: samples ``(b * world + rank) * batch_size + j`` of ``sample(i)``."""
+    """Batch ``b`` of one data-parallel rank: samples ``first_sample + (b * world + rank) * batch_size + j``.
+
+    ``first_sample`` is the number of samples trained before (a resume), so a run resumed on
+    another number of ranks goes on with the next samples of the same global sequence.
+    """
 
     def __init__(self, sample: Callable[[int], dict], num_batches: int, batch_size: int, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, first_sample: int = 0):
         self.sample, self.num_batches, self.batch_size = sample, num_batches, batch_size
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.first_sample = rank, world_size, first_sample
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __getitem__(self, batch_index: int) -> dict[str, torch.Tensor]:
-        first = (batch_index * self.world_size + self.rank) * self.batch_size
+        first = self.first_sample + (batch_index * self.world_size + self.rank) * self.batch_size
         samples = [self.sample(first + j) for j in range(self.batch_size)]
         return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
