@@ -460,14 +460,14 @@ class TrainerConfig:
         _require(self.seed >= 0, "trainer.seed", f"must be 0 or more, got {self.seed}")
         _require(self.strategy != "auto" or self.devices * self.num_nodes == 1, "trainer.strategy",
                  f"{self.devices * self.num_nodes} devices need strategy: ddp or fsdp")
-        # Lightning refuses FSDPStrategy without CUDA, and torch's FSDP itself needs an accelerator device.
-        _require(self.strategy != "fsdp" or self.accelerator != "cpu", "trainer.strategy",
-                 "fsdp needs GPUs (torch FSDP does not run on the CPU); use ddp with accelerator: cpu")
         _require(set(self.activation_checkpointing) <= {"M", "A"}, "trainer.activation_checkpointing",
                  f"use the block letters M and/or A (or \"\" for none), got {self.activation_checkpointing!r}")
         _require(self.sequence_window is None or self.sequence_window > 0, "trainer.sequence_window",
                  f"must be positive or null, got {self.sequence_window}")
         self._check_context_parallel()
+        # Lightning refuses FSDPStrategy without CUDA, and torch's FSDP itself needs an accelerator device.
+        _require(self.strategy != "fsdp" or self.accelerator != "cpu", "trainer.strategy",
+                 "fsdp needs GPUs (torch FSDP does not run on the CPU); use ddp with accelerator: cpu")
         if self.carry_state:
             _require(self.context_parallel == 1, "trainer.carry_state",
                      "does not work with trainer.context_parallel > 1 yet (the carried state would need passing "
