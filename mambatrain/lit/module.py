@@ -14,7 +14,7 @@ from ..config.schema import Recipe
 from ..distributed import context_parallel_training as cpt
 from ..models.lm import LanguageModel
 from ..models.loss import IGNORE_INDEX
-from ..models.windowed import windowed_loss
+from ..models.windowed import windowed_evaluation, windowed_loss
 from .carried import CarriedState
 from .guards import NonFiniteGuard
 from .optim import build_optimizer
@@ -71,12 +71,17 @@ class LanguageModelModule(L.LightningModule):
         trainer, ids = self.recipe.trainer, batch["input_ids"]
         if self.context_parallel is not None:
             return cpt.loss_and_hidden(self.model, batch, self.context_parallel, trainer.loss_chunk_size)
-        if trainer.sequence_window is not None and ids.shape[1] > trainer.sequence_window:
+        if self._windowed(ids):
             loss = windowed_loss(self.model, ids, batch["labels"], batch.get("seq_idx"), trainer.sequence_window,
                                  trainer.loss_chunk_size)
             return loss, None
         hidden = self.model(ids, batch.get("seq_idx"), states)
         return self.model.loss(hidden, batch["labels"], trainer.loss_chunk_size), hidden
+
+    def _windowed(self, ids: torch.Tensor) -> bool:
+        """Whether this batch runs window by window (trainer.sequence_window, shorter than the batch)."""
+        window = self.recipe.trainer.sequence_window
+        return self.context_parallel is None and window is not None and ids.shape[1] > window
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.carried is None:
@@ -92,17 +97,19 @@ class LanguageModelModule(L.LightningModule):
         return loss * cpt.backward_scale(self.context_parallel)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        loss, hidden = self._loss(batch)
+        ids, labels, trainer = batch["input_ids"], batch["labels"], self.recipe.trainer
+        targets = labels != IGNORE_INDEX
+        if self._windowed(ids):  # no hidden states for the whole batch: predictions are counted window by window
+            loss, correct = windowed_evaluation(self.model, ids, labels, batch.get("seq_idx"), trainer.sequence_window,
+                                                trainer.loss_chunk_size)
+        else:
+            loss, hidden = self._loss(batch)
+            # Accuracy over labelled positions only: logits for those tokens, never the whole (B, T, vocab).
+            correct = (self.model.logits(hidden[targets]).argmax(-1) == labels[targets]).sum()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/ppl", torch.exp(loss.clamp(max=20)), sync_dist=True)
-        if hidden is None:
-            return  # windowed batches keep no hidden states: no val/accuracy (it would need every position's logits)
-        targets = batch["labels"] != IGNORE_INDEX
-        # Accuracy over labelled positions only: logits for those tokens, never the whole (B, T, vocab).
-        predictions = self.model.logits(hidden[targets]).argmax(-1)
         # Counted over the context-parallel group: a slice may hold no labelled token.
-        correct, count = cpt.group_sum(torch.stack([(predictions == batch["labels"][targets]).sum(), targets.sum()]),
-                                       self.context_parallel)
+        correct, count = cpt.group_sum(torch.stack([correct, targets.sum()]), self.context_parallel)
         accuracy = correct.float() / count
         self.log("val/accuracy", accuracy, prog_bar=True, sync_dist=True)
 

@@ -43,8 +43,19 @@ def _attention_step(block, x, seq_idx, past_doc, position, carried):
     return x, (past.new_k, past.new_v)
 
 
-def _window(model, input_ids, labels, seq_idx, past_doc, position, loss_chunk_size, carried):
-    """(loss sum, new carried state per block) of one window; ``carried`` is that of the windows before."""
+def _correct_count(model, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Labelled positions whose most likely token is the label, logits a chunk at a time (never window x vocab)."""
+    targets = labels != IGNORE_INDEX
+    h, y = hidden[targets], labels[targets]
+    correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+    for start in range(0, y.numel(), chunk_size):
+        correct += (model.logits(h[start:start + chunk_size]).argmax(-1) == y[start:start + chunk_size]).sum()
+    return correct
+
+
+def _window(model, input_ids, labels, seq_idx, past_doc, position, loss_chunk_size, count_correct, carried):
+    """(loss sum, correct predictions or None, new carried state per block) of one window; ``carried`` is that
+    of the windows before."""
     x = model.embedding(input_ids)  # (B, W, d_model)
     new = []
     for block, state in zip(model.blocks, carried):
@@ -56,7 +67,8 @@ def _window(model, input_ids, labels, seq_idx, past_doc, position, loss_chunk_si
             x, state = step(block, x, seq_idx, past_doc, position, state)
         new.append(state)
     hidden = model.norm_f(x)
-    return chunked_cross_entropy_sum(hidden, model.head_weight, labels, loss_chunk_size), new
+    correct = _correct_count(model, hidden, labels, loss_chunk_size) if count_correct else None
+    return chunked_cross_entropy_sum(hidden, model.head_weight, labels, loss_chunk_size), correct, new
 
 
 def windowed_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, seq_idx: torch.Tensor | None,
@@ -66,6 +78,18 @@ def windowed_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, seq_idx:
 
     input_ids, labels (B, T); seq_idx (B, T) document ids or None. The last window may be shorter.
     """
+    return _windows(model, input_ids, labels, seq_idx, window, loss_chunk_size, count_correct=False)[0]
+
+
+@torch.no_grad()
+def windowed_evaluation(model, input_ids: torch.Tensor, labels: torch.Tensor, seq_idx: torch.Tensor | None,
+                        window: int, loss_chunk_size: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss, correct next-token predictions) over labels != -100, window by window, without gradients;
+    the same as one pass (argmax of the logits at every labelled position)."""
+    return _windows(model, input_ids, labels, seq_idx, window, loss_chunk_size, count_correct=True)
+
+
+def _windows(model, input_ids, labels, seq_idx, window, loss_chunk_size, count_correct):
     B, T = input_ids.shape
     count = (labels != IGNORE_INDEX).sum()
     carried = []
@@ -75,17 +99,19 @@ def windowed_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, seq_idx:
             carried.append((state.conv, state.ssm, state.doc))
         else:
             carried.append(((), ()))  # keys, values of no earlier window yet
-    total = None
+    total = correct = None
     for start in range(0, T, window):
         span = slice(start, start + window)
         args = (input_ids[:, span], labels[:, span], None if seq_idx is None else seq_idx[:, span],
-                None if seq_idx is None else seq_idx[:, :start], start, loss_chunk_size, carried)
+                None if seq_idx is None else seq_idx[:, :start], start, loss_chunk_size, count_correct, carried)
         if torch.is_grad_enabled():
-            loss_sum, new = checkpoint(_window, model, *args, use_reentrant=False)
+            loss_sum, hits, new = checkpoint(_window, model, *args, use_reentrant=False)
         else:
-            loss_sum, new = _window(model, *args)
+            loss_sum, hits, new = _window(model, *args)
         total = loss_sum if total is None else total + loss_sum
+        if count_correct:
+            correct = hits if correct is None else correct + hits
         # Tuples, never lists appended in place: a window's recomputation must see exactly the keys it saw.
         carried = [state if block.kind == MAMBA else (old[0] + (state[0],), old[1] + (state[1],))
                    for block, old, state in zip(model.blocks, carried, new)]
-    return total / count.clamp(min=1)
+    return total / count.clamp(min=1), correct

@@ -80,3 +80,21 @@ def test_windowed_loss_without_gradients_equals_one_pass():
         whole = model.loss(model(tokens), tokens)
         windowed = windowed_loss(model, tokens, tokens, None, 64)
     torch.testing.assert_close(windowed, whole, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["mamba2", "hybrid"])
+def test_windowed_evaluation_counts_the_same_correct_predictions(name):
+    from mambatrain.models.windowed import windowed_evaluation
+
+    model = _model(name)
+    ids = torch.randint(0, VOCAB, (2, LENGTH))
+    labels = ids.roll(-1, 1)
+    labels[:, ::3] = IGNORE_INDEX
+    with torch.no_grad():
+        hidden = model(ids, _documents())
+        loss = model.loss(hidden, labels)
+        targets = labels != IGNORE_INDEX
+        correct = (model.logits(hidden[targets]).argmax(-1) == labels[targets]).sum()
+    windowed, windowed_correct = windowed_evaluation(model, ids, labels, _documents(), 50, loss_chunk_size=16)
+    _assert_same(windowed, loss)
+    assert windowed_correct == correct
