@@ -45,6 +45,15 @@ def _loss_and_grads(model, loss):
     return loss.detach(), torch.autograd.grad(loss, list(model.parameters()))
 
 
+def _assert_windowed_equals_whole(model, whole_loss, windowed_loss_):
+    """Loss and every parameter gradient of the two (callables building each loss) agree."""
+    whole, whole_grads = _loss_and_grads(model, whole_loss())
+    windowed, grads = _loss_and_grads(model, windowed_loss_())
+    torch.testing.assert_close(windowed, whole, rtol=1e-9, atol=1e-12)
+    for (param, _), a, b in zip(model.named_parameters(), grads, whole_grads):
+        _assert_same(a, b, param)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("documents", [False, True])
 @pytest.mark.parametrize("window", [50, 64])  # 64 leaves a short last window (150 = 2 x 64 + 22)
@@ -55,22 +64,19 @@ def test_windowed_loss_and_gradients_equal_one_pass(name, documents, window):
     labels[0, :7] = IGNORE_INDEX
     labels[1, 100:130] = IGNORE_INDEX
     seq_idx = _documents() if documents else None
-    whole, whole_grads = _loss_and_grads(model, model.loss(model(tokens, seq_idx), labels, chunk_size=32))
-    windowed, grads = _loss_and_grads(model, windowed_loss(model, tokens, labels, seq_idx, window, 32))
-    torch.testing.assert_close(windowed, whole, rtol=1e-9, atol=1e-12)
-    for (param, _), a, b in zip(model.named_parameters(), grads, whole_grads):
-        _assert_same(a, b, param)
+    _assert_windowed_equals_whole(model, lambda: model.loss(model(tokens, seq_idx), labels, chunk_size=32),
+                                  lambda: windowed_loss(model, tokens, labels, seq_idx, window, 32))
 
 
 def test_block_checkpointing_inside_windows_keeps_gradients():
     model = _model("hybrid")
     tokens = torch.randint(0, VOCAB, (2, LENGTH))
-    whole, whole_grads = _loss_and_grads(model, model.loss(model(tokens, _documents()), tokens))
-    model.checkpoint_kinds = {"M", "A"}
-    windowed, grads = _loss_and_grads(model, windowed_loss(model, tokens, tokens, _documents(), 50, 8192))
-    torch.testing.assert_close(windowed, whole, rtol=1e-9, atol=1e-12)
-    for (param, _), a, b in zip(model.named_parameters(), grads, whole_grads):
-        _assert_same(a, b, param)
+
+    def windowed_with_block_checkpoints():
+        model.checkpoint_kinds = {"M", "A"}
+        return windowed_loss(model, tokens, tokens, _documents(), 50, 8192)
+    _assert_windowed_equals_whole(model, lambda: model.loss(model(tokens, _documents()), tokens),
+                                  windowed_with_block_checkpoints)
 
 
 def test_windowed_loss_without_gradients_equals_one_pass():
