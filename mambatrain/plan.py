@@ -133,16 +133,17 @@ def block_activation_bytes(config: ModelConfig, letter: str) -> float:
     return mixer + _mlp_activation_bytes(config) + norms
 
 
-def _carried_bytes(config: ModelConfig, tokens: int, batch_size: int, window: int) -> float:
+def _carried_bytes(config: ModelConfig, tokens: int, batch_size: int, window: int, checkpoint_kinds: str) -> float:
     """Bytes that windows (``models.windowed``) hold beyond one window's activations, at the worst window.
 
     Mamba: every window's carried state (conv tail + fp32 SSM state) is an input of the next window's
     checkpoint, so all of them stay until the backward reaches that window: n_windows x state.
-    Attention: every earlier window's rotated keys and its whole qkv output (the carried values are a view of
-    it) stay; in backward, the gradients of those keys and values accumulate beside them; and each attention
-    layer of the window being rebuilt saves its concatenation of all keys and values so far. At window j (j
-    windows before it) that is j.W (keys + qkv + grads) + (j + 1).W (concatenation) tokens' worth, largest at
-    j = n - 2 (the last window, j = n - 1, holds no gradients of earlier keys yet at its peak), or n - 1.
+    Attention: every earlier window's rotated keys and values stay; in backward, their gradients accumulate
+    beside them; and each attention layer of the window being rebuilt saves its concatenation of all keys and
+    values so far (one layer at a time when attention blocks are checkpointed: ``checkpoint_kinds`` has A). At
+    window j (j windows before it) that is j.W (keys + values + grads) + (j + 1).W (concatenation) tokens'
+    worth, largest at j = n - 2 (the last window, j = n - 1, holds no gradients of earlier keys yet at its
+    peak), or n - 1.
     """
     n_windows = -(-tokens // (window * batch_size)) if window else 1
     kept, attention = 0.0, None
@@ -157,17 +158,18 @@ def _carried_bytes(config: ModelConfig, tokens: int, batch_size: int, window: in
     if attention is not None and n_windows > 1:
         a, layers = attention, config.pattern.count(ATTENTION)
         head_dim = config.d_model // a.n_heads
-        stored = BF16 * a.n_kv_heads * head_dim + BF16 * (a.n_heads + 2 * a.n_kv_heads) * head_dim  # k + qkv
-        grads = 2 * BF16 * a.n_kv_heads * head_dim
+        stored = grads = 2 * BF16 * a.n_kv_heads * head_dim  # keys and values
         concat = 2 * BF16 * a.n_heads * head_dim  # keys and values (GQA widens them to n_heads first)
         W = window * batch_size
         reach = tokens if a.sliding_window is None else min(tokens, (a.sliding_window + window) * batch_size)
 
+        concat_layers = 1 if ATTENTION in checkpoint_kinds else layers
+
         def at(j: int) -> float:
             past = j * W
             held_grads = grads if j < n_windows - 1 else 0
-            return past * (stored + held_grads) + min(past + W, reach) * concat
-        kept += layers * max(at(n_windows - 1), at(n_windows - 2))
+            return layers * past * (stored + held_grads) + concat_layers * min(past + W, reach) * concat
+        kept += max(at(n_windows - 1), at(n_windows - 2))
     return kept
 
 
@@ -198,7 +200,7 @@ def training_memory(config: ModelConfig, seq_len: int, batch_size: int, checkpoi
             recompute = max(recompute, full)
         else:
             kept += full
-    carried = _carried_bytes(config, tokens, batch_size, sequence_window) if windowed else 0.0
+    carried = _carried_bytes(config, tokens, batch_size, sequence_window, checkpoint_kinds) if windowed else 0.0
     # One loss chunk's backward (models/loss.py): the fp32 log-softmax rebuilt by the checkpoint, the gradient
     # that arrives for it and the gradient it passes on, all (chunk, vocab) fp32. The peak of a step is here, at
     # the start of backward, while every block's activations are still held.

@@ -12,7 +12,8 @@ Models (d_model 768, vocab 50,280 tied; ``plan`` counts their parameters, printe
                at the same size (one attention + MLP block has the parameters of two Mamba blocks).
 A step is forward + backward + AdamW, bf16 autocast over fp32 weights (Lightning's "bf16-mixed"), batch 1,
 our model and chunked loss. A length runs in one pass when ``plan`` predicts it fits (80% of the GPU), otherwise
-with ``trainer.sequence_window`` (``models.windowed``: exact, one extra forward). Each configuration: 1 warm-up
+with ``trainer.sequence_window`` (``models.windowed``: exact, one extra forward), checkpointing inside each window
+the fewest block kinds that make plan's peak fit (attention, then Mamba too). Each configuration: 1 warm-up
 step, then timed steps (CUDA events, median); a model stops at the first length that runs out of memory or whose
 step exceeds --max-step-s. MFU counts model FLOPs (``plan.training_flops_per_token``, without the recomputation).
 The JSON (--out, default $OUT or benchmarks/) is rewritten after every configuration, so a killed run keeps what
@@ -130,14 +131,24 @@ def timed_step(trainer: Trainer, ids, labels, window) -> tuple[float, float]:
     return time.perf_counter() - t0, loss
 
 
-def choose_window(config: ModelConfig, length: int, window: int, budget: float | None) -> int | None:
-    """None (one pass) when plan predicts it fits ``budget`` bytes (or the length is no longer than a window),
-    else ``window``. Without a budget (CPU), windows whenever the length is longer than one."""
+def choose_mode(config: ModelConfig, length: int, window: int, budget: float | None) -> tuple[int | None, str]:
+    """(sequence window or None for one pass, block kinds to checkpoint inside each window).
+
+    One pass when plan predicts it fits ``budget`` bytes (or the length is no longer than a window), else
+    ``window``, with the fewest checkpointed kinds that fit: none, attention (each attention layer then holds
+    its concatenation of all earlier keys one layer at a time), then both. Without a budget (CPU), windows
+    whenever the length is longer than one, nothing checkpointed.
+    """
     if length <= window:
-        return None
-    if budget is not None and training_memory(config, length, 1, loss_chunk_size=LOSS_CHUNK)["peak"] <= budget:
-        return None
-    return window
+        return None, ""
+    if budget is None:
+        return window, ""
+    if training_memory(config, length, 1, loss_chunk_size=LOSS_CHUNK)["peak"] <= budget:
+        return None, ""
+    for kinds in ("", "A", "MA"):
+        if training_memory(config, length, 1, kinds, LOSS_CHUNK, sequence_window=window)["peak"] <= budget:
+            break
+    return window, "".join(kind for kind in kinds if kind in config.pattern)
 
 
 def sweep(args, device: torch.device, results: dict, out: Path) -> None:
@@ -147,9 +158,10 @@ def sweep(args, device: torch.device, results: dict, out: Path) -> None:
         config = model_config(name, args.tiny)
         trainer = Trainer(config, device)
         for length in args.lengths:
-            window = choose_window(config, length, args.window, budget)
-            predicted = training_memory(config, length, 1, loss_chunk_size=LOSS_CHUNK, sequence_window=window)
-            row = {"model": name, "length": length, "sequence_window": window,
+            window, kinds = choose_mode(config, length, args.window, budget)
+            trainer.model.checkpoint_kinds = set(kinds)
+            predicted = training_memory(config, length, 1, kinds, LOSS_CHUNK, sequence_window=window)
+            row = {"model": name, "length": length, "sequence_window": window, "activation_checkpointing": kinds,
                    "mode": predicted["mode"], "parameters": predicted["parameters"],
                    "predicted_peak_bytes": predicted["peak"]}
             ids = torch.randint(0, config.vocab_size, (1, length), device=device)
@@ -255,8 +267,11 @@ def loss_curves(args, device: torch.device, results: dict, out: Path) -> None:
         config = model_config(name, args.tiny)
         trainer = Trainer(config, device, lr=args.lr)
         length = args.loss_length
-        window = args.window if length > args.window else None
-        run = {"model": name, "length": length, "sequence_window": window, "lr": args.lr,
+        budget = None if device.type != "cuda" else 0.8 * results["environment"]["gpu_memory_bytes"]
+        window, kinds = choose_mode(config, length, args.window, budget)
+        trainer.model.checkpoint_kinds = set(kinds)
+        run = {"model": name, "length": length, "sequence_window": window, "activation_checkpointing": kinds,
+               "lr": args.lr,
                "warmup_steps": args.warmup_steps, "task": args.task, "losses": [], "step_s": []}
         if args.task == "mqar":
             run.update(labels=args.labels, num_kv_pairs=args.kv_pairs)

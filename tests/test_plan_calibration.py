@@ -38,7 +38,7 @@ def _leaked(row: dict) -> bool:
 
 def _scaling_prediction(row: dict) -> float:
     config = _script("bench_scaling").model_config(row["model"], tiny=False)
-    return training_memory(config, row["length"], 1, loss_chunk_size=LOSS_CHUNK,
+    return training_memory(config, row["length"], 1, row.get("activation_checkpointing", ""), LOSS_CHUNK,
                            sequence_window=row["sequence_window"])["peak"]
 
 
@@ -46,6 +46,8 @@ def _scaling_prediction(row: dict) -> float:
 def test_scaling_sweep_peak_within_15_percent(row):
     if _leaked(row):
         pytest.skip("measured with the conv-tail leak (commit 7ae1467): see test_leaked_rows_match_once_the_leak_is_added")
+    if row["mode"] == "windowed" and row["model"] == "transformer" and "values" not in SCALING.get("fixes", ""):
+        pytest.skip("measured while carried values were views of the whole qkv output (commit 7ae1467)")
     assert abs(_scaling_prediction(row) / row["peak_bytes"] - 1) <= TOLERANCE
 
 

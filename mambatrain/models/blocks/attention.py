@@ -173,7 +173,9 @@ class CausalSelfAttention(nn.Module):
         """Queries of this window over the earlier windows' keys and its own; sets ``past.new_k/new_v``."""
         B, _, T, _ = q.shape
         start = past.position
-        past.new_k, past.new_v = k, v
+        # v is a view of the whole qkv output: carried as is, every earlier window would keep all of qkv alive
+        # (3x the values' bytes) until the backward reaches it. k, rotated, is already a tensor of its own.
+        past.new_k, past.new_v = k, v.contiguous()
         # With a sliding window, keys before the first query's reach are never looked at: skip them (linear cost).
         first = 0 if self.sliding_window is None else max(0, start - (self.sliding_window - 1))
         keys, values = past.since(first)
