@@ -64,6 +64,16 @@ def test_leaked_rows_match_once_the_leak_is_added():
         assert abs((_scaling_prediction(row) + leak) / row["peak_bytes"] - 1) <= TOLERANCE, row
 
 
+LOSS_RUNS = [run for path in sorted((ROOT / "benchmarks").glob("loss_1m_*.json"))
+             for run in json.loads(path.read_text())["loss_runs"] if "peak_bytes" in run]
+
+
+@pytest.mark.parametrize("run", LOSS_RUNS, ids=lambda r: f"{r['model']}-{r['length']}")
+def test_loss_runs_at_1m_peak_within_15_percent(run):
+    """The 1M-token loss runs (windowed; the hybrid's with whatever checkpointing fitted its GPU)."""
+    assert abs(_scaling_prediction(run) / run["peak_bytes"] - 1) <= TOLERANCE
+
+
 @pytest.mark.parametrize("row", MULTI_GPU["rows"], ids=lambda r: r["phase"])
 def test_lightning_runs_peak_within_15_percent(row):
     """The 130M Mamba-2 through the Lightning trainer (bf16-mixed): DDP, one GPU, context parallelism (each rank
