@@ -37,6 +37,7 @@ import torch
 
 from mambatrain.config.schema import AttentionConfig, MambaConfig, ModelConfig
 from mambatrain.data.mqar import mqar_sample
+from mambatrain.data.synthetic import markov_sample, markov_successors
 from mambatrain.models.lm import LanguageModel
 from mambatrain.models.loss import IGNORE_INDEX
 from mambatrain.models.windowed import windowed_loss
@@ -239,27 +240,6 @@ def print_row(row: dict) -> None:
           f"predicted {gib(row['predicted_peak_bytes'])} GiB  {row.get('note', '')}", flush=True)
 
 
-MARKOV_BRANCHES = 4
-
-
-def markov_sample(index: int, length: int, vocab_size: int) -> torch.Tensor:
-    """A walk of ``length`` tokens on one fixed random graph: each token has MARKOV_BRANCHES successors,
-    chosen uniformly. The same graph every step (seed 0), a new walk each step (seed ``index``): a model
-    that learns the graph reaches ln(MARKOV_BRANCHES) nats from ln(vocab_size), so the loss visibly falls
-    within a few steps, whatever the length. (MQAR draws new keys and values every sequence: only in-context
-    recall lowers its loss, which takes far longer than a handful of steps.)"""
-    successors = torch.randint(0, vocab_size, (vocab_size, MARKOV_BRANCHES),
-                               generator=torch.Generator().manual_seed(0)).tolist()
-    gen = torch.Generator().manual_seed(1 + index)
-    picks = torch.randint(0, MARKOV_BRANCHES, (length,), generator=gen).tolist()
-    token = int(torch.randint(0, vocab_size, (1,), generator=gen))
-    walk = []
-    for pick in picks:  # a sequential walk: about a second per million tokens in plain Python
-        walk.append(token)
-        token = successors[token][pick]
-    return torch.tensor(walk)
-
-
 def loss_curves(args, device: torch.device, results: dict, out: Path) -> None:
     """Train each named model for its step count at --loss-length on --task (markov or MQAR), one new sequence a step."""
     for spec in args.loss_steps.split(","):
@@ -278,15 +258,16 @@ def loss_curves(args, device: torch.device, results: dict, out: Path) -> None:
         results["loss_runs"].append(run)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        successors = markov_successors(0, config.vocab_size, 4)
         for step in range(int(steps or 20)):
             for group in trainer.optimizer.param_groups:  # linear warm-up: AdamW's first steps are the largest
                 group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup_steps)
-            if args.task == "markov":
-                ids = markov_sample(step, length, config.vocab_size)[None].to(device)
+            if args.task == "markov":  # the recipes' data.source: markov (4 successors per token)
+                sample = markov_sample(step, 0, length, successors)
             else:
                 sample = mqar_sample(step, 0, length, config.vocab_size, args.kv_pairs)
-                ids, labels = sample["input_ids"][None].to(device), sample["labels"][None].to(device)
-            if args.task == "markov" or args.labels == "all":  # language modelling: every next token is a label
+            ids, labels = sample["input_ids"][None].to(device), sample["labels"][None].to(device)
+            if args.task == "mqar" and args.labels == "all":  # language modelling: every next token is a label
                 labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], IGNORE_INDEX)], dim=1)
             try:
                 seconds, loss = timed_step(trainer, ids, labels, window)

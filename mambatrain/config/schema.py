@@ -198,9 +198,9 @@ class ModelConfig:
                  f"has {len(self.pattern)} letters but model.n_layers is {self.n_layers}")
 
 
-DATA_SOURCES = ("mqar", "passkey", "selective_copy", "text", "prepared")
-SyntheticSource = Literal["mqar", "passkey", "selective_copy"]
-DataSource = Literal["mqar", "passkey", "selective_copy", "text", "prepared"]
+DATA_SOURCES = ("mqar", "passkey", "selective_copy", "markov", "text", "prepared")
+SyntheticSource = Literal["mqar", "passkey", "selective_copy", "markov"]
+DataSource = Literal["mqar", "passkey", "selective_copy", "markov", "text", "prepared"]
 BYTE_TOKENIZER_VOCAB = 257  # 256 byte values + end-of-document
 
 
@@ -226,6 +226,20 @@ class PasskeyConfig:
     """Where the passkey sits in the noise, 0 (start) to 1 (just before the query); null draws it per sample."""
     train_samples_seed: int = 0
     """Seed of the training stream (sample i is a pure function of the seed and i)."""
+    val_samples: int = 256
+    """Size of the fixed validation set, drawn from a different seed."""
+
+
+@dataclass
+class MarkovConfig:
+    """Walks on one fixed random graph: every token has a few successors; the model learns the graph."""
+
+    branches: int = 4
+    """Successors per token, drawn uniformly at each step: a model that has learnt the graph reaches ln(branches)."""
+    graph_seed: int = 0
+    """Seed of the graph (the same for training and validation)."""
+    train_samples_seed: int = 0
+    """Seed of the training walks (sample i is a pure function of the seed and i)."""
     val_samples: int = 256
     """Size of the fixed validation set, drawn from a different seed."""
 
@@ -293,7 +307,7 @@ class DataConfig:
     """Where tokens come from and how they are batched."""
 
     source: DataSource = "mqar"
-    """mqar, passkey, selective_copy: synthetic streams generated on the fly. text: files or a hub dataset,
+    """mqar, passkey, selective_copy, markov: synthetic streams generated on the fly. text: files or a hub dataset,
     tokenized on the fly (data.text). prepared: shards written by `mambatrain data prepare` (data.prepared)."""
     val_source: Optional[DataSource] = None
     """Source of the validation batches; null means the same as source (e.g. train on text, validate on passkey)."""
@@ -312,6 +326,8 @@ class DataConfig:
     """Settings of the passkey source."""
     selective_copy: SelectiveCopyConfig = field(default_factory=SelectiveCopyConfig)
     """Settings of the selective_copy source."""
+    markov: MarkovConfig = field(default_factory=MarkovConfig)
+    """Settings of the markov source."""
     text: TextConfig = field(default_factory=TextConfig)
     """Settings of the text source (and the input of `mambatrain data prepare`)."""
     prepared: PreparedConfig = field(default_factory=PreparedConfig)
@@ -326,7 +342,7 @@ class DataConfig:
         _require(self.num_workers >= 0, "data.num_workers", f"must be 0 or more, got {self.num_workers}")
         _require(self.mqar.num_kv_pairs > 0, "data.mqar.num_kv_pairs",
                  f"must be positive, got {self.mqar.num_kv_pairs}")
-        for name in ("mqar", "passkey", "selective_copy"):
+        for name in ("mqar", "passkey", "selective_copy", "markov"):
             samples = getattr(self, name).val_samples
             _require(samples > 0, f"data.{name}.val_samples", f"must be positive, got {samples}")
         _require(self.passkey.digits > 0, "data.passkey.digits", f"must be positive, got {self.passkey.digits}")
@@ -334,6 +350,7 @@ class DataConfig:
                  f"must be between 0 and 1 or null (random), got {self.passkey.depth}")
         _require(self.selective_copy.num_tokens > 0, "data.selective_copy.num_tokens",
                  f"must be positive, got {self.selective_copy.num_tokens}")
+        _require(self.markov.branches > 0, "data.markov.branches", f"must be positive, got {self.markov.branches}")
         _require(self.prepared.shard_tokens > 0, "data.prepared.shard_tokens",
                  f"must be positive, got {self.prepared.shard_tokens}")
         _require(self.prepared.shuffle_documents >= 0, "data.prepared.shuffle_documents",

@@ -33,7 +33,7 @@ from .rows import RowStreams
 from .shards import TokenStore, read_index
 from .sources import SourceReader
 from .streaming import POSITION_KEY, PreparedStreams, StreamBatches, TextStreams, gather_across_ranks
-from .synthetic import SyntheticBatches, passkey_sample, selective_copy_sample
+from .synthetic import SyntheticBatches, markov_sample, markov_successors, passkey_sample, selective_copy_sample
 from .tokenizer import check_vocab, load_tokenizer
 
 log = logging.getLogger("mambatrain")
@@ -105,6 +105,9 @@ class RecipeDataModule(L.LightningDataModule):
         if source == "passkey":
             return functools.partial(passkey_sample, seed=seed, seq_len=data.seq_len, vocab_size=vocab,
                                      digits=config.digits, depth=config.depth)
+        if source == "markov":
+            return functools.partial(markov_sample, seed=seed, seq_len=data.seq_len,
+                                     successors=markov_successors(config.graph_seed, vocab, config.branches))
         return functools.partial(selective_copy_sample, seed=seed, seq_len=data.seq_len, vocab_size=vocab,
                                  num_tokens=config.num_tokens)
 

@@ -1,4 +1,4 @@
-"""Synthetic long-context tasks, generated on the fly: passkey retrieval and selective copying (MQAR is in mqar.py).
+"""Synthetic tasks, generated on the fly: passkey retrieval, selective copying, Markov walks (MQAR is in mqar.py).
 
 Like MQAR, sample ``i`` is a pure function of (seed, i), so a resumed run regenerates
 exactly the batches it would have seen, and the validation set is a fixed seed.
@@ -59,6 +59,31 @@ def selective_copy_sample(index: int, seed: int, seq_len: int, vocab_size: int,
     labels = torch.full((seq_len,), IGNORE_INDEX, dtype=torch.long)
     labels[region: seq_len - 1] = tokens  # the marker predicts the first token, each copy the next
     return {"input_ids": input_ids, "labels": labels}
+
+
+def markov_successors(graph_seed: int, vocab_size: int, branches: int) -> list[list[int]]:
+    """The fixed random graph of the markov task: ``branches`` successors for every token."""
+    gen = torch.Generator().manual_seed(graph_seed)
+    return torch.randint(0, vocab_size, (vocab_size, branches), generator=gen).tolist()
+
+
+def markov_sample(index: int, seed: int, seq_len: int, successors: list[list[int]]) -> dict[str, torch.Tensor]:
+    """A walk on a fixed random graph (``markov_successors``): each next token is one of the current token's
+    successors, drawn uniformly. Every position is scored (the label is the next token of the walk).
+
+    A model that has learnt the graph reaches ln(branches) nats from ln(vocab_size), whatever the length, so the
+    loss falls within a few steps: a smoke test of training at any length (MQAR's loss falls only once in-context
+    recall is learnt). The walk is sequential: about a second per million tokens, in the data workers.
+    """
+    gen = _generator(seed, index)
+    picks = torch.randint(0, len(successors[0]), (seq_len,), generator=gen).tolist()
+    token = int(torch.randint(0, len(successors), (1,), generator=gen))
+    walk = [token]
+    for pick in picks:
+        token = successors[token][pick]
+        walk.append(token)
+    walk = torch.tensor(walk)
+    return {"input_ids": walk[:-1], "labels": walk[1:]}
 
 
 class SyntheticBatches(torch.utils.data.Dataset):

@@ -1,4 +1,4 @@
-"""Passkey retrieval and selective copying: the answer is in the sequence, and only the answer is scored."""
+"""Synthetic tasks: passkey retrieval and selective copying score only the answer; Markov walks score every token."""
 
 import pytest
 import torch
@@ -6,8 +6,8 @@ import torch
 from mambatrain.config.load import load_recipe
 from mambatrain.config.schema import RecipeError
 from mambatrain.data.datamodule import RecipeDataModule
-from mambatrain.data.synthetic import (COPY_MARK, DIGIT0, PASSKEY_MARK, PASSKEY_QUERY, passkey_sample,
-                                       selective_copy_sample)
+from mambatrain.data.synthetic import (COPY_MARK, DIGIT0, PASSKEY_MARK, PASSKEY_QUERY, markov_sample,
+                                       markov_successors, passkey_sample, selective_copy_sample)
 from mambatrain.models.loss import IGNORE_INDEX
 
 
@@ -51,3 +51,32 @@ def test_train_on_one_task_and_validate_on_another():
 def test_too_short_for_the_passkey_names_seq_len():
     with pytest.raises(RecipeError, match="data.seq_len: passkey with 5 digits needs seq_len >= 14"):
         load_recipe(values={"model": {"kind": "mamba", "vocab_size": 32}, "data": {"source": "passkey", "seq_len": 8}})
+
+
+def test_markov_walk_follows_the_graph_and_scores_every_next_token():
+    successors = markov_successors(graph_seed=0, vocab_size=50, branches=3)
+    s = markov_sample(7, seed=1, seq_len=300, successors=successors)
+    ids, labels = s["input_ids"], s["labels"]
+    assert ids.shape == labels.shape == (300,)
+    assert torch.equal(labels[:-1], ids[1:])  # every position predicts the next token of the walk
+    assert all(int(b) in successors[int(a)] for a, b in zip(ids, labels))
+    again = markov_sample(7, seed=1, seq_len=300, successors=successors)
+    assert torch.equal(again["input_ids"], ids)  # a pure function of (seed, index): exact resumes
+    assert not torch.equal(markov_sample(8, seed=1, seq_len=300, successors=successors)["input_ids"], ids)
+
+
+def test_markov_recipe_trains_and_validates_on_the_same_graph():
+    recipe = load_recipe(values={
+        "model": {"kind": "mamba", "d_model": 16, "n_layers": 1, "vocab_size": 40, "mamba": {"d_state": 4, "head_dim": 8}},
+        "data": {"source": "markov", "seq_len": 64, "batch_size": 2, "markov": {"branches": 2}}})
+    dm = RecipeDataModule(recipe)
+    train, val = next(iter(dm.train_dataloader())), next(iter(dm.val_dataloader()))
+    successors = markov_successors(0, 40, 2)
+    for batch in (train, val):
+        assert batch["input_ids"].shape == (2, 64)
+        assert all(int(b) in successors[int(a)] for a, b in zip(batch["input_ids"].flatten(), batch["labels"].flatten()))
+
+
+def test_markov_branches_must_be_positive():
+    with pytest.raises(RecipeError, match="data.markov.branches"):
+        load_recipe(values={"model": {"kind": "mamba", "vocab_size": 32}, "data": {"source": "markov", "markov": {"branches": 0}}})
