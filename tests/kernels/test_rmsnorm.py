@@ -174,8 +174,8 @@ def test_refuses_float64_and_bad_groups():
 def test_naive_equals_modules(dtype):
     """The naive references compute exactly what the model's PyTorch path does."""
     inp = make_inputs((2, 7), 48, dtype, True, True)
-    norm, gated = RMSNorm(48, eps=1e-4, backend="reference"), GatedRMSNorm(48, eps=1e-4, group_size=12,
-                                                                          backend="reference")
+    norm = RMSNorm(48, eps=1e-4, backend="reference").to(DEVICE)
+    gated = GatedRMSNorm(48, eps=1e-4, group_size=12, backend="reference").to(DEVICE)
     with torch.no_grad():
         norm.weight.copy_(inp["weight"])
         gated.weight.copy_(inp["weight"].flip(0))
