@@ -33,8 +33,11 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # A group is one tile of BN = next_power_of_2(group_size) channels: register
 # pressure limits it (16 warps hold 32 fp32 values a thread per block value).
 MAX_GROUP_SIZE = 16384
-# Elements of one (rows x channels) tile: rows are batched until a tile holds this many.
-TILE = 4096
+# Elements of one (rows x channels) tile: rows are batched until a tile holds this many; and backward
+# programs per SM (per group), each walking a run of row blocks. Chosen on an H200 (2048 / 8 against
+# 1024-8192 / 2-16): the gated backward at 64k x 1536 bf16 takes 393 us against 580 at 4096 / 4.
+TILE = 2048
+BWD_PROGRAMS_PER_SM = 8
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -183,10 +186,10 @@ def rms_norm_bwd(dout: Tensor, x: Tensor, z: Tensor | None, weight: Tensor, rstd
     x2, do2, dx2 = _rows(x, dim), _rows(dout, dim), dx.view(-1, dim)
     z2, dz2 = (_rows(z, dim), dz.view(-1, dim)) if z is not None else (x2, dx2)
     rows = x2.shape[0]
-    # A few programs per SM, each walking a run of row blocks and keeping its dw partial in registers:
+    # Several programs per SM, each walking a run of row blocks and keeping its dw partial in registers:
     # the partials buffer stays small (programs x dim fp32) and its sum by torch is deterministic.
     blocks = triton.cdiv(rows, k["BR"])
-    programs = min(blocks, triton.cdiv(4 * _sm_count(x.device), k["G"]))
+    programs = min(blocks, triton.cdiv(BWD_PROGRAMS_PER_SM * _sm_count(x.device), k["G"]))
     per_program = triton.cdiv(blocks, programs)
     programs = triton.cdiv(blocks, per_program)
     dw_part = _empty(programs, dim, device=x.device, dtype=torch.float32)
