@@ -74,7 +74,8 @@ class MambaConfig:
     conv_bias: bool = True
     """Bias in the depthwise convolution."""
     backend: Literal["auto", "triton", "reference"] = "auto"
-    """Scan implementation: triton kernels on CUDA tensors, the PyTorch reference otherwise (auto), or forced."""
+    """Scan (and Mamba-2 gated norm) implementation: triton kernels on CUDA tensors, the PyTorch reference
+    otherwise (auto), or forced."""
 
     def validate(self, d_model: int, prefix: str = "model.mamba") -> None:
         for key in ("d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size"):

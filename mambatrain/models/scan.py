@@ -8,33 +8,16 @@ mode): we never fall back silently.
 
 from __future__ import annotations
 
-import logging
-import os
-
 import torch
 
 from mambatrain_kernels.selective_scan import selective_scan_naive
 from mambatrain_kernels.ssd import ssd_chunked_torch
 
-log = logging.getLogger(__name__)
-_announced: set[tuple[str, str]] = set()
+from .backend import use_triton
 
 
 def _use_triton(backend: str, x: torch.Tensor, op: str) -> bool:
-    if backend == "reference":
-        choice = False
-    elif backend == "triton":
-        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError(f"model.mamba.backend is 'triton' but the {op} input is on {x.device}; "
-                               "use backend: auto or reference on CPU (or TRITON_INTERPRET=1 to test kernels)")
-        choice = True
-    else:
-        choice = x.is_cuda
-    key = (op, "triton" if choice else "reference")
-    if key not in _announced:
-        _announced.add(key)
-        log.info("%s scan: %s implementation", op, key[1])
-    return choice
+    return use_triton(backend, x, f"{op} scan", "model.mamba.backend")
 
 
 def selective_scan(backend: str, *args, **kwargs):

@@ -165,7 +165,7 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
         self.A_log = nn.Parameter(torch.empty(self.n_heads))
         self.D = nn.Parameter(torch.ones(self.n_heads))
-        self.norm = GatedRMSNorm(d_inner, eps=norm_eps, group_size=d_inner // self.n_groups)
+        self.norm = GatedRMSNorm(d_inner, eps=norm_eps, group_size=d_inner // self.n_groups, backend=config.backend)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
         self.reset_ssm_parameters()
 
