@@ -81,11 +81,12 @@ def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
 BF16, FP32 = 2, 4
 
 
-def _norm_bytes(d: int) -> int:
-    return 2 * FP32 * d + FP32  # the fp32 input, its normalised copy, and the (token,) fp32 inverse RMS
+def _norm_bytes(d: int, fused: bool) -> int:
+    # The fp32 input and the (token,) fp32 inverse RMS; the PyTorch path also keeps the normalised copy.
+    return (1 if fused else 2) * FP32 * d + FP32
 
 
-def _mamba_activation_bytes(config: ModelConfig) -> float:
+def _mamba_activation_bytes(config: ModelConfig, fused: bool) -> float:
     m, d = config.mamba, config.d_model
     di = m.expand * d
     if m.version == 1:
@@ -95,17 +96,18 @@ def _mamba_activation_bytes(config: ModelConfig) -> float:
     conv = di + 2 * gn
     # in_proj: its bf16 input, and its whole bf16 output (z, xBC, dt): dt, a view of it, is saved by the scan.
     projections = BF16 * d + BF16 * (di + conv + heads)
-    # The zero-padded conv input (conv1d saves it), the conv output (SiLU saves it) and the SiLU output
-    # (x, B, C of the scan are views of it): three bf16 copies of the conv channels.
-    conv_and_silu = 3 * BF16 * conv
+    # The SiLU output (x, B, C of the scan are views of it); the PyTorch path also keeps the zero-padded conv
+    # input (conv1d saves it) and the conv output (SiLU saves it). The fused kernel reads in_proj's output.
+    conv_and_silu = (1 if fused else 3) * BF16 * conv
     # The SSD op's own outputs, saved for its backward (kernels/ssd/triton.py): chunk states
     # (B, H, n_chunks, P, N) fp32, S = C B^T (B, G, n_chunks, L, L) bf16 (a full L x L square per chunk),
     # softplus(dt) and the in-chunk cumsum of dt A, (B, H, T) fp32 each. (ypre only with z inside, never here.)
     scan = (FP32 * heads * m.head_dim * m.d_state / m.chunk_size + BF16 * m.n_groups * m.chunk_size
             + 2 * FP32 * heads)
-    # GatedRMSNorm in fp32: y and z upcast, silu(z), the gated product, its normalised copy (5 x di), and the
-    # per-group inverse RMS.
-    gated_norm = 5 * FP32 * di + FP32 * m.n_groups
+    # GatedRMSNorm: the fused kernel keeps y (bf16; z is a view of in_proj's output) and the per-group inverse
+    # RMS; the PyTorch path computes in fp32 and keeps y and z upcast, silu(z), the gated product and its
+    # normalised copy (5 x di).
+    gated_norm = (BF16 if fused else 5 * FP32) * di + FP32 * m.n_groups
     return projections + conv_and_silu + scan + gated_norm + BF16 * di  # + out_proj's bf16 input
 
 
@@ -126,10 +128,10 @@ def _mlp_activation_bytes(config: ModelConfig) -> float:
     return 0 if config.d_mlp == 0 else BF16 * config.d_model + 2 * BF16 * config.d_mlp + 2 * BF16 * config.d_mlp
 
 
-def block_activation_bytes(config: ModelConfig, letter: str) -> float:
-    """Per-token bytes one block saves for backward (no recomputation)."""
-    mixer = _mamba_activation_bytes(config) if letter == MAMBA else _attention_activation_bytes(config)
-    norms = _norm_bytes(config.d_model) * (2 if config.d_mlp else 1)
+def block_activation_bytes(config: ModelConfig, letter: str, fused: bool = True) -> float:
+    """Per-token bytes one block saves for backward (no recomputation); ``fused`` as in ``training_memory``."""
+    mixer = _mamba_activation_bytes(config, fused) if letter == MAMBA else _attention_activation_bytes(config)
+    norms = _norm_bytes(config.d_model, fused) * (2 if config.d_mlp else 1)
     return mixer + _mlp_activation_bytes(config) + norms
 
 
@@ -175,8 +177,11 @@ def _carried_bytes(config: ModelConfig, tokens: int, batch_size: int, window: in
 
 def training_memory(config: ModelConfig, seq_len: int, batch_size: int, checkpoint_kinds: str = "",
                     loss_chunk_size: int = 8192, shards: int = 1,
-                    sequence_window: int | None = None) -> dict[str, float]:
+                    sequence_window: int | None = None, fused_kernels: bool = True) -> dict[str, float]:
     """Predicted peak bytes on one device for a training step: weights, gradients, AdamW, activations.
+
+    ``fused_kernels``: the GPU path, with the Triton causal conv1d + SiLU and RMSNorm kernels (the default);
+    False counts the PyTorch conv1d and fp32 norms (the CPU path, and GPU runs before those kernels existed).
 
     With ``sequence_window`` shorter than ``seq_len`` the activations are one window's (``models.windowed``),
     plus what windows carry: small for Mamba, every position's keys and values for attention.
@@ -191,10 +196,10 @@ def training_memory(config: ModelConfig, seq_len: int, batch_size: int, checkpoi
     # peak (the start of backward), but autocast's bf16 weight copies and the tied head's gradient do: 16 bytes
     # overstates that moment by less than 2 bytes a parameter. Windows accumulate gradients: 16 is exact there.
     states = 16 * params / shards
-    # The final norm (its input, normalised copy, inverse RMS) and its output, which the loss's checkpoint keeps.
-    kept, recompute = 3 * FP32 * config.d_model + FP32, 0.0
+    # The final norm's saved tensors and its output, which the loss's checkpoint keeps.
+    kept, recompute = _norm_bytes(config.d_model, fused_kernels) + FP32 * config.d_model, 0.0
     for letter in config.pattern:
-        full = block_activation_bytes(config, letter)
+        full = block_activation_bytes(config, letter, fused_kernels)
         if letter in checkpoint_kinds:
             kept += FP32 * config.d_model  # only the block's input stays; its insides are rebuilt in backward
             recompute = max(recompute, full)
