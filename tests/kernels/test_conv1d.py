@@ -233,3 +233,23 @@ def test_model_dispatch_uses_the_conv_module():
         results[backend] = (y, x.grad, prefix.grad, conv.weight.grad.clone(), conv.bias.grad.clone())
     for a, b in zip(results["triton"], results["reference"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles each autotune config for the GPU at hand")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_every_autotune_config(monkeypatch, dtype):
+    """Autotuning picks one config per shape: every config of the GPU space must be right."""
+    import triton
+
+    def make(d):
+        d = dict(d)
+        return triton.Config(d, num_warps=d.pop("num_warps"), num_stages=1)
+
+    fwd_space, bwd_space = [make(d) for d in ct._FWD_SPACE], [make(d) for d in ct._BWD_SPACE]
+    inp, seq_idx = make_inputs(2, 1000, 1792, 4, dtype, seq=[0, 300, 512], strided=True)
+    for r in range(max(len(fwd_space), len(bwd_space))):
+        fwd, bwd = [fwd_space[r % len(fwd_space)]], [bwd_space[r % len(bwd_space)]]
+        monkeypatch.setattr(ct, "BWD_CONFIGS", bwd)
+        monkeypatch.setattr(ct.conv1d_silu_fwd_kernel, "configs", fwd)
+        monkeypatch.setattr(ct.conv1d_silu_bwd_kernel, "configs", bwd)
+        check(inp, seq_idx, TOL[dtype])
