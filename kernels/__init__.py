@@ -1,6 +1,6 @@
-"""mambatrain's scan kernels, importable as ``mambatrain_kernels``.
+"""mambatrain's kernels (the scans, the conv + SiLU), importable as ``mambatrain_kernels``.
 
-Each op lives in its own folder: ``naive.py`` is the recurrence written as a
-plain loop (the specification, the CPU path and the test oracle), ``triton.py``
-the fast GPU version with the same signature.
+Each op lives in its own folder: ``naive.py`` is the op written as a plain
+loop (the specification and the test oracle; for the scans also the CPU path),
+``triton.py`` the fast GPU version with the same signature.
 """

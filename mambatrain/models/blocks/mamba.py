@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...config.schema import MambaConfig
@@ -37,33 +36,6 @@ class MambaState:
     def detach_(self) -> "MambaState":
         self.conv, self.ssm = self.conv.detach(), self.ssm.detach()
         return self
-
-
-def causal_conv1d(x: torch.Tensor, conv: nn.Conv1d, seq_idx: torch.Tensor | None,
-                  prefix: torch.Tensor | None = None) -> torch.Tensor:
-    """Depthwise causal convolution over time of x (B, T, C); taps never cross a document boundary.
-
-    ``prefix`` (B, width - 1, C) holds the inputs before x (carried state); without it they are zeros.
-    ``seq_idx`` then covers prefix and x together, (B, width - 1 + T).
-    """
-    width, T = conv.kernel_size[0], x.shape[1]
-    padded = F.pad(x, (0, 0, width - 1, 0)) if prefix is None else torch.cat([prefix.to(x.dtype), x], dim=1)
-    if seq_idx is None:
-        y = F.conv1d(padded.transpose(1, 2), conv.weight, conv.bias, groups=conv.groups)
-        return y.transpose(1, 2)
-    if prefix is None:
-        seq_idx = F.pad(seq_idx, (width - 1, 0), value=-1)
-    # Sum of shifted copies, each masked where the tap reaches into another document.
-    weight = conv.weight[:, 0, :].to(x.dtype)  # (C, width); tap width-1 multiplies x[t]
-    current = seq_idx[:, width - 1:]
-    y = x * weight[:, width - 1]
-    for shift in range(1, width):
-        shifted = padded[:, width - 1 - shift: width - 1 - shift + T]
-        same_doc = seq_idx[:, width - 1 - shift: width - 1 - shift + T] == current
-        y = y + shifted * same_doc[..., None].to(x.dtype) * weight[:, width - 1 - shift]
-    if conv.bias is not None:
-        y = y + conv.bias.to(x.dtype)
-    return y
 
 
 def _carry_in(state: MambaState | None, seq_idx: torch.Tensor | None):
@@ -137,7 +109,7 @@ class Mamba1Mixer(nn.Module):
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (B, T, d_inner) each
         prefix, conv_seq_idx, initial = _carry_in(state, seq_idx)
         conv_input = x
-        x = F.silu(causal_conv1d(x, self.conv1d, conv_seq_idx, prefix))
+        x = scan.conv1d_silu(self.config.backend, x, self.conv1d, conv_seq_idx, prefix)
         dt_low, Bmat, Cmat = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = dt_low @ self.dt_proj.weight.t().to(dt_low.dtype)  # bias and softplus happen inside the scan
         y = scan.selective_scan(
@@ -191,7 +163,7 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt = self.in_proj(hidden).split([self.d_inner, self.d_inner + 2 * gn, self.n_heads], dim=-1)
         prefix, conv_seq_idx, initial = _carry_in(state, seq_idx)
         conv_input = xBC
-        xBC = F.silu(causal_conv1d(xBC, self.conv1d, conv_seq_idx, prefix))
+        xBC = scan.conv1d_silu(self.config.backend, xBC, self.conv1d, conv_seq_idx, prefix)
         x, Bmat, Cmat = xBC.split([self.d_inner, gn, gn], dim=-1)
         y = scan.ssd_scan(
             self.config.backend,

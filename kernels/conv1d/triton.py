@@ -1,0 +1,374 @@
+"""Causal depthwise convolution fused with SiLU in Triton, forward and backward.
+
+Same signature and results as ``naive.causal_conv1d_silu_naive``; the maths
+is in this folder's README.md. Tiles are [BT steps, BC channels] with the
+channels contiguous in memory (x is channel-last), so every row of a tile is
+one coalesced read. A tap reaching k steps back is a second load of the tile
+shifted by k rows, which the cache serves: memory sees x about once.
+
+Forward: one program per (time block, channel block, batch row) writes
+silu(pre). Backward: one program per (time chunk, channel block, batch row)
+walks its chunk in blocks of BT rows of the *input* xin (the prefix rows
+included), recomputes pre at the W outputs each input row feeds, and writes
+dx (or dprefix) for its rows; dweight and dbias leave one fp32 partial sum per
+program, summed by torch: no atomics, bitwise deterministic. Nothing is saved
+for the backward but the inputs.
+
+Vocabulary as in flash-linear-attention: ``i_`` program ids, ``o_`` offsets,
+``m_`` masks, ``p_`` pointers, ``b_`` block values. Row offsets are int64
+(B * T * C passes 2^31 at 1M tokens x 3000 channels).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# MAMBATRAIN_AUTOTUNE=0: one config per kernel (tests would otherwise compile every config per shape)
+AUTOTUNE = os.environ.get("MAMBATRAIN_AUTOTUNE", "1") == "1"
+# Fill what the host allocates for the kernels with NaN, so that a kernel that
+# leaves part of an output unwritten fails the tests.
+_DEBUG_NAN = os.environ.get("MAMBATRAIN_KERNEL_DEBUG", "0") == "1"
+
+
+def _configs(space: list[dict], default: dict, gpu_default: dict) -> list[triton.Config]:
+    """Autotune space on a GPU; one config in the interpreter (tuning there is far too slow)."""
+    def make(d):
+        d = dict(d)
+        return triton.Config(d, num_warps=d.pop("num_warps", 4), num_stages=d.pop("num_stages", 1))
+    if INTERPRET:
+        return [make(default)]
+    return [make(d) for d in space] if AUTOTUNE else [make(gpu_default)]
+
+
+_FWD_SPACE = [dict(BT=64, BC=128, num_warps=4), dict(BT=32, BC=256, num_warps=4), dict(BT=128, BC=128, num_warps=8)]
+_BWD_SPACE = [dict(BT=32, BC=128, num_warps=4), dict(BT=16, BC=256, num_warps=4), dict(BT=64, BC=64, num_warps=4)]
+FWD_CONFIGS = _configs(_FWD_SPACE, dict(BT=64, BC=64), _FWD_SPACE[0])
+BWD_CONFIGS = _configs(_BWD_SPACE, dict(BT=32, BC=64), _BWD_SPACE[0])
+# The backward's time chunks are a multiple of this many rows, hence of every BT.
+CHUNK_ALIGN = 128
+# Backward programs to aim for (a few per SM): fewer, longer chunks mean fewer dweight partial sums;
+# more programs keep the SMs busy at batch 1.
+BWD_PROGRAMS = 2048
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _load_xin(x, prefix, i_b, o_s, o_c, m_c, T, s_xb, s_xt, s_pb, s_pt,
+              W: tl.constexpr, HAS_PREFIX: tl.constexpr):
+    """Rows o_s of xin, fp32 [BT, BC]: x for 0 <= s < T, the prefix for -(W-1) <= s < 0, else 0."""
+    m_x = (o_s >= 0) & (o_s < T)
+    p_x = x + i_b * s_xb + o_s[:, None] * s_xt + o_c[None, :]
+    b_x = tl.load(p_x, mask=m_x[:, None] & m_c[None, :], other=0.).to(tl.float32)
+    if HAS_PREFIX:
+        m_p = (o_s < 0) & (o_s >= 1 - W)
+        p_p = prefix + i_b * s_pb + (o_s + W - 1)[:, None] * s_pt + o_c[None, :]
+        b_x += tl.load(p_p, mask=m_p[:, None] & m_c[None, :], other=0.).to(tl.float32)
+    return b_x
+
+
+@triton.jit
+def _load_doc(seq_idx, i_b, o_s, T, s_sb, s_st, W: tl.constexpr, HAS_PREFIX: tl.constexpr):
+    """Document ids of the rows o_s of xin [BT]; -1 where there is no row (its input is 0 anyway)."""
+    o_q = o_s + W - 1 if HAS_PREFIX else o_s  # seq_idx covers the prefix too when there is one
+    return tl.load(seq_idx + i_b * s_sb + o_q * s_st, mask=(o_q >= 0) & (o_s < T), other=-1)
+
+
+@triton.jit
+def _pre(x, weight, bias, seq_idx, prefix, i_b, o_t, o_c, m_c, T,
+         s_xb, s_xt, s_pb, s_pt, s_sb, s_st, s_wc, s_ww,
+         W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_PREFIX: tl.constexpr,
+         BT: tl.constexpr, BC: tl.constexpr):
+    """pre[t] = bias + sum_k weight[W-1-k] xin[t-k] [doc(t-k) == doc(t)] at the rows o_t, fp32 [BT, BC]."""
+    b_pre = tl.zeros([BT, BC], dtype=tl.float32)
+    if HAS_BIAS:
+        b_pre += tl.load(bias + o_c, mask=m_c, other=0.).to(tl.float32)[None, :]
+    if HAS_SEQ:
+        b_doc = _load_doc(seq_idx, i_b, o_t, T, s_sb, s_st, W, HAS_PREFIX)
+    for k in tl.static_range(W):
+        b_x = _load_xin(x, prefix, i_b, o_t - k, o_c, m_c, T, s_xb, s_xt, s_pb, s_pt, W, HAS_PREFIX)
+        if HAS_SEQ and k > 0:
+            b_dk = _load_doc(seq_idx, i_b, o_t - k, T, s_sb, s_st, W, HAS_PREFIX)
+            b_x = tl.where((b_dk == b_doc)[:, None], b_x, 0.)
+        b_w = tl.load(weight + o_c * s_wc + (W - 1 - k) * s_ww, mask=m_c, other=0.).to(tl.float32)  # [BC]
+        b_pre += b_w[None, :] * b_x
+    return b_pre
+
+
+@triton.autotune(configs=FWD_CONFIGS, key=["C", "W", "HAS_BIAS", "HAS_SEQ", "HAS_PREFIX"])
+@triton.jit
+def conv1d_silu_fwd_kernel(
+    x, weight, bias, seq_idx, prefix, out,
+    T, C,
+    s_xb, s_xt, s_pb, s_pt, s_sb, s_st, s_wc, s_ww,
+    W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    ALIGN: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+):
+    """out[b, t, c] = silu(pre[b, t, c]); one program per (time block, channel block, batch row)."""
+    s_xb, s_xt, s_pb, s_pt = s_xb * ALIGN, s_xt * ALIGN, s_pb * ALIGN, s_pt * ALIGN  # see _align
+    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b64 = i_b.to(tl.int64)
+    o_t = i_t.to(tl.int64) * BT + tl.arange(0, BT)  # [BT]
+    o_c = i_c * BC + tl.arange(0, BC)  # [BC]
+    m_c = o_c < C
+    b_pre = _pre(x, weight, bias, seq_idx, prefix, i_b64, o_t, o_c, m_c, T,
+                 s_xb, s_xt, s_pb, s_pt, s_sb, s_st, s_wc, s_ww,
+                 W, HAS_BIAS, HAS_SEQ, HAS_PREFIX, BT, BC)  # [BT, BC]
+    b_out = b_pre / (1. + tl.exp(-b_pre))
+    p_o = out + i_b64 * T * C + o_t[:, None] * C + o_c[None, :]
+    tl.store(p_o, b_out.to(out.dtype.element_ty), mask=(o_t < T)[:, None] & m_c[None, :])
+
+
+@triton.autotune(configs=BWD_CONFIGS, key=["C", "W", "HAS_BIAS", "HAS_SEQ", "HAS_PREFIX"])
+@triton.jit
+def conv1d_silu_bwd_kernel(
+    x, weight, bias, seq_idx, prefix, dout, dx, dprefix, dw_part, db_part,
+    T, C, CHUNK, NCH,
+    s_xb, s_xt, s_pb, s_pt, s_sb, s_st, s_wc, s_ww, s_db, s_dt,
+    W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    ALIGN: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+):
+    """One program per (chunk of CHUNK input rows, channel block, batch row).
+
+    Input rows s run from -(W-1) (with a prefix) to T-1. Row s feeds the
+    outputs t = s + k, k < W, through tap W-1-k: dxin[s] = sum_k weight[W-1-k]
+    g_k[s] with g_k[s] = dpre[s+k] [doc(s) == doc(s+k)], and dweight[W-1-k]
+    gets sum_s xin[s] g_k[s] (each row s is owned by one program, so each
+    product is counted once). dpre = dout silu'(pre), pre recomputed.
+    """
+    P: tl.constexpr = W - 1 if HAS_PREFIX else 0  # prefix rows
+    s_xb, s_xt, s_pb, s_pt = s_xb * ALIGN, s_xt * ALIGN, s_pb * ALIGN, s_pt * ALIGN  # see _align
+    s_db, s_dt = s_db * ALIGN, s_dt * ALIGN
+    i_ch, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b64 = i_b.to(tl.int64)
+    o_c = i_c * BC + tl.arange(0, BC)  # [BC]
+    m_c = o_c < C
+    o_w = tl.arange(0, WP)
+    b_dw = tl.zeros([WP, BC], dtype=tl.float32)  # row i: the partial sum of dweight[:, i]
+    b_db = tl.zeros([BC], dtype=tl.float32)
+    start = i_ch.to(tl.int64) * CHUNK  # first row of the chunk, counted from the prefix's first
+    n_blk = tl.cdiv(tl.minimum(CHUNK, T + P - start), BT)
+    for i_blk in range(0, n_blk):
+        o_s = start + i_blk * BT - P + tl.arange(0, BT)  # [BT] rows of xin
+        b_x0 = _load_xin(x, prefix, i_b64, o_s, o_c, m_c, T, s_xb, s_xt, s_pb, s_pt, W, HAS_PREFIX)
+        if HAS_SEQ:
+            b_doc = _load_doc(seq_idx, i_b64, o_s, T, s_sb, s_st, W, HAS_PREFIX)
+        b_dx = tl.zeros([BT, BC], dtype=tl.float32)
+        # a loop, not unrolled: W recomputations of W taps each would compile W^2 loads
+        for k in range(W):
+            o_t = o_s + k  # the output that reads row s through tap W-1-k
+            m_t = (o_t >= 0) & (o_t < T)
+            b_pre = _pre(x, weight, bias, seq_idx, prefix, i_b64, o_t, o_c, m_c, T,
+                         s_xb, s_xt, s_pb, s_pt, s_sb, s_st, s_wc, s_ww,
+                         W, HAS_BIAS, HAS_SEQ, HAS_PREFIX, BT, BC)
+            p_do = dout + i_b64 * s_db + o_t[:, None] * s_dt + o_c[None, :]
+            b_do = tl.load(p_do, mask=m_t[:, None] & m_c[None, :], other=0.).to(tl.float32)
+            b_sig = 1. / (1. + tl.exp(-b_pre))
+            b_g = b_do * b_sig * (1. + b_pre * (1. - b_sig))  # dpre[s+k]; 0 past either end
+            if k == 0:
+                b_db += tl.sum(b_g, axis=0)
+            if HAS_SEQ:  # (k = 0 compares a row with itself)
+                b_dt = _load_doc(seq_idx, i_b64, o_t, T, s_sb, s_st, W, HAS_PREFIX)
+                b_g = tl.where((b_dt == b_doc)[:, None], b_g, 0.)
+            b_w = tl.load(weight + o_c * s_wc + (W - 1 - k) * s_ww, mask=m_c, other=0.).to(tl.float32)
+            b_dx += b_w[None, :] * b_g
+            b_dw += tl.where((o_w == W - 1 - k)[:, None], tl.sum(b_x0 * b_g, axis=0)[None, :], 0.)
+        p_dx = dx + i_b64 * T * C + o_s[:, None] * C + o_c[None, :]
+        tl.store(p_dx, b_dx.to(dx.dtype.element_ty), mask=((o_s >= 0) & (o_s < T))[:, None] & m_c[None, :])
+        if HAS_PREFIX:
+            p_dp = dprefix + i_b64 * P * C + (o_s + P)[:, None] * C + o_c[None, :]
+            tl.store(p_dp, b_dx.to(dprefix.dtype.element_ty), mask=(o_s < 0)[:, None] & m_c[None, :])
+    o_part = i_b64 * NCH + i_ch  # (batch, chunk) slot of the partial sums
+    p_dw = dw_part + (o_part * W + o_w[:, None]) * C + o_c[None, :]
+    tl.store(p_dw, b_dw, mask=(o_w < W)[:, None] & m_c[None, :])
+    if HAS_BIAS:
+        tl.store(db_part + o_part * C + o_c, b_db, mask=m_c)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _empty(*shape, device, dtype=torch.float32) -> Tensor:
+    t = torch.empty(*shape, device=device, dtype=dtype)
+    return t.fill_(float("nan")) if _DEBUG_NAN else t
+
+
+def _rows(t: Tensor | None) -> Tensor | None:
+    # kernels index the last dim with stride 1 and take the other strides as given
+    if t is None or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
+
+
+def _strides(t: Tensor | None) -> tuple[int, int]:
+    return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
+
+
+def _chunks(rows: int, batch: int, channels: int) -> tuple[int, int]:
+    """(rows per chunk, chunks) of the backward: about BWD_PROGRAMS programs, chunks a multiple of CHUNK_ALIGN."""
+    assert all(CHUNK_ALIGN % c.kwargs["BT"] == 0 for c in BWD_CONFIGS), "CHUNK_ALIGN must be a multiple of every BT"
+    per_row = max(1, BWD_PROGRAMS // (batch * triton.cdiv(channels, 128)))
+    chunk = triton.cdiv(triton.cdiv(rows, per_row), CHUNK_ALIGN) * CHUNK_ALIGN
+    return chunk, triton.cdiv(rows, chunk)
+
+
+def _align(*strides: int) -> int:
+    """Largest power of two up to 16 dividing every stride. The kernels take the strides divided by it and
+    multiply back by a constant, so Triton knows each row starts aligned and vectorizes the loads: it only
+    infers that for strides divisible by 16, which a slice of a projection (3352 = 8 x 419 wide in the
+    130M Mamba-2) is not."""
+    a = 16
+    while a > 1 and any(s % a for s in strides):
+        a //= 2
+    return a
+
+
+def _flags(bias, seq_idx, prefix, width) -> dict:
+    return dict(W=width, HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, HAS_PREFIX=prefix is not None)
+
+
+def conv1d_silu_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None,
+                    prefix: Tensor | None) -> Tensor:
+    x, prefix, seq_idx = _rows(x), _rows(prefix), _rows(seq_idx)
+    batch, length, channels = x.shape
+    out = _empty(batch, length, channels, device=x.device, dtype=x.dtype)
+    if out.numel() == 0:
+        return out
+
+    def grid(meta):
+        return triton.cdiv(length, meta["BT"]), triton.cdiv(channels, meta["BC"]), batch
+
+    s_x = (*x.stride()[:2], *_strides(prefix))
+    align = _align(*s_x)
+    conv1d_silu_fwd_kernel[grid](
+        x, weight, bias, seq_idx, prefix, out, length, channels,
+        *(s // align for s in s_x), *_strides(seq_idx), *weight.stride(),
+        ALIGN=align, **_flags(bias, seq_idx, prefix, weight.shape[1]),
+    )
+    return out
+
+
+def conv1d_silu_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None,
+                    prefix: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    x, prefix, seq_idx, dout = _rows(x), _rows(prefix), _rows(seq_idx), _rows(dout)
+    batch, length, channels = x.shape
+    width = weight.shape[1]
+    dev = x.device
+    rows = length + (width - 1 if prefix is not None else 0)  # of xin, prefix included
+    chunk, nch = _chunks(rows, batch, channels)
+    dx = _empty(batch, length, channels, device=dev, dtype=x.dtype)
+    dprefix = _empty(*prefix.shape, device=dev, dtype=prefix.dtype) if prefix is not None else x.new_empty(0)
+    dw_part = _empty(batch, nch, width, channels, device=dev)
+    db_part = _empty(batch, nch, channels, device=dev) if bias is not None else dw_part
+    if batch * rows * channels > 0:
+        def grid(meta):
+            return nch, triton.cdiv(channels, meta["BC"]), batch
+
+        s_x, s_do = (*x.stride()[:2], *_strides(prefix)), dout.stride()[:2]
+        align = _align(*s_x, *s_do)
+        conv1d_silu_bwd_kernel[grid](
+            x, weight, bias, seq_idx, prefix, dout, dx, dprefix, dw_part, db_part,
+            length, channels, chunk, nch,
+            *(s // align for s in s_x), *_strides(seq_idx), *weight.stride(), *(s // align for s in s_do),
+            ALIGN=align, WP=triton.next_power_of_2(width), **_flags(bias, seq_idx, prefix, width),
+        )
+    # deterministic reductions of the per-program partial sums
+    dweight = dw_part.sum((0, 1)).t().to(weight.dtype, memory_format=torch.contiguous_format)  # (C, W)
+    dbias = db_part.sum((0, 1)).to(bias.dtype) if bias is not None else x.new_empty(0)
+    return dx, dweight, dbias, dprefix
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("mambatrain::conv1d_silu_fwd", mutates_args=())
+def _conv1d_silu_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], seq_idx: Optional[Tensor],
+                     prefix: Optional[Tensor]) -> Tensor:
+    return conv1d_silu_fwd(x, weight, bias, seq_idx, prefix)
+
+
+@_conv1d_silu_fwd.register_fake
+def _(x, weight, bias, seq_idx, prefix):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("mambatrain::conv1d_silu_bwd", mutates_args=())
+def _conv1d_silu_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], seq_idx: Optional[Tensor],
+                     prefix: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return conv1d_silu_bwd(dout, x, weight, bias, seq_idx, prefix)
+
+
+@_conv1d_silu_bwd.register_fake
+def _(dout, x, weight, bias, seq_idx, prefix):
+    def like(t):  # absent inputs get empty gradients: a custom op returns tensors only
+        return torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else x.new_empty(0)
+    return like(x), like(weight), like(bias), like(prefix)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, seq_idx, prefix = inputs
+    ctx.save_for_backward(x, weight, bias, seq_idx, prefix)  # the inputs only: pre is recomputed
+
+
+def _backward(ctx, dout):
+    x, weight, bias, seq_idx, prefix = ctx.saved_tensors
+    dx, dweight, dbias, dprefix = _conv1d_silu_bwd(dout, x, weight, bias, seq_idx, prefix)
+    return (dx, dweight, dbias if bias is not None else None, None, dprefix if prefix is not None else None)
+
+
+_conv1d_silu_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public function
+
+
+def causal_conv1d_silu(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    prefix: Tensor | None = None,
+) -> Tensor:
+    """silu of the causal depthwise convolution of x over time (Triton); results as ``causal_conv1d_silu_naive``.
+
+        pre[t] = bias + sum_{k<W} weight[:, W-1-k] * xin[t-k] * [doc(t-k) == doc(t)]
+        out[t] = silu(pre[t])
+
+    Shapes: x (B, T, C), channels contiguous (a slice of a wider projection is
+    fine); weight (C, W); bias (C,); prefix (B, W-1, C): xin[-(W-1):0], the
+    inputs before x (zeros without it), used in x's dtype; seq_idx (B, T)
+    integer document ids, or (B, W-1+T) with a prefix (the prefix's ids first).
+    Computed in fp32; returns (B, T, C) in x's dtype. Differentiable in x,
+    weight, bias and prefix; deterministic.
+    """
+    if not (x.is_cuda or INTERPRET):
+        raise RuntimeError("causal_conv1d_silu runs on CUDA tensors (or under TRITON_INTERPRET=1); "
+                           "use causal_conv1d_silu_naive on CPU")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"causal_conv1d_silu takes fp32, bf16 or fp16 x, got {x.dtype}")
+    batch, length, channels = x.shape
+    width = weight.shape[-1]
+    if weight.shape != (channels, width):
+        raise ValueError(f"weight must be (channels, width) = ({channels}, W), got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (channels,):
+        raise ValueError(f"bias must be ({channels},), got {tuple(bias.shape)}")
+    if prefix is not None:
+        if prefix.shape != (batch, width - 1, channels):
+            raise ValueError(f"prefix must be (batch, width - 1, channels) = {(batch, width - 1, channels)}, "
+                             f"got {tuple(prefix.shape)}")
+        if prefix.dtype != x.dtype:
+            prefix = prefix.to(x.dtype)
+    if seq_idx is not None:
+        rows = length + (width - 1 if prefix is not None else 0)
+        if seq_idx.shape != (batch, rows):
+            raise ValueError(f"seq_idx must be (batch, {'width - 1 + ' if prefix is not None else ''}length) = "
+                             f"{(batch, rows)}, got {tuple(seq_idx.shape)}")
+    return torch.ops.mambatrain.conv1d_silu_fwd(x, weight, bias, seq_idx, prefix)
