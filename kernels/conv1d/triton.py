@@ -21,7 +21,6 @@ Vocabulary as in flash-linear-attention: ``i_`` program ids, ``o_`` offsets,
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -29,28 +28,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# MAMBATRAIN_AUTOTUNE=0: one config per kernel (tests would otherwise compile every config per shape)
-AUTOTUNE = os.environ.get("MAMBATRAIN_AUTOTUNE", "1") == "1"
-# Fill what the host allocates for the kernels with NaN, so that a kernel that
-# leaves part of an output unwritten fails the tests.
-_DEBUG_NAN = os.environ.get("MAMBATRAIN_KERNEL_DEBUG", "0") == "1"
-
-
-def _configs(space: list[dict], default: dict, gpu_default: dict) -> list[triton.Config]:
-    """Autotune space on a GPU; one config in the interpreter (tuning there is far too slow)."""
-    def make(d):
-        d = dict(d)
-        return triton.Config(d, num_warps=d.pop("num_warps", 4), num_stages=d.pop("num_stages", 1))
-    if INTERPRET:
-        return [make(default)]
-    return [make(d) for d in space] if AUTOTUNE else [make(gpu_default)]
+from ..settings import DEBUG_NAN, INTERPRET, configs
 
 
 _FWD_SPACE = [dict(BT=64, BC=128, num_warps=4), dict(BT=32, BC=256, num_warps=4), dict(BT=128, BC=128, num_warps=8)]
 _BWD_SPACE = [dict(BT=32, BC=128, num_warps=4), dict(BT=16, BC=256, num_warps=4), dict(BT=64, BC=64, num_warps=4)]
-FWD_CONFIGS = _configs(_FWD_SPACE, dict(BT=64, BC=64), _FWD_SPACE[0])
-BWD_CONFIGS = _configs(_BWD_SPACE, dict(BT=32, BC=64), _BWD_SPACE[0])
+FWD_CONFIGS = configs(_FWD_SPACE, dict(BT=64, BC=64), _FWD_SPACE[0])
+BWD_CONFIGS = configs(_BWD_SPACE, dict(BT=32, BC=64), _BWD_SPACE[0])
 # The backward's time chunks are a multiple of this many rows, hence of every BT.
 CHUNK_ALIGN = 128
 # Backward programs to aim for (a few per SM): fewer, longer chunks mean fewer dweight partial sums;
@@ -198,7 +182,7 @@ def conv1d_silu_bwd_kernel(
 
 def _empty(*shape, device, dtype=torch.float32) -> Tensor:
     t = torch.empty(*shape, device=device, dtype=dtype)
-    return t.fill_(float("nan")) if _DEBUG_NAN else t
+    return t.fill_(float("nan")) if DEBUG_NAN else t
 
 
 def _rows(t: Tensor | None) -> Tensor | None:

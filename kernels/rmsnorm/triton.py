@@ -15,7 +15,6 @@ Vocabulary as in flash-linear-attention: ``i_`` program ids, ``o_`` offsets,
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
@@ -23,11 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Fill what the host allocates for the kernels with NaN, so that a kernel that
-# leaves part of an output unwritten fails the tests instead of passing on
-# whatever the allocator handed back.
-_DEBUG_NAN = os.environ.get("MAMBATRAIN_KERNEL_DEBUG", "0") == "1"
+from ..settings import DEBUG_NAN, INTERPRET
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # A group is one tile of BN = next_power_of_2(group_size) channels: register
@@ -120,7 +115,7 @@ def rms_norm_bwd_kernel(
 
 def _empty(*shape, device, dtype) -> Tensor:
     t = torch.empty(*shape, device=device, dtype=dtype)
-    return t.fill_(float("nan")) if _DEBUG_NAN else t
+    return t.fill_(float("nan")) if DEBUG_NAN else t
 
 
 def _rows(t: Tensor, dim: int) -> Tensor:

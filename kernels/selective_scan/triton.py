@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..settings import AUTOTUNE, DEBUG_NAN, INTERPRET
+
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -35,14 +37,9 @@ LN2 = tl.constexpr(0.6931471805599453)
 # should stay in L2 for all programs together. A multiple of every BT below.
 CHECKPOINT_STEPS = 512
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # MUFU approximations through inline asm on the GPU (none in the interpreter);
 # MAMBATRAIN_FAST_MATH=0 switches to tl.exp2 & co. to rule them out.
-FAST_MATH = tl.constexpr(not _INTERPRET and os.environ.get("MAMBATRAIN_FAST_MATH", "1") == "1")
-# Fill what the host allocates for the kernels with NaN, so that a kernel that
-# leaves part of an output unwritten fails the tests instead of passing on
-# whatever the allocator handed back.
-_DEBUG_NAN = os.environ.get("MAMBATRAIN_KERNEL_DEBUG", "0") == "1"
+FAST_MATH = tl.constexpr(not INTERPRET and os.environ.get("MAMBATRAIN_FAST_MATH", "1") == "1")
 
 
 # --------------------------------------------------------------------------
@@ -88,7 +85,7 @@ def _fits(cfg, bn: int, gsize: int, bd: int, forward: bool) -> bool:
     ni, bt, nw = cfg.kwargs["NI"], cfg.kwargs["BT"], cfg.num_warps
     if ni > bn or gsize % bd:
         return False
-    if _INTERPRET:  # no threads, no registers
+    if INTERPRET:  # no threads, no registers
         return True
     threads_needed = bd * (bn // ni)
     if forward and threads_needed != 32 * nw:
@@ -107,13 +104,10 @@ def _prune(configs, named_args, **kwargs):
 # fits 128 in 255 registers without spills, the backward (about four times as
 # many live tiles) spills above 32.
 _PER_THREAD_FWD, _PER_THREAD_BWD = 128, 32
-# MAMBATRAIN_AUTOTUNE=0: one config per kernel (tests: each new shape or flag
-# set would otherwise compile every config)
-_AUTOTUNE = os.environ.get("MAMBATRAIN_AUTOTUNE", "1") == "1"
-if _INTERPRET:  # autotuning in the interpreter costs minutes: one config (tests swap it)
+if INTERPRET:  # autotuning in the interpreter costs minutes: one config (tests swap it)
     _FWD_CONFIGS = [triton.Config({"BT": 32, "BD": 8, "NI": 2}, num_warps=1)]
     _BWD_CONFIGS = [triton.Config({"BT": 32, "NI": 2}, num_warps=1)]
-elif not _AUTOTUNE:
+elif not AUTOTUNE:
     _FWD_CONFIGS = [triton.Config({"BT": 32, "BD": 8, "NI": 4}, num_warps=1, num_stages=1)]
     _BWD_CONFIGS = [triton.Config({"BT": 8, "NI": 4}, num_warps=1, num_stages=1)]
 else:
@@ -596,7 +590,7 @@ def _bwd_kernel(
 # --------------------------------------------------------------------------
 def _empty(*shape, device, dtype=torch.float32):
     t = torch.empty(*shape, device=device, dtype=dtype)
-    return t.fill_(float("nan")) if _DEBUG_NAN else t
+    return t.fill_(float("nan")) if DEBUG_NAN else t
 
 
 def _rows(t: torch.Tensor | None) -> torch.Tensor | None:

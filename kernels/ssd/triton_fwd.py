@@ -19,37 +19,17 @@ Vocabulary as in flash-linear-attention: ``i_`` program ids, ``o_`` offsets,
 the length (batch, time) are int64; offsets inside a chunk stay int32.
 """
 
-import os
-
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ..settings import INTERPRET, configs  # noqa: F401 (INTERPRET: re-exported to the launchers)
+
 # Triton's interpreter multiplies the raw bits of bf16 operands in tl.dot
 # (3.7.1); there, and only there, upcast: bf16 products are exact in fp32
 # and the GPU accumulates in fp32 too, so the result is the same.
 DOT_UPCAST = tl.constexpr(INTERPRET)
-
-
-# MAMBATRAIN_AUTOTUNE=0: one config per kernel (as for the selective scan: tests
-# would otherwise compile every config for each new shape)
-AUTOTUNE = os.environ.get("MAMBATRAIN_AUTOTUNE", "1") == "1"
-
-
-def configs(space: list[dict], default: dict, gpu_default: dict) -> list[triton.Config]:
-    """Autotune space on a GPU; one config in the interpreter, where tuning is far too slow.
-
-    Each entry holds kernel meta-parameters plus num_warps / num_stages.
-    ``gpu_default`` is the config without autotuning. Kernels are tuned per
-    shape and per power-of-two bucket of the chunk count (``T_BUCKET``,
-    otherwise unused): parallelism, hence the best config, changes with length.
-    """
-    def make(d):
-        d = dict(d)
-        return triton.Config(d, num_warps=d.pop("num_warps", 4), num_stages=d.pop("num_stages", 1))
-    if INTERPRET:
-        return [make(default)]
-    return [make(d) for d in space] if AUTOTUNE else [make(gpu_default)]
+# Kernels are tuned per shape and per power-of-two bucket of the chunk count
+# (``T_BUCKET``, otherwise unused): parallelism, hence the best config, changes with length.
 
 
 @triton.jit

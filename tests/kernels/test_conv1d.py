@@ -30,7 +30,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 NAMES = ("x", "weight", "bias", "prefix")
 # outputs the host allocates start as NaN: an unwritten element fails a test
-ct._DEBUG_NAN = True
+ct.DEBUG_NAN = True
 
 
 def make_inputs(batch, length, channels, width, dtype=torch.float32, *, bias=True, prefix=True, seq=None,

@@ -82,7 +82,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     interpreter.ScanOps.generic_scan = _fold_along_axis
     interpreter.ReduceOps.generic_reduce = _reduce_along_axis
 # outputs the host allocates start as NaN: an unwritten element fails a test
-sst._DEBUG_NAN = True
+sst.DEBUG_NAN = True
 
 NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
 

@@ -1,0 +1,29 @@
+"""What every op's Triton kernels share: interpreter mode, the autotune space, the debug fill.
+
+``TRITON_INTERPRET=1`` runs the kernels in Triton's interpreter (the CPU tests); there one config per kernel,
+since tuning would take minutes. ``MAMBATRAIN_AUTOTUNE=0`` takes one config per kernel on a GPU too (tests
+would otherwise compile every config for each new shape). ``MAMBATRAIN_KERNEL_DEBUG=1`` fills what the
+launchers allocate for the kernels with NaN, so that a kernel that leaves part of an output unwritten fails
+the tests instead of passing on whatever the allocator handed back.
+"""
+
+import os
+
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+AUTOTUNE = os.environ.get("MAMBATRAIN_AUTOTUNE", "1") == "1"
+DEBUG_NAN = os.environ.get("MAMBATRAIN_KERNEL_DEBUG", "0") == "1"
+
+
+def configs(space: list[dict], default: dict, gpu_default: dict) -> list[triton.Config]:
+    """The autotune space on a GPU, ``gpu_default`` alone without autotuning, ``default`` in the interpreter.
+
+    Each entry holds kernel meta-parameters plus num_warps / num_stages.
+    """
+    def make(d):
+        d = dict(d)
+        return triton.Config(d, num_warps=d.pop("num_warps", 4), num_stages=d.pop("num_stages", 1))
+    if INTERPRET:
+        return [make(default)]
+    return [make(d) for d in space] if AUTOTUNE else [make(gpu_default)]
