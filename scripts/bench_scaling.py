@@ -118,13 +118,23 @@ class Trainer:
         return loss.detach()
 
 
+HOST_S: list[float] = []  # per timed step on a GPU: seconds until the host had queued all of the step's work
+
+
 def timed_step(trainer: Trainer, ids, labels, window) -> tuple[float, float]:
-    """(seconds, loss) of one step, timed with CUDA events on a GPU."""
+    """(seconds, loss) of one step, timed with CUDA events on a GPU.
+
+    On a GPU the host's own time to issue the step (until ``step`` returns, before waiting for the GPU) goes to
+    HOST_S: close to the step time means the step is bound by Python and kernel launches, not by the GPU (an
+    upper bound: a synchronising op inside the step counts the GPU's time up to it).
+    """
     if trainer.device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
         start.record()
         loss = trainer.step(ids, labels, window)
         end.record()
+        HOST_S.append(time.perf_counter() - t0)
         end.synchronize()
         return start.elapsed_time(end) / 1e3, loss.item()
     t0 = time.perf_counter()
@@ -173,6 +183,7 @@ def sweep(args, device: torch.device, results: dict, out: Path) -> None:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                 timed_step(trainer, ids, ids, window)  # warm-up: compiles and autotunes the kernels (a minute, once)
+                HOST_S.clear()
                 times = [timed_step(trainer, ids, ids, window)[0]]
                 if times[0] <= args.max_step_s:
                     times += [timed_step(trainer, ids, ids, window)[0] for _ in range(args.steps - 1)]
@@ -181,6 +192,8 @@ def sweep(args, device: torch.device, results: dict, out: Path) -> None:
                     stop = True
                 seconds = statistics.median(times)
                 flops = training_flops_per_token(config, length)
+                if HOST_S:
+                    row["host_issue_s"] = statistics.median(HOST_S)
                 row.update(step_s=seconds, step_times_s=times, tokens_per_s=length / seconds,
                            flops_per_token=flops, mfu=None if peak is None else flops * length / seconds / peak)
                 if device.type == "cuda":
@@ -238,7 +251,8 @@ def print_row(row: dict) -> None:
     mfu = f"{100 * row['mfu']:5.1f}%" if row["mfu"] is not None else "    -"
     print(f"{row['model']:<12}{row['length']:>9,}  {row['mode']:<9}  {row['step_s']:8.3f} s  "
           f"{row['tokens_per_s']:>10,.0f} tok/s  MFU {mfu}  peak {gib(row.get('peak_bytes'))} GiB  "
-          f"predicted {gib(row['predicted_peak_bytes'])} GiB  {row.get('note', '')}", flush=True)
+          f"predicted {gib(row['predicted_peak_bytes'])} GiB  "
+          f"{'host %.3f s  ' % row['host_issue_s'] if 'host_issue_s' in row else ''}{row.get('note', '')}", flush=True)
 
 
 def loss_curves(args, device: torch.device, results: dict, out: Path) -> None:
