@@ -225,6 +225,7 @@ def _setup_context(ctx, inputs, output):
     x, z, weight, eps, group_size = inputs
     ctx.save_for_backward(x, z, weight, output[1])
     ctx.eps, ctx.group_size = eps, group_size
+    ctx.set_materialize_grads(False)  # rstd's gradient (never used) arrives as None, not a zero tensor
 
 
 def _backward(ctx, dout, _drstd):

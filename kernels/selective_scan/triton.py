@@ -840,6 +840,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, seq_idx, output[2])
     ctx.dt_softplus = dt_softplus
     ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)  # unused outputs' gradients arrive as None, not zero tensors
 
 
 def _backward(ctx, dy, dhT, _dckpt):
