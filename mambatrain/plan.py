@@ -90,7 +90,11 @@ def _mamba_activation_bytes(config: ModelConfig, fused: bool) -> float:
     m, d = config.mamba, config.d_model
     di = m.expand * d
     if m.version == 1:
-        return (BF16 * d + BF16 * 2 * di + 2 * BF16 * di + BF16 * (m.dt_rank + 2 * m.d_state) + BF16 * di
+        # in_proj's input and output (x, z); the PyTorch conv path's padded input and conv output (the fused
+        # kernel keeps neither); x_proj's output, dt, the scan's fp32 segment states and the other bf16
+        # activations of the mixer. A count, not yet held against a GPU measurement.
+        conv = 0 if fused else 2 * BF16 * di
+        return (BF16 * d + BF16 * 2 * di + conv + BF16 * (m.dt_rank + 2 * m.d_state) + BF16 * di
                 + FP32 * di * m.d_state / 512 + 2 * BF16 * di + BF16 * di)
     heads, gn = di // m.head_dim, m.n_groups * m.d_state
     conv = di + 2 * gn
