@@ -233,9 +233,16 @@ def profile(args, device: torch.device, results: dict) -> None:
         table = prof.key_averages()
         key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
         top = sorted(table, key=lambda e: -getattr(e, key))[:25]
-        results["profiles"].append({"model": name, "length": args.profile_length, "step_s": seconds, "kernels": [
-            {"name": e.key[:160], "ms": round(getattr(e, key) / 1e3, 3), "calls": e.count} for e in top]})
-        print(name, f"step {seconds:.3f} s")
+        # The host's side: where the step's Python and launches spend their time (self time, so nested ops do
+        # not count twice). A step whose host time nears its GPU time is launch-bound.
+        host = sorted(table, key=lambda e: -e.self_cpu_time_total)[:25]
+        results["profiles"].append({
+            "model": name, "length": args.profile_length, "step_s": seconds,
+            "host_total_ms": round(sum(e.self_cpu_time_total for e in table) / 1e3, 3),
+            "kernels": [{"name": e.key[:160], "ms": round(getattr(e, key) / 1e3, 3), "calls": e.count} for e in top],
+            "host": [{"name": e.key[:160], "self_ms": round(e.self_cpu_time_total / 1e3, 3), "calls": e.count}
+                     for e in host]})
+        print(name, f"step {seconds:.3f} s, host {results['profiles'][-1]['host_total_ms']:.1f} ms (profiled)")
         for row in results["profiles"][-1]["kernels"][:12]:
             print(f"  {row['ms']:9.2f} ms  {row['calls']:5d}  {row['name'][:100]}")
         del trainer, ids
