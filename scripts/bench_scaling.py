@@ -2,6 +2,7 @@
 
     python scripts/bench_scaling.py                                  # the sweep: 3 models x 4k..1M (H100: <~9 min)
     python scripts/bench_scaling.py --loss-steps mamba2=20,hybrid=3  # loss per step at 1,048,576 tokens
+    python scripts/bench_scaling.py --models mamba2 --cuda-graph     # each step replayed from one CUDA graph
     python scripts/bench_scaling.py --plot-only benchmarks/scaling-*.json   # PNG plots (CPU, needs matplotlib)
     python scripts/bench_scaling.py --device cpu --tiny              # dry run of everything at toy sizes
 
@@ -99,15 +100,17 @@ def write_json(path: Path, results: dict) -> None:
 class Trainer:
     """One model with its AdamW, stepping on (1, T) batches: fp32 weights, bf16 autocast on CUDA."""
 
-    def __init__(self, config: ModelConfig, device: torch.device, lr: float = 1e-3):
+    def __init__(self, config: ModelConfig, device: torch.device, lr: float = 1e-3, capturable: bool = False):
         torch.manual_seed(0)
-        self.config, self.device = config, device
+        self.config, self.device, self.capturable = config, device, capturable
         self.model = LanguageModel(config).to(device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.1,
-                                           fused=device.type == "cuda")
+                                           fused=device.type == "cuda", capturable=capturable)
 
     def step(self, input_ids: torch.Tensor, labels: torch.Tensor, window: int | None) -> float:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        # autocast's cache of bf16 weight copies must be off inside a CUDA graph capture
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda",
+                            cache_enabled=not self.capturable):
             if window is not None and input_ids.shape[1] > window:
                 loss = windowed_loss(self.model, input_ids, labels, None, window, LOSS_CHUNK)
             else:
@@ -121,24 +124,49 @@ class Trainer:
 HOST_S: list[float] = []  # per timed step on a GPU: seconds until the host had queued all of the step's work
 
 
-def timed_step(trainer: Trainer, ids, labels, window) -> tuple[float, float]:
+def graphed_step(trainer: Trainer, ids: torch.Tensor, window: int | None):
+    """The trainer's whole step (forward, backward, AdamW) captured once into a CUDA graph: replaying it issues
+    one launch instead of thousands, so its time against the eager step's is the host overhead. The graph reads
+    and writes fixed addresses: ``ids`` is copied into a static tensor, the loss comes back in a static one.
+    Returns a callable with ``Trainer.step``'s signature for ``timed_step``. Needs ``Trainer(capturable=True)``.
+    """
+    static_ids = ids.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # outside the capture: autotuning, lazy initialisation, AdamW's state
+        for _ in range(2):
+            trainer.step(static_ids, static_ids, window)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = trainer.step(static_ids, static_ids, window)
+
+    def replay(input_ids, labels, window):
+        static_ids.copy_(input_ids)
+        graph.replay()
+        return static_loss
+    return replay
+
+
+def timed_step(trainer: Trainer, ids, labels, window, step=None) -> tuple[float, float]:
     """(seconds, loss) of one step, timed with CUDA events on a GPU.
 
     On a GPU the host's own time to issue the step (until ``step`` returns, before waiting for the GPU) goes to
     HOST_S: close to the step time means the step is bound by Python and kernel launches, not by the GPU (an
     upper bound: a synchronising op inside the step counts the GPU's time up to it).
     """
+    step = step or trainer.step
     if trainer.device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         t0 = time.perf_counter()
         start.record()
-        loss = trainer.step(ids, labels, window)
+        loss = step(ids, labels, window)
         end.record()
         HOST_S.append(time.perf_counter() - t0)
         end.synchronize()
         return start.elapsed_time(end) / 1e3, loss.item()
     t0 = time.perf_counter()
-    loss = trainer.step(ids, labels, window).item()
+    loss = step(ids, labels, window).item()
     return time.perf_counter() - t0, loss
 
 
@@ -167,7 +195,7 @@ def sweep(args, device: torch.device, results: dict, out: Path) -> None:
     peak = peak_flops(results["environment"]["gpu"])
     for name in args.models:
         config = model_config(name, args.tiny)
-        trainer = Trainer(config, device)
+        trainer = Trainer(config, device, capturable=args.cuda_graph)
         for length in args.lengths:
             window, kinds = choose_mode(config, length, args.window, budget)
             trainer.model.checkpoint_kinds = set(kinds)
@@ -177,16 +205,18 @@ def sweep(args, device: torch.device, results: dict, out: Path) -> None:
                    "mode": predicted["mode"], "parameters": predicted["parameters"],
                    "predicted_peak_bytes": predicted["peak"]}
             ids = torch.randint(0, config.vocab_size, (1, length), device=device)
-            stop = False
+            stop, step = False, None
             try:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                 timed_step(trainer, ids, ids, window)  # warm-up: compiles and autotunes the kernels (a minute, once)
+                step = graphed_step(trainer, ids, window) if args.cuda_graph else None
+                row["cuda_graph"] = args.cuda_graph
                 HOST_S.clear()
-                times = [timed_step(trainer, ids, ids, window)[0]]
+                times = [timed_step(trainer, ids, ids, window, step)[0]]
                 if times[0] <= args.max_step_s:
-                    times += [timed_step(trainer, ids, ids, window)[0] for _ in range(args.steps - 1)]
+                    times += [timed_step(trainer, ids, ids, window, step)[0] for _ in range(args.steps - 1)]
                 else:
                     row["note"] = f"step {times[0]:.1f} s > --max-step-s: timed once; longer lengths skipped"
                     stop = True
@@ -202,8 +232,13 @@ def sweep(args, device: torch.device, results: dict, out: Path) -> None:
             except torch.OutOfMemoryError:
                 row["note"] = "out of memory"
                 stop = True
+            except RuntimeError as error:  # a capture that fails: say why, keep what was measured
+                if not args.cuda_graph:
+                    raise
+                row["note"] = f"cuda graph: {str(error).splitlines()[0][:300]}"
+                stop = True
             trainer.optimizer.zero_grad(set_to_none=True)
-            del ids
+            del ids, step
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             results["runs"].append(row)
@@ -375,6 +410,8 @@ def main(argv=None) -> None:
     parser.add_argument("--labels", choices=["all", "queries"], default="all",
                         help="loss curves: next token at every position of the MQAR stream, or the answers only")
     parser.add_argument("--kv-pairs", type=int, default=64, help="MQAR key-value pairs of the loss curves")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="sweep: time each step replayed from one CUDA graph (host overhead out; not yet run)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="toy sizes, for a CPU dry run")
     parser.add_argument("--out", default=None, help="JSON file or folder (default $OUT, else benchmarks/)")
@@ -391,6 +428,8 @@ def main(argv=None) -> None:
     args.window = args.window or (512 if args.tiny else 16384)
     args.loss_length = args.loss_length or (2048 if args.tiny else 1 << 20)
     device = torch.device(args.device)
+    if args.cuda_graph and (device.type != "cuda" or args.loss_steps or args.profile_length):
+        parser.error("--cuda-graph times the sweep on a CUDA device (not --loss-steps or --profile-length)")
     out = Path(args.out or os.environ.get("OUT") or "benchmarks")
     results = {"environment": environment(device), "runs": [], "loss_runs": [],
                "settings": {"batch": 1, "precision": "bf16 autocast, fp32 weights, AdamW" if device.type == "cuda"
