@@ -25,6 +25,7 @@ from torch import nn  # noqa: E402
 import mambatrain_kernels.conv1d.triton as ct  # noqa: E402
 from mambatrain.models import scan  # noqa: E402
 from mambatrain_kernels.conv1d import causal_conv1d_silu, causal_conv1d_silu_naive  # noqa: E402
+from compare import assert_close  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -86,21 +87,11 @@ def reference(inp, seq_idx):
     return gy, run(causal_conv1d_silu_naive, inp64, seq_idx, gy.double())
 
 
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
 def check(inp, seq_idx, tol):
     gy, (y0, g0) = reference(inp, seq_idx)
     y, g = run(causal_conv1d_silu, inp, seq_idx, gy)
-    assert torch.isfinite(y).all(), "non-finite output"
-    errs = {"y": rel(y, y0)}
-    for k, v in g0.items():
-        assert torch.isfinite(g[k]).all(), f"non-finite gradient of {k}"
-        errs["d" + k] = rel(g[k], v)
-    bad = {k: e for k, e in errs.items() if not e < tol}
-    assert not bad, f"relative errors above {tol}: {bad} (all: {errs})"
-    return errs
+    return assert_close({"y": y, **{"d" + k: g[k] for k in g0}}, {"y": y0, **{"d" + k: v for k, v in g0.items()}},
+                        tol)
 
 
 CASES = [

@@ -20,6 +20,7 @@ from mambatrain.models import backend  # noqa: E402
 from mambatrain.models.blocks.norm import GatedRMSNorm, RMSNorm  # noqa: E402
 from mambatrain_kernels.rmsnorm import gated_rms_norm, gated_rms_norm_naive, rms_norm, rms_norm_naive  # noqa: E402
 from mambatrain_kernels.rmsnorm import triton as rmt  # noqa: E402
+from compare import assert_close, rel  # noqa: E402
 
 # outputs the host allocates start as NaN: an unwritten element fails a test
 rmt.DEBUG_NAN = True
@@ -64,20 +65,10 @@ def reference(inp, **kw):
     return grad, run(gated_rms_norm_naive, inp64, grad, **kw)
 
 
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
 def check(got, ref, tol):
     (out, grads), (out0, grads0) = got, ref
-    errs = {"out": rel(out, out0)}
-    assert torch.isfinite(out).all(), "non-finite output"
-    for k, v in grads0.items():
-        assert torch.isfinite(grads[k]).all(), f"non-finite gradient of {k}"
-        errs["d" + k] = rel(grads[k], v)
-    bad = {k: e for k, e in errs.items() if not e < tol}
-    assert not bad, f"relative errors above {tol}: {bad} (all: {errs})"
-    return errs
+    return assert_close({"out": out, **{"d" + k: grads[k] for k in grads0}},
+                        {"out": out0, **{"d" + k: v for k, v in grads0.items()}}, tol)
 
 
 def plain(y, z, weight, eps=1e-5, group_size=None):

@@ -18,6 +18,7 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from mambatrain_kernels.ssd import ssd_chunked_torch, ssd_naive, ssd_scan  # noqa: E402
+from compare import assert_close, rel  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -121,21 +122,11 @@ def reference(inp, seq_idx):
     return grads, (y, final, {k: v.grad for k, v in leaves.items() if v is not None})
 
 
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
 def check(got, ref, tol):
     y, final, g = got
     y0, final0, g0 = ref
-    errs = {"y": rel(y, y0), "final_state": rel(final, final0)}
-    for k, v in g0.items():
-        assert torch.isfinite(g[k]).all(), f"non-finite gradient of {k}"
-        errs["d" + k] = rel(g[k], v)
-    assert torch.isfinite(y).all() and torch.isfinite(final).all()
-    bad = {k: e for k, e in errs.items() if not e < tol}
-    assert not bad, f"relative errors above {tol}: {bad} (all: {errs})"
-    return errs
+    return assert_close({"y": y, "final_state": final, **{"d" + k: g[k] for k in g0}},
+                        {"y": y0, "final_state": final0, **{"d" + k: v for k, v in g0.items()}}, tol)
 
 
 CASES = [
