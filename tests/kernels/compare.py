@@ -17,3 +17,18 @@ def assert_close(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], tol
     bad = {name: e for name, e in errs.items() if not e < tol}
     assert not bad, f"relative errors above {tol}: {bad} (all: {errs})"
     return errs
+
+
+def assert_compiles_like_eager(fn, inputs: dict[str, torch.Tensor]) -> None:
+    """``torch.compile(fn, fullgraph=True)`` traces without graph breaks and gives eager's gradients exactly.
+
+    ``fn`` takes the tensors of ``inputs`` in order and returns a scalar loss.
+    """
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    traced = [t.detach().clone().requires_grad_() for t in inputs.values()]
+    compiled(*traced).backward()
+    eager = [t.detach().clone().requires_grad_() for t in inputs.values()]
+    fn(*eager).backward()
+    for name, a, b in zip(inputs, traced, eager):
+        assert torch.equal(a.grad, b.grad), name

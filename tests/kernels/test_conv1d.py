@@ -25,7 +25,7 @@ from torch import nn  # noqa: E402
 import mambatrain_kernels.conv1d.triton as ct  # noqa: E402
 from mambatrain.models import scan  # noqa: E402
 from mambatrain_kernels.conv1d import causal_conv1d_silu, causal_conv1d_silu_naive  # noqa: E402
-from compare import assert_close  # noqa: E402
+from compare import assert_close, assert_compiles_like_eager  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -184,14 +184,7 @@ def test_torch_compile_fullgraph():
     def f(x, weight, bias, prefix):
         return (causal_conv1d_silu(x, weight, bias, seq_idx, prefix) ** 2).sum()
 
-    torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    args = [inp[k].clone().requires_grad_() for k in NAMES]
-    compiled(*args).backward()
-    eager = [inp[k].clone().requires_grad_() for k in NAMES]
-    f(*eager).backward()
-    for name, a, b in zip(NAMES, args, eager):
-        assert torch.equal(a.grad, b.grad), name
+    assert_compiles_like_eager(f, {k: inp[k] for k in NAMES})
 
 
 @pytest.mark.parametrize("width", [2, 3, 4])

@@ -20,7 +20,7 @@ from mambatrain.models import backend  # noqa: E402
 from mambatrain.models.blocks.norm import GatedRMSNorm, RMSNorm  # noqa: E402
 from mambatrain_kernels.rmsnorm import gated_rms_norm, gated_rms_norm_naive, rms_norm, rms_norm_naive  # noqa: E402
 from mambatrain_kernels.rmsnorm import triton as rmt  # noqa: E402
-from compare import assert_close, rel  # noqa: E402
+from compare import assert_close, assert_compiles_like_eager, rel  # noqa: E402
 
 # outputs the host allocates start as NaN: an unwritten element fails a test
 rmt.DEBUG_NAN = True
@@ -138,16 +138,8 @@ def test_torch_compile_fullgraph():
     def f(y, z, weight, weight2):
         return (gated_rms_norm(y, z, weight, 1e-5, 32) * rms_norm(y, weight2)).sum()
 
-    torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    names = ["y", "z", "weight", "weight2"]
-    inp["weight2"] = inp["weight"].flip(0)
-    args = [inp[k].detach().requires_grad_() for k in names]
-    compiled(*args).backward()
-    eager = [inp[k].detach().requires_grad_() for k in names]
-    f(*eager).backward()
-    for name, a, b in zip(names, args, eager):
-        assert torch.equal(a.grad, b.grad), name
+    assert_compiles_like_eager(f, {"y": inp["y"], "z": inp["z"], "weight": inp["weight"],
+                                   "weight2": inp["weight"].flip(0)})
 
 
 def test_refuses_float64_and_bad_groups():

@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from mambatrain_kernels.ssd import ssd_chunked_torch, ssd_naive, ssd_scan  # noqa: E402
-from compare import assert_close, rel  # noqa: E402
+from compare import assert_close, assert_compiles_like_eager, rel  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -193,14 +193,7 @@ def test_torch_compile_fullgraph():
                             initial_state=initial_state, seq_idx=seq_idx, return_final_state=True, chunk_size=64)
         return (y * y).sum() + final.sum()
 
-    torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    args = [inp[k].clone().requires_grad_() for k in NAMES]
-    compiled(*args).backward()
-    eager = [inp[k].clone().requires_grad_() for k in NAMES]
-    f(*eager).backward()
-    for name, a, b in zip(NAMES, args, eager):
-        assert torch.equal(a.grad, b.grad), name
+    assert_compiles_like_eager(f, {k: inp[k] for k in NAMES})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles each autotune config for the GPU at hand")
