@@ -36,28 +36,10 @@ from mambatrain.models import scan
 from mambatrain.models.lm import LanguageModel
 from mambatrain_kernels.conv1d import causal_conv1d_silu, causal_conv1d_silu_naive
 
+from gpu_timing import copy_bandwidth, peak_extra_gib, timed
+
 LENGTHS = [4096, 16384, 65536, 262144, 1048576]
 CHANNELS, PROJ_WIDTH, WIDTH = 1792, 3352, 4  # 130M Mamba-2: xBC inside (z, xBC, dt)
-
-
-def timed(fn, budget_ms: float = 300) -> float:
-    return triton.testing.do_bench(fn, warmup=max(25, budget_ms / 4), rep=budget_ms, return_mode="median")
-
-
-def peak_extra_gib(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**30
-
-
-def copy_bandwidth(device) -> float:
-    """GB/s of a device-to-device copy of 1 GiB, bytes read and written counted."""
-    src = torch.empty(2**29, device=device, dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    return 2 * 2**30 / timed(lambda: dst.copy_(src)) / 1e6
 
 
 def gpu_kernel_ms(fn) -> float:

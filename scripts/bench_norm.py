@@ -24,14 +24,12 @@ import torch
 import triton
 
 from mambatrain.models.blocks.norm import GatedRMSNorm, RMSNorm
+
+from gpu_timing import timed
 from mambatrain_kernels.rmsnorm.triton import rms_norm_bwd, rms_norm_fwd
 
 LENGTHS = [16384, 65536, 262144]
 D_MODEL, D_INNER, IN_PROJ = 768, 1536, 2 * 1536 + 2 * 128 + 24
-
-
-def timed(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
 def rel_err(a, b) -> float:

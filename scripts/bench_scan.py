@@ -35,6 +35,8 @@ from mambatrain_kernels.selective_scan.triton import selective_scan
 from mambatrain_kernels.ssd.naive import ssd_naive
 from mambatrain_kernels.ssd.triton import ssd_scan
 
+from gpu_timing import peak_extra_gib, timed
+
 LENGTHS = [4096, 16384, 65536, 262144, 1048576]
 SSD_SHAPE = dict(heads=24, head_dim=64, d_state=128, groups=1, chunk=256)
 SEL_SHAPE = dict(channels=1536, d_state=16, groups=1)
@@ -46,20 +48,6 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(out).all():
         return float("nan")
     return ((out - ref).norm() / ref.norm().clamp(min=1e-30)).item()
-
-
-def timed(fn, budget_ms: float = 400) -> float:
-    """Median milliseconds of ``fn`` (CUDA events through do_bench), after warm-up."""
-    return triton.testing.do_bench(fn, warmup=max(25, budget_ms / 4), rep=budget_ms, return_mode="median")
-
-
-def peak_memory(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
 # ------------------------------------------------------------------------------------------------ ceilings
@@ -283,7 +271,7 @@ def time_ours(row: dict, ours, inputs, total_bytes: float, budget: float) -> Non
         row["ours_fwd_ms"] = timed(ours, budget)
     run = fwd_bwd_runner(ours, inputs)
     row["ours_fwdbwd_ms"] = timed(run, budget)
-    row["ours_peak_GiB"] = peak_memory(run)
+    row["ours_peak_GiB"] = peak_extra_gib(run)
     row["ours_fwdbwd_GBps"] = total_bytes / row["ours_fwdbwd_ms"] / 1e6
     row["ours_tokens_per_s"] = row["length"] / row["ours_fwdbwd_ms"] * 1e3
 
@@ -310,7 +298,7 @@ def bench_ssd_row(length: int, peers: dict) -> dict:
                 row["mamba_ssm_fwd_ms"] = timed(theirs, budget)
             run = fwd_bwd_runner(theirs, inputs)
             row["mamba_ssm_fwdbwd_ms"] = timed(run, budget)
-            row["mamba_ssm_peak_GiB"] = peak_memory(run)
+            row["mamba_ssm_peak_GiB"] = peak_extra_gib(run)
         except torch.OutOfMemoryError:
             row["mamba_ssm_fwdbwd_ms"] = "out of memory"
         torch.cuda.empty_cache()
