@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .blocks.mamba import MambaState
+
 
 class Block(nn.Module):
     def __init__(self, kind: str, mixer: nn.Module, d_model: int, norm_cls, mlp: nn.Module | None = None):
@@ -24,3 +26,14 @@ class Block(nn.Module):
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))
         return x
+
+
+def continue_mamba(block: Block, x: torch.Tensor, seq_idx: torch.Tensor | None, carried: tuple):
+    """A Mamba block continuing ``carried`` = (conv, ssm, doc), functionally: (output, new carried tuple).
+
+    A fresh MambaState each call (the block updates its state in place), so an activation checkpoint can
+    recompute the call from the very state it first saw.
+    """
+    state = MambaState(*carried)
+    x = block(x, seq_idx, state)
+    return x, (state.conv, state.ssm, state.doc)

@@ -10,17 +10,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config.schema import MAMBA, ModelConfig
+from .block import continue_mamba
 from .blocks.mamba import MambaState
 from .blocks.norm import RMSNorm
 from .factory import create_blocks
 from .loss import chunked_cross_entropy
-
-
-def _continue(block, x, seq_idx, carried):
-    """One Mamba block continuing ``carried`` (conv, ssm, doc), functionally: a fresh state object each call."""
-    state = MambaState(*carried)
-    x = block(x, seq_idx, state)
-    return x, (state.conv, state.ssm, state.doc)
 
 
 class LanguageModel(nn.Module):
@@ -64,7 +58,7 @@ class LanguageModel(nn.Module):
             state = states[i] if states is not None else None
             if block.kind in self.checkpoint_kinds and torch.is_grad_enabled() and isinstance(state, MambaState):
                 # The recomputation calls the function again: it must start from the state before this block.
-                x, carried = checkpoint(_continue, block, x, seq_idx, (state.conv, state.ssm, state.doc),
+                x, carried = checkpoint(continue_mamba, block, x, seq_idx, (state.conv, state.ssm, state.doc),
                                         use_reentrant=False)
                 state.conv, state.ssm, state.doc = carried
             elif block.kind in self.checkpoint_kinds and torch.is_grad_enabled():

@@ -27,14 +27,12 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config.schema import MAMBA
 from .blocks.attention import PastKeys
-from .blocks.mamba import MambaState
+from .block import continue_mamba
 from .loss import IGNORE_INDEX, chunked_cross_entropy_sum
 
 
 def _mamba_step(block, x, seq_idx, past_doc, position, carried):
-    state = MambaState(*carried)  # a fresh object: the block updates it in place
-    x = block(x, seq_idx, state)
-    return x, (state.conv, state.ssm, state.doc)
+    return continue_mamba(block, x, seq_idx, carried)
 
 
 def _attention_step(block, x, seq_idx, past_doc, position, carried):
