@@ -16,10 +16,10 @@ import torch
 import triton
 from torch import Tensor
 
+from ..settings import INTERPRET
 from .chunked import document_ids
 from .triton_bwd import ssd_dcb_bwd_kernel, ssd_ddt_bwd_kernel, ssd_dx_bwd_kernel, ssd_state_bwd_kernel
 from .triton_fwd import (
-    INTERPRET,
     ssd_bmm_fwd_kernel,
     ssd_chunk_cumsum_fwd_kernel,
     ssd_chain_kernel,

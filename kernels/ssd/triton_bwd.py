@@ -24,7 +24,8 @@ are too few chunks to fill the GPU; each split writes its own partial dB / dC
 import triton
 import triton.language as tl
 
-from .triton_fwd import configs, decay_block, dot
+from ..settings import configs
+from .triton_fwd import decay_block, dot
 
 
 @triton.autotune(

@@ -22,7 +22,7 @@ the length (batch, time) are int64; offsets inside a chunk stay int32.
 import triton
 import triton.language as tl
 
-from ..settings import INTERPRET, configs  # noqa: F401 (INTERPRET: re-exported to the launchers)
+from ..settings import INTERPRET, configs
 
 # Triton's interpreter multiplies the raw bits of bf16 operands in tl.dot
 # (3.7.1); there, and only there, upcast: bf16 products are exact in fp32
