@@ -121,9 +121,6 @@ class Trainer:
         return loss.detach()
 
 
-HOST_S: list[float] = []  # per timed step on a GPU: seconds until the host had queued all of the step's work
-
-
 def graphed_step(trainer: Trainer, ids: torch.Tensor, window: int | None):
     """The trainer's whole step (forward, backward, AdamW) captured once into a CUDA graph: replaying it issues
     one launch instead of thousands, so its time against the eager step's is the host overhead. The graph reads
@@ -148,12 +145,12 @@ def graphed_step(trainer: Trainer, ids: torch.Tensor, window: int | None):
     return replay
 
 
-def timed_step(trainer: Trainer, ids, labels, window, step=None) -> tuple[float, float]:
-    """(seconds, loss) of one step, timed with CUDA events on a GPU.
+def timed_step(trainer: Trainer, ids, labels, window, step=None) -> tuple[float, float, float]:
+    """(seconds, loss, host seconds) of one step, timed with CUDA events on a GPU.
 
-    On a GPU the host's own time to issue the step (until ``step`` returns, before waiting for the GPU) goes to
-    HOST_S: close to the step time means the step is bound by Python and kernel launches, not by the GPU (an
-    upper bound: a synchronising op inside the step counts the GPU's time up to it).
+    Host seconds: the host's own time to issue the step (until ``step`` returns, before waiting for the GPU).
+    Close to the step time means the step is bound by Python and kernel launches, not by the GPU (an upper
+    bound: a synchronising op inside the step counts the GPU's time up to it). On a CPU it is the step time.
     """
     step = step or trainer.step
     if trainer.device.type == "cuda":
@@ -162,12 +159,13 @@ def timed_step(trainer: Trainer, ids, labels, window, step=None) -> tuple[float,
         start.record()
         loss = step(ids, labels, window)
         end.record()
-        HOST_S.append(time.perf_counter() - t0)
+        host = time.perf_counter() - t0
         end.synchronize()
-        return start.elapsed_time(end) / 1e3, loss.item()
+        return start.elapsed_time(end) / 1e3, loss.item(), host
     t0 = time.perf_counter()
     loss = step(ids, labels, window).item()
-    return time.perf_counter() - t0, loss
+    seconds = time.perf_counter() - t0
+    return seconds, loss, seconds
 
 
 def choose_mode(config: ModelConfig, length: int, window: int, budget: float | None) -> tuple[int | None, str]:
@@ -213,17 +211,17 @@ def sweep(args, device: torch.device, results: dict, out: Path) -> None:
                 timed_step(trainer, ids, ids, window)  # warm-up: compiles and autotunes the kernels (a minute, once)
                 step = graphed_step(trainer, ids, window) if args.cuda_graph else None
                 row["cuda_graph"] = args.cuda_graph
-                HOST_S.clear()
-                times = [timed_step(trainer, ids, ids, window, step)[0]]
-                if times[0] <= args.max_step_s:
-                    times += [timed_step(trainer, ids, ids, window, step)[0] for _ in range(args.steps - 1)]
+                timings = [timed_step(trainer, ids, ids, window, step)]
+                if timings[0][0] <= args.max_step_s:
+                    timings += [timed_step(trainer, ids, ids, window, step) for _ in range(args.steps - 1)]
                 else:
-                    row["note"] = f"step {times[0]:.1f} s > --max-step-s: timed once; longer lengths skipped"
+                    row["note"] = f"step {timings[0][0]:.1f} s > --max-step-s: timed once; longer lengths skipped"
                     stop = True
+                times = [t[0] for t in timings]
                 seconds = statistics.median(times)
                 flops = training_flops_per_token(config, length)
-                if HOST_S:
-                    row["host_issue_s"] = statistics.median(HOST_S)
+                if device.type == "cuda":
+                    row["host_issue_s"] = statistics.median(t[2] for t in timings)
                 row.update(step_s=seconds, step_times_s=times, tokens_per_s=length / seconds,
                            flops_per_token=flops, mfu=None if peak is None else flops * length / seconds / peak)
                 if device.type == "cuda":
@@ -264,7 +262,7 @@ def profile(args, device: torch.device, results: dict) -> None:
         if device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=activities) as prof:
-            seconds, _ = timed_step(trainer, ids, ids, window)
+            seconds, _, _ = timed_step(trainer, ids, ids, window)
         table = prof.key_averages()
         key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
         top = sorted(table, key=lambda e: -getattr(e, key))[:25]
@@ -328,7 +326,7 @@ def loss_curves(args, device: torch.device, results: dict, out: Path) -> None:
             if args.task == "mqar" and args.labels == "all":  # language modelling: every next token is a label
                 labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], IGNORE_INDEX)], dim=1)
             try:
-                seconds, loss = timed_step(trainer, ids, labels, window)
+                seconds, loss, _ = timed_step(trainer, ids, labels, window)
             except torch.OutOfMemoryError:
                 run["note"] = f"out of memory at step {step}"
                 break
