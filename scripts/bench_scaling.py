@@ -2,7 +2,7 @@
 
     python scripts/bench_scaling.py                                  # the sweep: 3 models x 4k..1M (H100: <~9 min)
     python scripts/bench_scaling.py --loss-steps mamba2=20,hybrid=3  # loss per step at 1,048,576 tokens
-    python scripts/bench_scaling.py --models mamba2 --cuda-graph     # each step replayed from one CUDA graph
+    python scripts/bench_scaling.py --models mamba2 --cuda-graph     # loss fwd+bwd replayed from CUDA graphs
     python scripts/bench_scaling.py --plot-only benchmarks/scaling-*.json   # PNG plots (CPU, needs matplotlib)
     python scripts/bench_scaling.py --device cpu --tiny              # dry run of everything at toy sizes
 
@@ -14,7 +14,7 @@ Models (d_model 768, vocab 50,280 tied; ``plan`` counts their parameters, printe
 A step is forward + backward + AdamW, bf16 autocast over fp32 weights (Lightning's "bf16-mixed"), batch 1,
 our model and chunked loss. A length runs in one pass when ``plan`` predicts it fits (80% of the GPU), otherwise
 with ``trainer.sequence_window`` (``models.windowed``: exact, one extra forward), checkpointing inside each window
-the fewest block kinds that make plan's peak fit (attention, then Mamba too). Each configuration: 1 warm-up
+the fewest block kinds that make plan's peak fit (attention, then Mamba too), in the longest windows that fit. Each configuration: 1 warm-up
 step, then timed steps (CUDA events, median); a model stops at the first length that runs out of memory or whose
 step exceeds --max-step-s. MFU counts model FLOPs (``plan.training_flops_per_token``, without the recomputation).
 The JSON (--out, default $OUT or benchmarks/) is rewritten after every configuration, so a killed run keeps what
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import math
 import os
@@ -39,6 +40,7 @@ import torch
 from mambatrain.config.schema import AttentionConfig, MambaConfig, ModelConfig
 from mambatrain.data.mqar import mqar_sample
 from mambatrain.data.synthetic import markov_sample, markov_successors
+from mambatrain.models.graphed import GraphedLoss
 from mambatrain.models.lm import LanguageModel
 from mambatrain.models.loss import IGNORE_INDEX
 from mambatrain.models.windowed import windowed_loss
@@ -98,61 +100,49 @@ def write_json(path: Path, results: dict) -> None:
 
 
 class Trainer:
-    """One model with its AdamW, stepping on (1, T) batches: fp32 weights, bf16 autocast on CUDA."""
+    """One model with its AdamW, stepping on (1, T) batches: fp32 weights, bf16 autocast on CUDA.
 
-    def __init__(self, config: ModelConfig, device: torch.device, lr: float = 1e-3, capturable: bool = False):
+    ``graphed``: the loss's forward and backward replayed from CUDA graphs (``models.graphed``, what
+    ``trainer.cuda_graph`` does in ``mambatrain fit``), captured anew for each length by ``use_graphs``.
+    """
+
+    def __init__(self, config: ModelConfig, device: torch.device, lr: float = 1e-3):
         torch.manual_seed(0)
-        self.config, self.device, self.capturable = config, device, capturable
+        self.config, self.device = config, device
         self.model = LanguageModel(config).to(device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.1,
-                                           fused=device.type == "cuda", capturable=capturable)
+                                           fused=device.type == "cuda")
+        self.graphed: GraphedLoss | None = None
 
-    def step(self, input_ids: torch.Tensor, labels: torch.Tensor, window: int | None) -> float:
-        # autocast's cache of bf16 weight copies must be off inside a CUDA graph capture
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda",
-                            cache_enabled=not self.capturable):
-            if window is not None and input_ids.shape[1] > window:
-                loss = windowed_loss(self.model, input_ids, labels, None, window, LOSS_CHUNK)
+    def use_graphs(self, window: int | None) -> None:
+        """Capture the loss (with this window) at the next step; the previous length's graphs are freed."""
+        self.graphed = GraphedLoss(self.model, lambda model, ids, labels, seq_idx: self.loss(ids, labels, window))
+
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, window: int | None) -> torch.Tensor:
+        if window is not None and input_ids.shape[1] > window:
+            return windowed_loss(self.model, input_ids, labels, None, window, LOSS_CHUNK)
+        return self.model.loss(self.model(input_ids), labels, LOSS_CHUNK)
+
+    def step(self, input_ids: torch.Tensor, labels: torch.Tensor, window: int | None) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            if self.graphed is not None:
+                loss = self.graphed(input_ids, labels)
             else:
-                loss = self.model.loss(self.model(input_ids), labels, LOSS_CHUNK)
+                loss = self.loss(input_ids, labels, window)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
 
-def graphed_step(trainer: Trainer, ids: torch.Tensor, window: int | None):
-    """The trainer's whole step (forward, backward, AdamW) captured once into a CUDA graph: replaying it issues
-    one launch instead of thousands, so its time against the eager step's is the host overhead. The graph reads
-    and writes fixed addresses: ``ids`` is copied into a static tensor, the loss comes back in a static one.
-    Returns a callable with ``Trainer.step``'s signature for ``timed_step``. Needs ``Trainer(capturable=True)``.
-    """
-    static_ids = ids.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # outside the capture: autotuning, lazy initialisation, AdamW's state
-        for _ in range(2):
-            trainer.step(static_ids, static_ids, window)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_loss = trainer.step(static_ids, static_ids, window)
-
-    def replay(input_ids, labels, window):
-        static_ids.copy_(input_ids)
-        graph.replay()
-        return static_loss
-    return replay
-
-
-def timed_step(trainer: Trainer, ids, labels, window, step=None) -> tuple[float, float, float]:
+def timed_step(trainer: Trainer, ids, labels, window) -> tuple[float, float, float]:
     """(seconds, loss, host seconds) of one step, timed with CUDA events on a GPU.
 
     Host seconds: the host's own time to issue the step (until ``step`` returns, before waiting for the GPU).
     Close to the step time means the step is bound by Python and kernel launches, not by the GPU (an upper
     bound: a synchronising op inside the step counts the GPU's time up to it). On a CPU it is the step time.
     """
-    step = step or trainer.step
+    step = trainer.step
     if trainer.device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         t0 = time.perf_counter()
@@ -171,10 +161,12 @@ def timed_step(trainer: Trainer, ids, labels, window, step=None) -> tuple[float,
 def choose_mode(config: ModelConfig, length: int, window: int, budget: float | None) -> tuple[int | None, str]:
     """(sequence window or None for one pass, block kinds to checkpoint inside each window).
 
-    One pass when plan predicts it fits ``budget`` bytes (or the length is no longer than a window), else
-    ``window``, with the fewest checkpointed kinds that fit: none, attention (each attention layer then holds
-    its concatenation of all earlier keys one layer at a time), then both. Without a budget (CPU), windows
-    whenever the length is longer than one, nothing checkpointed.
+    One pass when plan predicts it fits ``budget`` bytes (or the length is no longer than a window). Otherwise
+    windows, checkpointing the fewest block kinds inside them (none, attention, then Mamba too: each adds a
+    recomputation), and for those kinds the largest window that fits, ``window`` times a power of two below the
+    length (fewer, longer windows: fewer launches, fuller kernels). Attention checkpointed inside windows holds
+    its concatenation of all earlier keys one layer at a time. Without a budget (CPU), ``window``, nothing
+    checkpointed.
     """
     if length <= window:
         return None, ""
@@ -182,10 +174,14 @@ def choose_mode(config: ModelConfig, length: int, window: int, budget: float | N
         return window, ""
     if training_memory(config, length, 1, loss_chunk_size=LOSS_CHUNK)["peak"] <= budget:
         return None, ""
+    windows = [window << k for k in range(32) if window << k < length]
     for kinds in ("", "A", "MA"):
-        if training_memory(config, length, 1, kinds, LOSS_CHUNK, sequence_window=window)["peak"] <= budget:
-            break
-    return window, "".join(kind for kind in kinds if kind in config.pattern)
+        kinds = "".join(kind for kind in kinds if kind in config.pattern)
+        fitting = [w for w in windows
+                   if training_memory(config, length, 1, kinds, LOSS_CHUNK, sequence_window=w)["peak"] <= budget]
+        if fitting:
+            return max(fitting), kinds
+    return window, kinds
 
 
 def sweep(args, device: torch.device, results: dict, out: Path) -> None:
@@ -193,7 +189,7 @@ def sweep(args, device: torch.device, results: dict, out: Path) -> None:
     peak = peak_flops(results["environment"]["gpu"])
     for name in args.models:
         config = model_config(name, args.tiny)
-        trainer = Trainer(config, device, capturable=args.cuda_graph)
+        trainer = Trainer(config, device)
         for length in args.lengths:
             window, kinds = choose_mode(config, length, args.window, budget)
             trainer.model.checkpoint_kinds = set(kinds)
@@ -203,17 +199,19 @@ def sweep(args, device: torch.device, results: dict, out: Path) -> None:
                    "mode": predicted["mode"], "parameters": predicted["parameters"],
                    "predicted_peak_bytes": predicted["peak"]}
             ids = torch.randint(0, config.vocab_size, (1, length), device=device)
-            stop, step = False, None
+            stop = False
+            row["cuda_graph"] = args.cuda_graph
+            if args.cuda_graph:
+                trainer.use_graphs(window)
             try:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
-                timed_step(trainer, ids, ids, window)  # warm-up: compiles and autotunes the kernels (a minute, once)
-                step = graphed_step(trainer, ids, window) if args.cuda_graph else None
-                row["cuda_graph"] = args.cuda_graph
-                timings = [timed_step(trainer, ids, ids, window, step)]
+                # warm-up: compiles and autotunes the kernels (a minute, once), captures the graphs
+                timed_step(trainer, ids, ids, window)
+                timings = [timed_step(trainer, ids, ids, window)]
                 if timings[0][0] <= args.max_step_s:
-                    timings += [timed_step(trainer, ids, ids, window, step) for _ in range(args.steps - 1)]
+                    timings += [timed_step(trainer, ids, ids, window) for _ in range(args.steps - 1)]
                 else:
                     row["note"] = f"step {timings[0][0]:.1f} s > --max-step-s: timed once; longer lengths skipped"
                     stop = True
@@ -236,7 +234,9 @@ def sweep(args, device: torch.device, results: dict, out: Path) -> None:
                 row["note"] = f"cuda graph: {str(error).splitlines()[0][:300]}"
                 stop = True
             trainer.optimizer.zero_grad(set_to_none=True)
-            del ids, step
+            trainer.graphed = None
+            del ids
+            gc.collect()  # the graphs of this length sit in a reference cycle (module <-> its graphed forward)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             results["runs"].append(row)
@@ -397,7 +397,8 @@ def main(argv=None) -> None:
     parser.add_argument("--lengths", default=None, help="comma-separated, e.g. 4k,64k,1M (default: 4k..1M)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after 1 warm-up)")
     parser.add_argument("--window", type=parse_length, default=None,
-                        help="trainer.sequence_window where one pass would not fit (default 16k; tiny: 512)")
+                        help="the shortest trainer.sequence_window where one pass would not fit; longer ones (this times a power "
+                             "of two) when they fit (default 16k; tiny: 512)")
     parser.add_argument("--max-step-s", type=float, default=60.0, help="stop a model's sweep past this step time")
     parser.add_argument("--loss-steps", default=None, help="e.g. mamba2=20,hybrid=3: loss curves, no sweep")
     parser.add_argument("--loss-length", type=parse_length, default=None, help="default 1M (tiny: 2048)")
@@ -409,7 +410,7 @@ def main(argv=None) -> None:
                         help="loss curves: next token at every position of the MQAR stream, or the answers only")
     parser.add_argument("--kv-pairs", type=int, default=64, help="MQAR key-value pairs of the loss curves")
     parser.add_argument("--cuda-graph", action="store_true",
-                        help="sweep: time each step replayed from one CUDA graph (host overhead out; not yet run)")
+                        help="sweep: the loss's forward and backward replayed from CUDA graphs, as trainer.cuda_graph does")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="toy sizes, for a CPU dry run")
     parser.add_argument("--out", default=None, help="JSON file or folder (default $OUT, else benchmarks/)")

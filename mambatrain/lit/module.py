@@ -12,6 +12,7 @@ import torch
 from ..config.load import recipe_to_dict
 from ..config.schema import Recipe
 from ..distributed import context_parallel_training as cpt
+from ..models.graphed import GraphedLoss
 from ..models.lm import LanguageModel
 from ..models.loss import IGNORE_INDEX
 from ..models.windowed import windowed_evaluation, windowed_loss
@@ -51,6 +52,8 @@ class LanguageModelModule(L.LightningModule):
         self.carried = CarriedState() if recipe.trainer.carry_state else None  # training rows' Mamba state
         self.guard = NonFiniteGuard(recipe.trainer.max_consecutive_nonfinite,
                                     check_gradients=recipe.trainer.precision != "16-mixed")
+        # trainer.cuda_graph: the training loss replayed from CUDA graphs, built at the first batch on a GPU
+        self.graphed: GraphedLoss | None = None
 
     def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids, seq_idx)
@@ -83,8 +86,16 @@ class LanguageModelModule(L.LightningModule):
         window = self.recipe.trainer.sequence_window
         return self.context_parallel is None and window is not None and ids.shape[1] > window
 
+    def _graphed_loss(self, batch: dict) -> torch.Tensor:
+        if self.graphed is None:
+            self.graphed = GraphedLoss(self.model, lambda model, ids, labels, seq_idx: self._loss(
+                {"input_ids": ids, "labels": labels, "seq_idx": seq_idx})[0])
+        return self.graphed(batch["input_ids"], batch["labels"], batch.get("seq_idx"))
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        if self.carried is None:
+        if self.recipe.trainer.cuda_graph and batch["input_ids"].is_cuda:
+            loss = self._graphed_loss(batch)
+        elif self.carried is None:
             loss, _ = self._loss(batch)
         else:  # validation never touches these: it runs from zero state
             ids = batch["input_ids"]
@@ -114,8 +125,8 @@ class LanguageModelModule(L.LightningModule):
         self.log("val/accuracy", accuracy, prog_bar=True, sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad.detach().float().norm() for p in self.parameters() if p.grad is not None]
-        norm = torch.stack(grads).norm() if grads else None
+        grads = [p.grad.detach() for p in self.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else None  # a few fused launches, not one per tensor
         if norm is not None:
             self.log("train/grad_norm", norm)
         self.guard.check(self, norm)  # drops every gradient (skips the step) when the loss or norm is NaN/Inf
