@@ -9,10 +9,11 @@ shifted by k rows, which the cache serves: memory sees x about once.
 Forward: one program per (time block, channel block, batch row) writes
 silu(pre). Backward: one program per (time chunk, channel block, batch row)
 walks its chunk in blocks of BT rows of the *input* xin (the prefix rows
-included), recomputes pre at the W outputs each input row feeds, and writes
-dx (or dprefix) for its rows; dweight and dbias leave one fp32 partial sum per
-program, summed by torch: no atomics, bitwise deterministic. Nothing is saved
-for the backward but the inputs.
+included), computes dpre = dout silu'(pre) once per row (pre recomputed),
+puts it in a per-program scratch and reads it back shifted by each tap, and
+writes dx (or dprefix) for its rows; dweight and dbias leave one fp32 partial
+sum per program, summed by torch: no atomics, bitwise deterministic. Nothing
+is saved for the backward but the inputs.
 
 Vocabulary as in flash-linear-attention: ``i_`` program ids, ``o_`` offsets,
 ``m_`` masks, ``p_`` pointers, ``b_`` block values. Row offsets are int64
