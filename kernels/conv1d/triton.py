@@ -9,10 +9,11 @@ shifted by k rows, which the cache serves: memory sees x about once.
 Forward: one program per (time block, channel block, batch row) writes
 silu(pre). Backward: one program per (time chunk, channel block, batch row)
 walks its chunk in blocks of BT rows of the *input* xin (the prefix rows
-included), recomputes pre at the W outputs each input row feeds, and writes
-dx (or dprefix) for its rows; dweight and dbias leave one fp32 partial sum per
-program, summed by torch: no atomics, bitwise deterministic. Nothing is saved
-for the backward but the inputs.
+included), computes dpre = dout silu'(pre) once per row (pre recomputed),
+puts it in a per-program scratch and reads it back shifted by each tap, and
+writes dx (or dprefix) for its rows; dweight and dbias leave one fp32 partial
+sum per program, summed by torch: no atomics, bitwise deterministic. Nothing
+is saved for the backward but the inputs.
 
 Vocabulary as in flash-linear-attention: ``i_`` program ids, ``o_`` offsets,
 ``m_`` masks, ``p_`` pointers, ``b_`` block values. Row offsets are int64
@@ -71,20 +72,41 @@ def _pre(x, weight, bias, seq_idx, prefix, i_b, o_t, o_c, m_c, T,
          s_xb, s_xt, s_pb, s_pt, s_sb, s_st, s_wc, s_ww,
          W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_PREFIX: tl.constexpr,
          BT: tl.constexpr, BC: tl.constexpr):
-    """pre[t] = bias + sum_k weight[W-1-k] xin[t-k] [doc(t-k) == doc(t)] at the rows o_t, fp32 [BT, BC]."""
+    """pre[t] = bias + sum_k weight[W-1-k] xin[t-k] [doc(t-k) == doc(t)] at the rows o_t, fp32 [BT, BC];
+    and xin[t] (its tap k = 0), which the backward needs too."""
     b_pre = tl.zeros([BT, BC], dtype=tl.float32)
     if HAS_BIAS:
         b_pre += tl.load(bias + o_c, mask=m_c, other=0.).to(tl.float32)[None, :]
     if HAS_SEQ:
         b_doc = _load_doc(seq_idx, i_b, o_t, T, s_sb, s_st, W, HAS_PREFIX)
+    b_x0 = _load_xin(x, prefix, i_b, o_t, o_c, m_c, T, s_xb, s_xt, s_pb, s_pt, W, HAS_PREFIX)
     for k in tl.static_range(W):
-        b_x = _load_xin(x, prefix, i_b, o_t - k, o_c, m_c, T, s_xb, s_xt, s_pb, s_pt, W, HAS_PREFIX)
-        if HAS_SEQ and k > 0:
-            b_dk = _load_doc(seq_idx, i_b, o_t - k, T, s_sb, s_st, W, HAS_PREFIX)
-            b_x = tl.where((b_dk == b_doc)[:, None], b_x, 0.)
+        if k == 0:
+            b_x = b_x0
+        else:
+            b_x = _load_xin(x, prefix, i_b, o_t - k, o_c, m_c, T, s_xb, s_xt, s_pb, s_pt, W, HAS_PREFIX)
+            if HAS_SEQ:
+                b_dk = _load_doc(seq_idx, i_b, o_t - k, T, s_sb, s_st, W, HAS_PREFIX)
+                b_x = tl.where((b_dk == b_doc)[:, None], b_x, 0.)
         b_w = tl.load(weight + o_c * s_wc + (W - 1 - k) * s_ww, mask=m_c, other=0.).to(tl.float32)  # [BC]
         b_pre += b_w[None, :] * b_x
-    return b_pre
+    return b_pre, b_x0
+
+
+@triton.jit
+def _dpre(x, weight, bias, seq_idx, prefix, dout, i_b, o_t, o_c, m_c, T,
+          s_xb, s_xt, s_pb, s_pt, s_sb, s_st, s_wc, s_ww, s_db, s_dt,
+          W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_PREFIX: tl.constexpr,
+          BT: tl.constexpr, BC: tl.constexpr):
+    """dpre[t] = dout[t] silu'(pre[t]) at the rows o_t, fp32 [BT, BC], 0 outside [0, T); and xin[t]."""
+    b_pre, b_x0 = _pre(x, weight, bias, seq_idx, prefix, i_b, o_t, o_c, m_c, T,
+                       s_xb, s_xt, s_pb, s_pt, s_sb, s_st, s_wc, s_ww,
+                       W, HAS_BIAS, HAS_SEQ, HAS_PREFIX, BT, BC)
+    m_t = (o_t >= 0) & (o_t < T)
+    p_do = dout + i_b * s_db + o_t[:, None] * s_dt + o_c[None, :]
+    b_do = tl.load(p_do, mask=m_t[:, None] & m_c[None, :], other=0.).to(tl.float32)
+    b_sig = 1. / (1. + tl.exp(-b_pre))
+    return b_do * b_sig * (1. + b_pre * (1. - b_sig)), b_x0
 
 
 @triton.autotune(configs=FWD_CONFIGS, key=["C", "W", "HAS_BIAS", "HAS_SEQ", "HAS_PREFIX"])
@@ -103,9 +125,9 @@ def conv1d_silu_fwd_kernel(
     o_t = i_t.to(tl.int64) * BT + tl.arange(0, BT)  # [BT]
     o_c = i_c * BC + tl.arange(0, BC)  # [BC]
     m_c = o_c < C
-    b_pre = _pre(x, weight, bias, seq_idx, prefix, i_b64, o_t, o_c, m_c, T,
-                 s_xb, s_xt, s_pb, s_pt, s_sb, s_st, s_wc, s_ww,
-                 W, HAS_BIAS, HAS_SEQ, HAS_PREFIX, BT, BC)  # [BT, BC]
+    b_pre, _ = _pre(x, weight, bias, seq_idx, prefix, i_b64, o_t, o_c, m_c, T,
+                    s_xb, s_xt, s_pb, s_pt, s_sb, s_st, s_wc, s_ww,
+                    W, HAS_BIAS, HAS_SEQ, HAS_PREFIX, BT, BC)  # [BT, BC]
     b_out = b_pre / (1. + tl.exp(-b_pre))
     p_o = out + i_b64 * T * C + o_t[:, None] * C + o_c[None, :]
     tl.store(p_o, b_out.to(out.dtype.element_ty), mask=(o_t < T)[:, None] & m_c[None, :])
@@ -114,11 +136,11 @@ def conv1d_silu_fwd_kernel(
 @triton.autotune(configs=BWD_CONFIGS, key=["C", "W", "HAS_BIAS", "HAS_SEQ", "HAS_PREFIX"])
 @triton.jit
 def conv1d_silu_bwd_kernel(
-    x, weight, bias, seq_idx, prefix, dout, dx, dprefix, dw_part, db_part,
-    T, C, CHUNK, NCH,
+    x, weight, bias, seq_idx, prefix, dout, dx, dprefix, dw_part, db_part, scratch,
+    T, C, CHUNK, NCH, RS,
     s_xb, s_xt, s_pb, s_pt, s_sb, s_st, s_wc, s_ww, s_db, s_dt,
     W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_PREFIX: tl.constexpr,
-    ALIGN: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    ALIGN: tl.constexpr, WP: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
 ):
     """One program per (chunk of CHUNK input rows, channel block, batch row).
 
@@ -126,7 +148,10 @@ def conv1d_silu_bwd_kernel(
     outputs t = s + k, k < W, through tap W-1-k: dxin[s] = sum_k weight[W-1-k]
     g_k[s] with g_k[s] = dpre[s+k] [doc(s) == doc(s+k)], and dweight[W-1-k]
     gets sum_s xin[s] g_k[s] (each row s is owned by one program, so each
-    product is counted once). dpre = dout silu'(pre), pre recomputed.
+    product is counted once). dpre = dout silu'(pre), pre recomputed once per
+    row: for a block of BT rows s0.. the program computes dpre at those rows
+    and at the HP >= W-1 rows after them (the halo), writes both to its
+    scratch (RS >= BT + HP rows) and reads them back shifted by k rows.
     """
     P: tl.constexpr = W - 1 if HAS_PREFIX else 0  # prefix rows
     s_xb, s_xt, s_pb, s_pt = s_xb * ALIGN, s_xt * ALIGN, s_pb * ALIGN, s_pt * ALIGN  # see _align
@@ -136,41 +161,48 @@ def conv1d_silu_bwd_kernel(
     o_c = i_c * BC + tl.arange(0, BC)  # [BC]
     m_c = o_c < C
     o_w = tl.arange(0, WP)
+    o_r, o_h = tl.arange(0, BT), tl.arange(0, HP)  # rows of a block, of its halo
+    o_part = i_b64 * NCH + i_ch  # (batch, chunk) slot of the partial sums and the scratch
+    p_scr = scratch + o_part * RS * C + o_c[None, :]  # + row * C: this program's [RS, BC] of the scratch
     b_dw = tl.zeros([WP, BC], dtype=tl.float32)  # row i: the partial sum of dweight[:, i]
     b_db = tl.zeros([BC], dtype=tl.float32)
     start = i_ch.to(tl.int64) * CHUNK  # first row of the chunk, counted from the prefix's first
     n_blk = tl.cdiv(tl.minimum(CHUNK, T + P - start), BT)
     for i_blk in range(0, n_blk):
-        o_s = start + i_blk * BT - P + tl.arange(0, BT)  # [BT] rows of xin
-        b_x0 = _load_xin(x, prefix, i_b64, o_s, o_c, m_c, T, s_xb, s_xt, s_pb, s_pt, W, HAS_PREFIX)
+        s0 = start + i_blk * BT - P  # first row of the block in xin
+        o_s = s0 + o_r  # [BT]
+        b_g, b_x0 = _dpre(x, weight, bias, seq_idx, prefix, dout, i_b64, o_s, o_c, m_c, T,
+                          s_xb, s_xt, s_pb, s_pt, s_sb, s_st, s_wc, s_ww, s_db, s_dt,
+                          W, HAS_BIAS, HAS_SEQ, HAS_PREFIX, BT, BC)  # dpre[s], xin[s]: [BT, BC]
+        b_gh, _ = _dpre(x, weight, bias, seq_idx, prefix, dout, i_b64, s0 + BT + o_h, o_c, m_c, T,
+                        s_xb, s_xt, s_pb, s_pt, s_sb, s_st, s_wc, s_ww, s_db, s_dt,
+                        W, HAS_BIAS, HAS_SEQ, HAS_PREFIX, HP, BC)  # dpre of the halo: [HP, BC]
+        # the previous block's shifted reads are done before the scratch is overwritten
+        tl.debug_barrier()
+        tl.store(p_scr + o_r[:, None] * C, b_g, mask=m_c[None, :])
+        tl.store(p_scr + (BT + o_h)[:, None] * C, b_gh, mask=m_c[None, :])
+        # a row of the scratch is written by some threads and read back shifted by others
+        tl.debug_barrier()
+        b_db += tl.sum(b_g, axis=0)
         if HAS_SEQ:
             b_doc = _load_doc(seq_idx, i_b64, o_s, T, s_sb, s_st, W, HAS_PREFIX)
         b_dx = tl.zeros([BT, BC], dtype=tl.float32)
-        # a loop, not unrolled: W recomputations of W taps each would compile W^2 loads
-        for k in range(W):
-            o_t = o_s + k  # the output that reads row s through tap W-1-k
-            m_t = (o_t >= 0) & (o_t < T)
-            b_pre = _pre(x, weight, bias, seq_idx, prefix, i_b64, o_t, o_c, m_c, T,
-                         s_xb, s_xt, s_pb, s_pt, s_sb, s_st, s_wc, s_ww,
-                         W, HAS_BIAS, HAS_SEQ, HAS_PREFIX, BT, BC)
-            p_do = dout + i_b64 * s_db + o_t[:, None] * s_dt + o_c[None, :]
-            b_do = tl.load(p_do, mask=m_t[:, None] & m_c[None, :], other=0.).to(tl.float32)
-            b_sig = 1. / (1. + tl.exp(-b_pre))
-            b_g = b_do * b_sig * (1. + b_pre * (1. - b_sig))  # dpre[s+k]; 0 past either end
+        for k in tl.static_range(W):  # the output s + k reads row s through tap W-1-k
             if k == 0:
-                b_db += tl.sum(b_g, axis=0)
-            if HAS_SEQ:  # (k = 0 compares a row with itself)
-                b_dt = _load_doc(seq_idx, i_b64, o_t, T, s_sb, s_st, W, HAS_PREFIX)
-                b_g = tl.where((b_dt == b_doc)[:, None], b_g, 0.)
+                b_gk = b_g  # (its document is its own)
+            else:
+                b_gk = tl.load(p_scr + (o_r + k)[:, None] * C, mask=m_c[None, :], other=0.)  # dpre[s+k]
+                if HAS_SEQ:
+                    b_dk = _load_doc(seq_idx, i_b64, o_s + k, T, s_sb, s_st, W, HAS_PREFIX)
+                    b_gk = tl.where((b_dk == b_doc)[:, None], b_gk, 0.)
             b_w = tl.load(weight + o_c * s_wc + (W - 1 - k) * s_ww, mask=m_c, other=0.).to(tl.float32)
-            b_dx += b_w[None, :] * b_g
-            b_dw += tl.where((o_w == W - 1 - k)[:, None], tl.sum(b_x0 * b_g, axis=0)[None, :], 0.)
+            b_dx += b_w[None, :] * b_gk
+            b_dw += tl.where((o_w == W - 1 - k)[:, None], tl.sum(b_x0 * b_gk, axis=0)[None, :], 0.)
         p_dx = dx + i_b64 * T * C + o_s[:, None] * C + o_c[None, :]
         tl.store(p_dx, b_dx.to(dx.dtype.element_ty), mask=((o_s >= 0) & (o_s < T))[:, None] & m_c[None, :])
         if HAS_PREFIX:
             p_dp = dprefix + i_b64 * P * C + (o_s + P)[:, None] * C + o_c[None, :]
             tl.store(p_dp, b_dx.to(dprefix.dtype.element_ty), mask=(o_s < 0)[:, None] & m_c[None, :])
-    o_part = i_b64 * NCH + i_ch  # (batch, chunk) slot of the partial sums
     p_dw = dw_part + (o_part * W + o_w[:, None]) * C + o_c[None, :]
     tl.store(p_dw, b_dw, mask=(o_w < W)[:, None] & m_c[None, :])
     if HAS_BIAS:
@@ -202,6 +234,11 @@ def _chunks(rows: int, batch: int, channels: int) -> tuple[int, int]:
     per_row = max(1, BWD_PROGRAMS // (batch * triton.cdiv(channels, 128)))
     chunk = triton.cdiv(triton.cdiv(rows, per_row), CHUNK_ALIGN) * CHUNK_ALIGN
     return chunk, triton.cdiv(rows, chunk)
+
+
+def _halo(width: int) -> int:
+    """Rows of dpre the backward computes past each block, a power of two: the block's last row reads W-1 more."""
+    return triton.next_power_of_2(max(width - 1, 1))
 
 
 def _align(*strides: int) -> int:
@@ -256,13 +293,16 @@ def conv1d_silu_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None
         def grid(meta):
             return nch, triton.cdiv(channels, meta["BC"]), batch
 
+        halo = _halo(width)
+        scratch_rows = max(c.kwargs["BT"] for c in BWD_CONFIGS) + halo  # whichever config autotuning picks
+        scratch = _empty(batch * nch, scratch_rows, channels, device=dev)  # one [rows, C] slot per chunk
         s_x, s_do = (*x.stride()[:2], *_strides(prefix)), dout.stride()[:2]
         align = _align(*s_x, *s_do)
         conv1d_silu_bwd_kernel[grid](
-            x, weight, bias, seq_idx, prefix, dout, dx, dprefix, dw_part, db_part,
-            length, channels, chunk, nch,
+            x, weight, bias, seq_idx, prefix, dout, dx, dprefix, dw_part, db_part, scratch,
+            length, channels, chunk, nch, scratch_rows,
             *(s // align for s in s_x), *_strides(seq_idx), *weight.stride(), *(s // align for s in s_do),
-            ALIGN=align, WP=triton.next_power_of_2(width), **_flags(bias, seq_idx, prefix, width),
+            ALIGN=align, WP=triton.next_power_of_2(width), HP=halo, **_flags(bias, seq_idx, prefix, width),
         )
     # deterministic reductions of the per-program partial sums
     dweight = dw_part.sum((0, 1)).t().to(weight.dtype, memory_format=torch.contiguous_format)  # (C, W)

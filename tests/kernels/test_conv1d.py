@@ -107,6 +107,12 @@ CASES = [
     (2, 255, 100, 4, torch.bfloat16, dict(seq=[0, 64, 200], strided=True)),
     (1, 1000, 40, 3, torch.bfloat16, dict(bias=False, prefix=False, seq=[300])),
     (1, 100, 40, 4, torch.float16, dict(strided=True)),
+    # lengths at the backward's block edges (BT = 32 in the interpreter), W-1 rows and one row
+    (1, 1, 40, 4, torch.float32, dict(prefix=False)),
+    (2, 3, 40, 4, torch.float32, dict(seq=[2])),
+    (1, 32, 40, 4, torch.float32, dict(prefix=False)),
+    (1, 29, 40, 4, torch.float32, dict(seq=[1])),  # 32 rows of xin with the prefix
+    (1, 33, 40, 2, torch.bfloat16, dict(bias=False)),
 ]
 
 
@@ -156,6 +162,22 @@ def test_tile_configs(monkeypatch, fwd, bwd, programs):
     monkeypatch.setattr(ct, "BWD_PROGRAMS", programs)
     monkeypatch.setattr(ct, "CHUNK_ALIGN", bwd[0])
     inp, seq_idx = make_inputs(2, 150, 40, 5, seq=[0, 70])
+    check(inp, seq_idx, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("width", [4, 6])
+@pytest.mark.parametrize("prefix", [True, False], ids=["prefix", "no-prefix"])
+def test_documents_at_block_edges(width, prefix):
+    """Documents starting on, just before and just after the backward's block and chunk edges.
+
+    The backward reads dpre of a block and of the W-1 rows after it (its halo) from scratch shifted by k
+    rows: a document starting inside the halo or on the first row of the next block or chunk must cut
+    exactly the taps that cross it. Batch row b has its boundaries b steps later.
+    """
+    bt = ct.BWD_CONFIGS[0].kwargs["BT"]
+    p = width - 1 if prefix else 0
+    starts = [bt - 2, ct.CHUNK_ALIGN - 2]  # rows of xin, batch row 0
+    inp, seq_idx = make_inputs(4, ct.CHUNK_ALIGN + bt + 7, 40, width, prefix=prefix, seq=[r - p for r in starts])
     check(inp, seq_idx, TOL[torch.float32])
 
 
