@@ -11,6 +11,11 @@ its backward. The backward returns the parameters' gradients to autograd, which 
 the graph. A graph replays fixed addresses and shapes: each batch is copied into the tensors captured from the
 first one; a batch of any other shape (or with / without document ids where the first had the opposite) runs
 eagerly, with a warning the first time.
+
+The capture must be the only autograd graph of these parameters alive: a live eager graph (say, a loss not yet
+released) holds gradient accumulators made on the default stream, and the captured backward would then have
+to wait on that stream, which CUDA forbids during a capture. In training the first step captures, before any
+eager backward.
 """
 
 from __future__ import annotations
@@ -80,8 +85,12 @@ class GraphedLoss:
         log.info("trainer.cuda_graph: capturing the forward and backward of batches shaped %s "
                  "(%d eager warm-up pass%s first)", [tuple(a.shape) for a in args], self.warmup,
                  "" if self.warmup == 1 else "es")
-        torch.cuda.make_graphed_callables(self.module, static, num_warmup_iters=self.warmup,
-                                          allow_unused_input=True)
+        try:
+            torch.cuda.make_graphed_callables(self.module, static, num_warmup_iters=self.warmup,
+                                              allow_unused_input=True)
+        except RuntimeError as error:
+            raise RuntimeError(f"trainer.cuda_graph: capturing the training step failed ({error}); train without "
+                               "it (trainer.cuda_graph: false) and report the model and data that caused this") from error
 
 
 def _autocast_without_cache():

@@ -35,6 +35,17 @@ def test_cpu_batches_run_eagerly():
     assert graphed._signature is None  # nothing captured
 
 
+def _loss_and_grads(model, loss_fn):
+    """(loss, parameter gradients) of one forward + backward; the autograd graph is gone on return (a live eager
+    graph during a capture would make the captured backward wait on the default stream: see models/graphed.py)."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        loss = loss_fn()
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("kind", ["mamba", "hybrid"])
 @pytest.mark.parametrize("window", [None, 128])
@@ -47,14 +58,8 @@ def test_replayed_loss_and_gradients_equal_eager(kind, window, documents):
         ids = torch.randint(0, VOCAB, (2, LENGTH), device="cuda")
         seq_idx = (torch.arange(LENGTH, device="cuda") >= 100 + 50 * step).int().expand(2, -1).contiguous()
         seq_idx = seq_idx if documents else None
-        results = []
-        for fn in (lambda: eager_loss(model, ids, ids, seq_idx), lambda: graphed(ids, ids, seq_idx)):
-            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-                loss = fn()
-            loss.backward()
-            results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
-            model.zero_grad(set_to_none=True)
-        (loss_a, grads_a), (loss_b, grads_b) = results
+        loss_b, grads_b = _loss_and_grads(model, lambda: graphed(ids, ids, seq_idx))  # captured at step 0
+        loss_a, grads_a = _loss_and_grads(model, lambda: eager_loss(model, ids, ids, seq_idx))
         # The same kernels on the same data: equal up to bf16 rounding of autocast's casts
         torch.testing.assert_close(loss_b, loss_a, rtol=1e-3, atol=1e-3)
         for (name, _), a, b in zip(model.named_parameters(), grads_a, grads_b):
