@@ -179,13 +179,21 @@ def _carried_bytes(config: ModelConfig, tokens: int, batch_size: int, window: in
     return kept
 
 
+def params_head(config: ModelConfig) -> int:
+    """Entries of the output head (vocab x d_model), tied to the embedding or not."""
+    return config.vocab_size * config.d_model
+
+
 def training_memory(config: ModelConfig, seq_len: int, batch_size: int, checkpoint_kinds: str = "",
                     loss_chunk_size: int = 8192, shards: int = 1,
-                    sequence_window: int | None = None, fused_kernels: bool = True) -> dict[str, float]:
+                    sequence_window: int | None = None, fused_kernels: bool = True,
+                    fused_loss: bool = True) -> dict[str, float]:
     """Predicted peak bytes on one device for a training step: weights, gradients, AdamW, activations.
 
     ``fused_kernels``: the GPU path, with the Triton causal conv1d + SiLU and RMSNorm kernels (the default);
     False counts the PyTorch conv1d and fp32 norms (the CPU path, and GPU runs before those kernels existed).
+    ``fused_loss``: the GPU's fused linear + cross-entropy (kernels/cross_entropy, the default); False counts
+    the checkpointed PyTorch loss (the CPU path, and GPU runs before the kernel existed).
 
     With ``sequence_window`` shorter than ``seq_len`` the activations are one window's (``models.windowed``),
     plus what windows carry: small for Mamba, every position's keys and values for attention.
@@ -210,10 +218,18 @@ def training_memory(config: ModelConfig, seq_len: int, batch_size: int, checkpoi
         else:
             kept += full
     carried = _carried_bytes(config, tokens, batch_size, sequence_window, checkpoint_kinds) if windowed else 0.0
-    # One loss chunk's backward (models/loss.py): the fp32 log-softmax rebuilt by the checkpoint, the gradient
-    # that arrives for it and the gradient it passes on, all (chunk, vocab) fp32. The peak of a step is here, at
-    # the start of backward, while every block's activations are still held.
-    logits = 3 * FP32 * min(loss_chunk_size, active) * config.vocab_size
+    chunk = min(loss_chunk_size, active)
+    if fused_loss:
+        # The fused loss's forward (kernels/cross_entropy) also computes its gradients: one chunk of bf16 logits
+        # (overwritten by their gradient), the head cast to bf16, its fp32 gradient, and the gradient of every
+        # active token's hidden state (bf16), the last two held until the backward.
+        logits = BF16 * (chunk * config.vocab_size + active * config.d_model) + (FP32 + BF16) * params_head(config)
+    else:
+        # One loss chunk's backward (models/loss.py's PyTorch path): the fp32 log-softmax rebuilt by the
+        # checkpoint, the gradient that arrives for it and the gradient it passes on, all (chunk, vocab) fp32.
+        logits = 3 * FP32 * chunk * config.vocab_size
+    # Either way the peak of a step is here, at the end of forward / start of backward, with every block's
+    # activations held.
     return {"parameters": params, "mode": "windowed" if windowed else "one pass",
             "weights_grads_optimizer": states, "activations": kept * active,
             "recomputed_block": recompute * active, "carried_state": carried,

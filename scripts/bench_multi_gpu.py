@@ -162,7 +162,7 @@ def phase(args, name: str, length: int, batch: int, devices: int, context_parall
     ranks = [json.loads(p.read_text()) for p in sorted(folder.glob(f"{name}.rank*.json"))]
     row = {"phase": name, "length": length, "batch_per_replica": batch, "devices": devices,
            "context_parallel": context_parallel, "exit": code, "wall_s": round(time.perf_counter() - started, 1),
-           "oom": any(r["oom"] for r in ranks), "fused_kernels": True,  # the GPU path (plan.training_memory)
+           "oom": any(r["oom"] for r in ranks), "fused_kernels": True, "fused_loss": True,  # the GPU path
            "predicted_peak_gib": training_memory(model_config(args.tiny), length // context_parallel,
                                                  batch)["peak"] / 2**30}
     row["failed"] = code != 0 and not row["oom"]  # a crash, not memory: see the phase's output above

@@ -196,6 +196,7 @@ def sweep(args, device: torch.device, results: dict, out: Path) -> None:
             predicted = training_memory(config, length, 1, kinds, LOSS_CHUNK, sequence_window=window)
             row = {"model": name, "length": length, "sequence_window": window, "activation_checkpointing": kinds,
                    "fused_kernels": device.type == "cuda",  # Triton conv1d + SiLU and norms (plan.training_memory)
+                   "fused_loss": device.type == "cuda",  # Triton linear + cross-entropy
                    "mode": predicted["mode"], "parameters": predicted["parameters"],
                    "predicted_peak_bytes": predicted["peak"]}
             ids = torch.randint(0, config.vocab_size, (1, length), device=device)
@@ -306,7 +307,7 @@ def loss_curves(args, device: torch.device, results: dict, out: Path) -> None:
         window, kinds = choose_mode(config, length, args.window, budget)
         trainer.model.checkpoint_kinds = set(kinds)
         run = {"model": name, "length": length, "sequence_window": window, "activation_checkpointing": kinds,
-               "fused_kernels": device.type == "cuda",
+               "fused_kernels": device.type == "cuda", "fused_loss": device.type == "cuda",
                "lr": args.lr,
                "warmup_steps": args.warmup_steps, "task": args.task, "losses": [], "step_s": []}
         if args.task == "mqar":

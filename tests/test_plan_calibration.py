@@ -1,7 +1,8 @@
 """`plan`'s predicted peak memory against the peaks measured on GPUs (benchmarks/*.json): within ±15%.
 
-Rows measured before the fused conv1d + SiLU and norm kernels (no ``fused_kernels`` field) are predicted for the
-PyTorch path they ran (``training_memory(..., fused_kernels=False)``).
+Rows measured before the fused conv1d + SiLU and norm kernels (no ``fused_kernels`` field), or before the fused
+linear + cross-entropy (no ``fused_loss`` field), are predicted for the PyTorch path they ran
+(``training_memory(..., fused_kernels=False, fused_loss=False)``).
 
 Each configuration is rebuilt from the JSON fields with the benchmark's own model builder (imported from
 scripts/ by path), so a change to plan.py, the benchmark or the model shows up here.
@@ -43,7 +44,7 @@ def _scaling_prediction(row: dict) -> float:
     config = _script("bench_scaling").model_config(row["model"], tiny=False)
     return training_memory(config, row["length"], 1, row.get("activation_checkpointing", ""), LOSS_CHUNK,
                            sequence_window=row["sequence_window"],
-                           fused_kernels=row.get("fused_kernels", False))["peak"]
+                           fused_kernels=row.get("fused_kernels", False), fused_loss=row.get("fused_loss", False))["peak"]
 
 
 @pytest.mark.parametrize("row", MEASURED, ids=lambda r: f"{r['model']}-{r['length']}-{r['mode'].replace(' ', '_')}")
@@ -85,7 +86,8 @@ def test_lightning_runs_peak_within_15_percent(row):
     holds length / context_parallel tokens); predicted as scripts/bench_multi_gpu.py does."""
     config = _script("bench_multi_gpu").model_config(tiny=False)
     predicted = training_memory(config, row["length"] // row["context_parallel"], row["batch_per_replica"],
-                                fused_kernels=row.get("fused_kernels", False))["peak"]
+                                fused_kernels=row.get("fused_kernels", False),
+                                fused_loss=row.get("fused_loss", False))["peak"]
     if row["oom"]:  # ran out of memory: plan must say it does not fit
         assert predicted > row["device_memory_gib"] * 2**30
         return

@@ -181,7 +181,8 @@ def test_loss_backend_choice(monkeypatch):
     assert torch.equal(chunked_cross_entropy_sum(h, w, y), linear_cross_entropy_naive(h, w, y))  # auto, CPU
     with pytest.raises(TypeError, match="chunked_cross_entropy backend is 'triton' but the linear \\+ cross-entropy "
                                         "input is torch.float64"):
-        chunked_cross_entropy_sum(h, w, y, backend="triton")
+        # (on the kernel's device: the CPU under the interpreter, else the GPU; the device is checked first)
+        chunked_cross_entropy_sum(h.to(DEVICE), w.to(DEVICE), y.to(DEVICE), backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="chunked_cross_entropy backend is 'triton' but .* is on cpu"):
         chunked_cross_entropy_sum(h.float(), w, y, backend="triton")
