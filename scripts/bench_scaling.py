@@ -12,9 +12,9 @@ Models (d_model 768, vocab 50,280 tied; ``plan`` counts their parameters, printe
   transformer  12 blocks of attention (12 heads, RoPE) + SwiGLU MLP 2048: the Transformer++ of the Mamba paper
                at the same size (one attention + MLP block has the parameters of two Mamba blocks).
 A step is forward + backward + AdamW, bf16 autocast over fp32 weights (Lightning's "bf16-mixed"), batch 1,
-our model and chunked loss. A length runs in one pass when ``plan`` predicts it fits (80% of the GPU), otherwise
-with ``trainer.sequence_window`` (``models.windowed``: exact, one extra forward), checkpointing inside each window
-the fewest block kinds that make plan's peak fit (attention, then Mamba too), in the longest windows that fit. Each configuration: 1 warm-up
+our model and chunked loss. A length runs in one pass, with the fewest block kinds checkpointed that make plan's
+peak fit (80% of the GPU), else with ``trainer.sequence_window`` (``models.windowed``: exact, one extra forward),
+checkpointing inside each window the fewest block kinds that fit, in the longest windows that fit. Each configuration: 1 warm-up
 step, then timed steps (CUDA events, median); a model stops at the first length that runs out of memory or whose
 step exceeds --max-step-s. MFU counts model FLOPs (``plan.training_flops_per_token``, without the recomputation).
 The JSON (--out, default $OUT or benchmarks/) is rewritten after every configuration, so a killed run keeps what
@@ -159,29 +159,34 @@ def timed_step(trainer: Trainer, ids, labels, window) -> tuple[float, float, flo
 
 
 def choose_mode(config: ModelConfig, length: int, window: int, budget: float | None) -> tuple[int | None, str]:
-    """(sequence window or None for one pass, block kinds to checkpoint inside each window).
+    """(sequence window or None for one pass, block kinds to checkpoint).
 
-    One pass when plan predicts it fits ``budget`` bytes (or the length is no longer than a window). Otherwise
-    windows, checkpointing the fewest block kinds inside them (none, attention, then Mamba too: each adds a
-    recomputation), and for those kinds the largest window that fits, ``window`` times a power of two below the
+    Each checkpointed kind costs one more forward of those blocks, and windows one more forward of every block
+    (``models.windowed``). So: one pass with the fewest checkpointed kinds that plan says fit ``budget`` bytes
+    (none, Mamba, attention, both); else windows with the fewest kinds checkpointed inside them (none,
+    attention, both) and, for those, the longest window that fits, ``window`` times a power of two below the
     length (fewer, longer windows: fewer launches, fuller kernels). Attention checkpointed inside windows holds
-    its concatenation of all earlier keys one layer at a time. Without a budget (CPU), ``window``, nothing
-    checkpointed.
+    its concatenation of all earlier keys one layer at a time. Lengths up to ``window`` run in one pass; without
+    a budget (CPU), longer ones in windows of ``window``, nothing checkpointed.
     """
     if length <= window:
         return None, ""
     if budget is None:
         return window, ""
-    if training_memory(config, length, 1, loss_chunk_size=LOSS_CHUNK)["peak"] <= budget:
-        return None, ""
+
+    def present(kinds: str) -> str:
+        return "".join(kind for kind in kinds if kind in config.pattern)
+
+    for kinds in dict.fromkeys(map(present, ("", "M", "A", "MA"))):  # Mamba first: its recomputation is linear
+        if training_memory(config, length, 1, kinds, LOSS_CHUNK)["peak"] <= budget:
+            return None, kinds
     windows = [window << k for k in range(32) if window << k < length]
-    for kinds in ("", "A", "MA"):
-        kinds = "".join(kind for kind in kinds if kind in config.pattern)
+    for kinds in dict.fromkeys(map(present, ("", "A", "MA"))):
         fitting = [w for w in windows
                    if training_memory(config, length, 1, kinds, LOSS_CHUNK, sequence_window=w)["peak"] <= budget]
         if fitting:
             return max(fitting), kinds
-    return window, kinds
+    return window, present("MA")
 
 
 def sweep(args, device: torch.device, results: dict, out: Path) -> None:
