@@ -28,6 +28,12 @@ def _script(name: str):
 
 
 SCALING = json.loads((ROOT / "benchmarks" / "scaling_h100.json").read_text())
+# This session's sweeps (CUDA graphs, fused loss, longer windows): every row names its commit and code path.
+SWEEPS = json.loads((ROOT / "benchmarks" / "scaling_h100_graphs.json").read_text())["runs"]
+# Misses, kept visible: short lengths, where what plan does not model (autotuning's copies in the first step,
+# cuBLAS workspaces, the allocator's rounding) is a large share of a small peak.
+KNOWN_MISSES = {("6f21ac9", "mamba2", 4096, True): "plan 19% over (loss-only graph, PyTorch loss)",
+                ("d8bfc5a", "transformer", 16384, True): "plan 17% under (graph, fused loss)"}
 MULTI_GPU = json.loads((ROOT / "benchmarks" / "bench_multi_gpu_2xh200.json").read_text())
 LOSS_CHUNK = SCALING["settings"]["loss_chunk_size"]
 MEASURED = [r for r in SCALING["runs"] if "peak_bytes" in r]
@@ -55,6 +61,22 @@ def test_scaling_sweep_peak_within_15_percent(row):
         pytest.skip("measured while carried values were views of the whole qkv output (commit 7ae1467, fixed in "
                     "8c06ce7): rerun the sweep")
     assert abs(_scaling_prediction(row) / row["peak_bytes"] - 1) <= TOLERANCE
+
+
+@pytest.mark.parametrize("row", [r for r in SWEEPS if "peak_bytes" in r],
+                         ids=lambda r: f"{r['commit']}-{r['model']}-{r['length']}-{'graph' if r['cuda_graph'] else 'eager'}")
+def test_later_sweeps_peak_within_15_percent(row):
+    miss = KNOWN_MISSES.get((row["commit"], row["model"], row["length"], row["cuda_graph"]))
+    if miss:
+        pytest.xfail(miss)
+    assert abs(_scaling_prediction(row) / row["peak_bytes"] - 1) <= TOLERANCE
+
+
+def test_known_misses_are_still_misses():
+    """If plan improves, KNOWN_MISSES must shrink (no silent excuses)."""
+    for row in SWEEPS:
+        if (row["commit"], row["model"], row["length"], row["cuda_graph"]) in KNOWN_MISSES:
+            assert abs(_scaling_prediction(row) / row["peak_bytes"] - 1) > TOLERANCE, row
 
 
 def test_leaked_rows_match_once_the_leak_is_added():
