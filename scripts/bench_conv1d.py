@@ -23,7 +23,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import torch
@@ -37,6 +36,7 @@ from mambatrain.models.lm import LanguageModel
 from mambatrain_kernels.conv1d import causal_conv1d_silu, causal_conv1d_silu_naive
 
 from gpu_timing import copy_bandwidth, peak_extra_gib, timed
+from provenance import commit
 
 LENGTHS = [4096, 16384, 65536, 262144, 1048576]
 CHANNELS, PROJ_WIDTH, WIDTH = 1792, 3352, 4  # 130M Mamba-2: xBC inside (z, xBC, dt)
@@ -53,13 +53,6 @@ def gpu_kernel_ms(fn) -> float:
 def rel(a, b) -> float:
     a, b = a.double(), b.double()
     return float("nan") if not torch.isfinite(a).all() else ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
-
-
-def commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 def documents(length: int, device) -> torch.Tensor:

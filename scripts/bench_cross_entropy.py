@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ import triton
 from mambatrain.models.loss import chunked_cross_entropy_sum
 
 from gpu_timing import peak_extra_gib, timed
+from provenance import commit
 
 LENGTHS = [16384, 65536, 262144]
 D_MODEL, VOCAB, CHUNK = 768, 50280, 8192
@@ -128,8 +128,7 @@ def main() -> None:
               f"{ref['no_grad_ms']:>8.2f}/{ours['no_grad_ms']:<8.2f}  "
               f"{ref['peak_extra_gib']:>6.2f}/{ours['peak_extra_gib']:<6.2f}")
     print("ms, median of CUDA-event timings; floor: the matmul FLOPs at the cuBLAS rate above")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    record = dict(gpu=gpu, commit=commit, date=datetime.datetime.now().isoformat(timespec="seconds"),
+    record = dict(gpu=gpu, commit=commit(short=False), date=datetime.datetime.now().isoformat(timespec="seconds"),
                   torch=torch.__version__, triton=triton.__version__,
                   settings=dict(d_model=D_MODEL, vocab=VOCAB, chunk=CHUNK, hidden="bf16", weight="fp32",
                                 ignored=IGNORED, loss="sum / tokens"),

@@ -23,7 +23,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ from mambatrain.config.schema import TextSourceConfig  # noqa: E402
 from mambatrain.data.shards import prepare  # noqa: E402
 from mambatrain.data.streaming import PreparedStreams, StreamBatches, TextStreams  # noqa: E402
 from mambatrain.data.tokenizer import train_bpe  # noqa: E402
+from provenance import commit  # noqa: E402
 
 LENGTHS = {"8k": (8192, 8), "1M": (1 << 20, 1)}  # name: (seq_len, batch_size)
 
@@ -132,13 +132,6 @@ def machine() -> dict:
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
-
-
-def commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:

@@ -45,6 +45,9 @@ from mambatrain.config.schema import (DataConfig, MambaConfig, ModelConfig, MQAR
                                       SchedulerConfig, TrainerConfig)
 from mambatrain.plan import peak_flops, training_flops_per_token, training_memory  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings, also when tests load this file by path
+from provenance import commit  # noqa: E402
+
 MULTICAST_ENV = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")
 
 
@@ -214,16 +217,6 @@ def versions() -> dict:
     return found
 
 
-def commit() -> str:
-    if os.environ.get("MAMBATRAIN_COMMIT"):
-        return os.environ["MAMBATRAIN_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO, text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return "unknown"
-
-
 def print_table(rows: list[dict]) -> None:
     columns = ["phase", "length", "devices", "context_parallel", "oom", "step_s", "tokens_per_s",
                "tokens_per_s_per_gpu", "mfu", "peak_allocated_gib", "predicted_peak_gib"]
@@ -269,7 +262,8 @@ def main() -> None:
     for name in MULTICAST_ENV:
         if os.environ.get(name) is None and args.device == "cuda":
             print(f"warning: {name} is not set; NVLink multicast should stay off on the lent machines", flush=True)
-    report = {"commit": commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    report = {"commit": commit(short=False),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "versions": versions(), "env": {name: os.environ.get(name) for name in MULTICAST_ENV},
               "host_gpus": torch.cuda.device_count(), "model": "mamba2 tiny" if args.tiny else "mamba2 130M",
               "warmup_steps": args.warmup, "measured_steps": args.steps, "rows": []}

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ import triton
 from mambatrain.models.blocks.norm import GatedRMSNorm, RMSNorm
 
 from gpu_timing import timed
+from provenance import commit
 from mambatrain_kernels.rmsnorm.triton import rms_norm_bwd, rms_norm_fwd
 
 LENGTHS = [16384, 65536, 262144]
@@ -118,8 +118,7 @@ def main() -> None:
               f"{r['max_rel_err_vs_reference']:>8.1e}")
     if args.out is not None:
         gpu = torch.cuda.get_device_name()
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        record = dict(gpu=gpu, commit=commit, date=datetime.datetime.now().isoformat(timespec="seconds"),
+        record = dict(gpu=gpu, commit=commit(short=False), date=datetime.datetime.now().isoformat(timespec="seconds"),
                       torch=torch.__version__, triton=triton.__version__, rows=rows)
         args.out.mkdir(parents=True, exist_ok=True)
         tag = "h100" if "H100" in gpu else "h200" if "H200" in gpu else gpu.replace(" ", "_").lower()

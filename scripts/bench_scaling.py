@@ -30,7 +30,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,6 +44,9 @@ from mambatrain.models.lm import LanguageModel
 from mambatrain.models.loss import IGNORE_INDEX
 from mambatrain.models.windowed import windowed_loss
 from mambatrain.plan import peak_flops, training_flops_per_token, training_memory
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings, also when tests load this file by path
+from provenance import commit  # noqa: E402
 
 LENGTHS = [4096, 8192, 16384, 65536, 131072, 262144, 1048576]
 TINY_LENGTHS = [256, 512, 2048]
@@ -75,13 +77,6 @@ def parse_length(text: str) -> int:
 
 
 def environment(device: torch.device) -> dict:
-    commit = os.environ.get("MAMBATRAIN_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                    cwd=Path(__file__).parent).stdout.strip() or "unknown"
-        except OSError:
-            commit = "unknown"
     try:
         import triton
         triton_version = triton.__version__
@@ -89,7 +84,8 @@ def environment(device: torch.device) -> dict:
         triton_version = None
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-    return {"gpu": gpu, "gpu_memory_bytes": memory, "commit": commit, "date": datetime.datetime.now().isoformat(),
+    return {"gpu": gpu, "gpu_memory_bytes": memory, "commit": commit(short=False),
+            "date": datetime.datetime.now().isoformat(),
             "torch": torch.__version__, "triton": triton_version, "python": sys.version.split()[0]}
 
 

@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -36,6 +35,7 @@ from mambatrain_kernels.ssd.naive import ssd_naive
 from mambatrain_kernels.ssd.triton import ssd_scan
 
 from gpu_timing import peak_extra_gib, timed
+from provenance import commit
 
 LENGTHS = [4096, 16384, 65536, 262144, 1048576]
 SSD_SHAPE = dict(heads=24, head_dim=64, d_state=128, groups=1, chunk=256)
@@ -360,15 +360,6 @@ def bench_selective_row(length: int) -> dict:
 
 # ------------------------------------------------------------------------------------------------ main
 
-def commit() -> str:
-    if os.environ.get("MAMBATRAIN_COMMIT"):
-        return os.environ["MAMBATRAIN_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return "unknown"
-
-
 def fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if value < 1000 else f"{value:.0f}"
@@ -394,7 +385,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     report = {
-        "gpu": torch.cuda.get_device_name(), "commit": commit(),
+        "gpu": torch.cuda.get_device_name(), "commit": commit(short=False),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "triton": triton.__version__,
         "autotune": os.environ.get("MAMBATRAIN_AUTOTUNE", "1"),

@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from mambatrain.checkpoint.folder import candidates, newest_good  # noqa: E402
 from mambatrain.checkpoint.io import WRITE_DELAY_ENV, read_marker  # noqa: E402
+from provenance import commit  # noqa: E402
 
 STEPS, EVERY = 300, 10
 RECIPE = {
@@ -100,11 +101,6 @@ def resumed_from(run_root: Path) -> str | None:
 def final_weights(run_root: Path) -> dict[str, torch.Tensor]:
     last = newest_good(sorted(run_root.glob("version_*"))[-1] / "checkpoints")
     return torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
-
-
-def git_commit() -> str:
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return head.stdout.strip() or "unknown"
 
 
 def cpu_name() -> str:
@@ -182,7 +178,7 @@ def main() -> int:
     result = {
         "benchmark": "chaos_resume",
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
-        "commit": git_commit(),
+        "commit": commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"torch": torch.__version__, "lightning": __import__("lightning").__version__},
         "setup": {"steps": STEPS, "micro_batches_per_step": RECIPE["trainer"]["accumulate_grad_batches"],

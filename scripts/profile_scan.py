@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scan import SSD_SHAPE, commit, fwd_bwd_runner, sel_inputs, ssd_inputs, timed  # noqa: E402
+from bench_scan import SSD_SHAPE, fwd_bwd_runner, sel_inputs, ssd_inputs, timed  # noqa: E402
+from provenance import commit  # noqa: E402
 
 from mambatrain_kernels.selective_scan import triton as sel_triton  # noqa: E402
 from mambatrain_kernels.ssd import triton as ssd_triton  # noqa: E402
@@ -58,7 +59,7 @@ def main() -> None:
     parser.add_argument("--state-programs", type=int, nargs="*", default=[256, 1024, 4096])
     parser.add_argument("--bwd-programs", type=int, nargs="*", default=[256, 2048, 8192])
     args = parser.parse_args()
-    report = {"gpu": torch.cuda.get_device_name(), "commit": commit(), "length": args.length}
+    report = {"gpu": torch.cuda.get_device_name(), "commit": commit(short=False), "length": args.length}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
