@@ -15,18 +15,15 @@ bf16 peak and at the rate cuBLAS reaches on one chunk's logits matmul here. Prin
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 from pathlib import Path
 
 import torch
-import triton
 
 from mambatrain.models.loss import chunked_cross_entropy_sum
 
 from gpu_timing import peak_extra_gib, timed
-from provenance import commit
+from provenance import write_record
 
 LENGTHS = [16384, 65536, 262144]
 D_MODEL, VOCAB, CHUNK = 768, 50280, 8192
@@ -128,15 +125,10 @@ def main() -> None:
               f"{ref['no_grad_ms']:>8.2f}/{ours['no_grad_ms']:<8.2f}  "
               f"{ref['peak_extra_gib']:>6.2f}/{ours['peak_extra_gib']:<6.2f}")
     print("ms, median of CUDA-event timings; floor: the matmul FLOPs at the cuBLAS rate above")
-    record = dict(gpu=gpu, commit=commit(short=False), date=datetime.datetime.now().isoformat(timespec="seconds"),
-                  torch=torch.__version__, triton=triton.__version__,
-                  settings=dict(d_model=D_MODEL, vocab=VOCAB, chunk=CHUNK, hidden="bf16", weight="fp32",
-                                ignored=IGNORED, loss="sum / tokens"),
-                  check_rel_err=errs, cublas_flops=rate, peak_bf16_flops=peak, rows=rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    tag = "h100" if "H100" in gpu else "h200" if "H200" in gpu else gpu.replace(" ", "_").lower()
-    path = args.out / f"bench_cross_entropy_{tag}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    path = write_record(args.out, "bench_cross_entropy", gpu,
+                        settings=dict(d_model=D_MODEL, vocab=VOCAB, chunk=CHUNK, hidden="bf16", weight="fp32",
+                                      ignored=IGNORED, loss="sum / tokens"),
+                        check_rel_err=errs, cublas_flops=rate, peak_bf16_flops=peak, rows=rows)
     print(f"wrote {path}")
 
 

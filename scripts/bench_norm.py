@@ -15,8 +15,6 @@ Checks each kernel against the PyTorch path first. Prints a table; writes JSON (
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 from pathlib import Path
 
 import torch
@@ -25,7 +23,7 @@ import triton
 from mambatrain.models.blocks.norm import GatedRMSNorm, RMSNorm
 
 from gpu_timing import timed
-from provenance import commit
+from provenance import write_record
 from mambatrain_kernels.rmsnorm.triton import rms_norm_bwd, rms_norm_fwd
 
 LENGTHS = [16384, 65536, 262144]
@@ -117,13 +115,7 @@ def main() -> None:
               f"{ref['saved_bytes_per_token']:>9.0f}/{ours['saved_bytes_per_token']:<10.0f}  "
               f"{r['max_rel_err_vs_reference']:>8.1e}")
     if args.out is not None:
-        gpu = torch.cuda.get_device_name()
-        record = dict(gpu=gpu, commit=commit(short=False), date=datetime.datetime.now().isoformat(timespec="seconds"),
-                      torch=torch.__version__, triton=triton.__version__, rows=rows)
-        args.out.mkdir(parents=True, exist_ok=True)
-        tag = "h100" if "H100" in gpu else "h200" if "H200" in gpu else gpu.replace(" ", "_").lower()
-        path = args.out / f"bench_norm_{tag}.json"
-        path.write_text(json.dumps(record, indent=2) + "\n")
+        path = write_record(args.out, "bench_norm", torch.cuda.get_device_name(), rows=rows)
         print(f"wrote {path}")
 
 
