@@ -54,10 +54,10 @@ MODELS = ["mamba2", "hybrid", "transformer"]
 LOSS_CHUNK = 8192
 
 
-def model_config(name: str, tiny: bool) -> ModelConfig:
+def model_config(name: str, tiny: bool, ssm_chunk: int | None = None) -> ModelConfig:
     d_model, layers, vocab = (64, 4, 256) if tiny else (768, 24, 50280)
     mamba = MambaConfig(version=2, expand=2, d_state=16 if tiny else 128, head_dim=16 if tiny else 64,
-                        chunk_size=64 if tiny else 256)
+                        chunk_size=ssm_chunk or (64 if tiny else 256))
     attention = AttentionConfig(n_heads=4 if tiny else 12)
     if name == "mamba2":
         return ModelConfig(kind="mamba", d_model=d_model, n_layers=layers, vocab_size=vocab, mamba=mamba)
@@ -189,13 +189,14 @@ def sweep(args, device: torch.device, results: dict, out: Path) -> None:
     budget = None if device.type != "cuda" else 0.8 * results["environment"]["gpu_memory_bytes"]
     peak = peak_flops(results["environment"]["gpu"])
     for name in args.models:
-        config = model_config(name, args.tiny)
+        config = model_config(name, args.tiny, args.ssm_chunk)
         trainer = Trainer(config, device)
         for length in args.lengths:
             window, kinds = choose_mode(config, length, args.window, budget)
             trainer.model.checkpoint_kinds = set(kinds)
             predicted = training_memory(config, length, 1, kinds, LOSS_CHUNK, sequence_window=window)
             row = {"model": name, "length": length, "sequence_window": window, "activation_checkpointing": kinds,
+                   "ssm_chunk": config.mamba.chunk_size if config.kind != "transformer" else None,
                    "fused_kernels": device.type == "cuda",  # Triton conv1d + SiLU and norms (plan.training_memory)
                    "fused_loss": device.type == "cuda",  # Triton linear + cross-entropy
                    "mode": predicted["mode"], "parameters": predicted["parameters"],
@@ -255,7 +256,7 @@ def profile(args, device: torch.device, results: dict) -> None:
     """Where a training step's time goes: the 25 kernels with the most CUDA time (after a warm-up step)."""
     results["profiles"] = []
     for name in args.models:
-        config = model_config(name, args.tiny)
+        config = model_config(name, args.tiny, args.ssm_chunk)
         trainer = Trainer(config, device)
         ids = torch.randint(0, config.vocab_size, (1, args.profile_length), device=device)
         window = None if args.profile_length <= args.window else args.window
@@ -301,7 +302,7 @@ def loss_curves(args, device: torch.device, results: dict, out: Path) -> None:
     """Train each named model for its step count at --loss-length on --task (markov or MQAR), one new sequence a step."""
     for spec in args.loss_steps.split(","):
         name, _, steps = spec.partition("=")
-        config = model_config(name, args.tiny)
+        config = model_config(name, args.tiny, args.ssm_chunk)
         trainer = Trainer(config, device, lr=args.lr)
         length = args.loss_length
         budget = None if device.type != "cuda" else 0.8 * results["environment"]["gpu_memory_bytes"]
@@ -413,6 +414,8 @@ def main(argv=None) -> None:
     parser.add_argument("--kv-pairs", type=int, default=64, help="MQAR key-value pairs of the loss curves")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="sweep: the loss's forward and backward replayed from CUDA graphs, as trainer.cuda_graph does")
+    parser.add_argument("--ssm-chunk", type=int, choices=[64, 128, 256], default=None,
+                        help="chunk size of the Mamba-2 scan (default 256; 64 with --tiny)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="toy sizes, for a CPU dry run")
     parser.add_argument("--out", default=None, help="JSON file or folder (default $OUT, else benchmarks/)")
@@ -443,8 +446,8 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"{results['environment']}\nwriting {out}")
     for name in dict.fromkeys(args.models + [s.partition("=")[0] for s in (args.loss_steps or "").split(",") if s]):
-        params = training_memory(model_config(name, args.tiny), 1, 1)["parameters"]
-        print(f"{name:<12}{model_config(name, args.tiny).pattern}  {params / 1e6:.1f}M parameters")
+        params = training_memory(model_config(name, args.tiny, args.ssm_chunk), 1, 1)["parameters"]
+        print(f"{name:<12}{model_config(name, args.tiny, args.ssm_chunk).pattern}  {params / 1e6:.1f}M parameters")
     if args.loss_steps:
         loss_curves(args, device, results, out)
     elif args.profile_length:

@@ -381,7 +381,10 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["ssd", "selective", "check"])
     parser.add_argument("--no-peers", action="store_true", help="time ours and SDPA only (peers autotune for minutes)")
     parser.add_argument("--long-check", type=int, default=1048576, help="length of the long forward check")
+    parser.add_argument("--ssd-chunk", type=int, default=SSD_SHAPE["chunk"], choices=[64, 128, 256],
+                        help="chunk size of the SSD scans (ours and mamba_ssm's)")
     args = parser.parse_args()
+    SSD_SHAPE["chunk"] = args.ssd_chunk
 
     torch.manual_seed(0)
     report = {
@@ -397,7 +400,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     def save():
-        (out / "bench_scan.json").write_text(json.dumps(report, indent=1))
+        (out / ("bench_scan.json" if args.ssd_chunk == 256 else f"bench_scan_chunk{args.ssd_chunk}.json")).write_text(json.dumps(report, indent=1))
 
     long_length = 65536 if args.quick else args.long_check
     check = "check" not in args.skip
@@ -433,7 +436,7 @@ def main() -> None:
             save()
 
     if report.get("ssd"):
-        print_table("SSD (Mamba-2) fwd+bwd, bf16, batch 1, 24x64 heads, d_state 128, chunk 256 (ms)", report["ssd"],
+        print_table(f"SSD (Mamba-2) fwd+bwd, bf16, batch 1, 24x64 heads, d_state 128, chunk {SSD_SHAPE['chunk']} (ms)", report["ssd"],
                     ["length", "floor_fwdbwd_ms", "ours_fwd_ms", "ours_fwdbwd_ms", "mamba_ssm_fwdbwd_ms",
                      "fla_fwdbwd_ms", "sdpa_cudnn_fwdbwd_ms", "ours_peak_GiB"])
     if report.get("selective"):
