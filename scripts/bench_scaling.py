@@ -272,14 +272,21 @@ def profile(args, device: torch.device, results: dict) -> None:
         # The host's side: where the step's Python and launches spend their time (self time, so nested ops do
         # not count twice). A step whose host time nears its GPU time is launch-bound.
         host = sorted(table, key=lambda e: -e.self_cpu_time_total)[:25]
+        # the GPU kernels alone (the rows above nest: an op's time includes its kernels')
+        kernels = [e for e in table if e.device_type == torch.autograd.DeviceType.CUDA]
+        gpu_ms = sum(e.self_device_time_total for e in kernels) / 1e3
         results["profiles"].append({
-            "model": name, "length": args.profile_length, "step_s": seconds,
+            "model": name, "length": args.profile_length, "step_s": seconds, "ssm_chunk": args.ssm_chunk,
+            "gpu_kernels_total_ms": round(gpu_ms, 3),
+            "gpu_kernels": [{"name": e.key[:160], "ms": round(e.self_device_time_total / 1e3, 3), "calls": e.count}
+                            for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:50]],
             "host_total_ms": round(sum(e.self_cpu_time_total for e in table) / 1e3, 3),
             "kernels": [{"name": e.key[:160], "ms": round(getattr(e, key) / 1e3, 3), "calls": e.count} for e in top],
             "host": [{"name": e.key[:160], "self_ms": round(e.self_cpu_time_total / 1e3, 3), "calls": e.count}
                      for e in host]})
-        print(name, f"step {seconds:.3f} s, host {results['profiles'][-1]['host_total_ms']:.1f} ms (profiled)")
-        for row in results["profiles"][-1]["kernels"][:12]:
+        print(name, f"step {seconds:.3f} s, host {results['profiles'][-1]['host_total_ms']:.1f} ms, "
+              f"GPU kernels {gpu_ms:.1f} ms (profiled)")
+        for row in results["profiles"][-1]["gpu_kernels"][:30]:
             print(f"  {row['ms']:9.2f} ms  {row['calls']:5d}  {row['name'][:100]}")
         del trainer, ids
         if device.type == "cuda":
