@@ -89,8 +89,8 @@ def ssd_state_bwd_kernel(
             b_g = tl.where(b_doc == b_doc_prev, b_g, 0.)
             b_decay = tl.where(b_doc_end == b_doc_prev, b_decay, 0.)
         if not LOCAL:
-            tl.store(dstates + o_st, b_dh.to(dstates.dtype.element_ty), mask=m_vk)
-            b_h = tl.load(states + o_st, mask=m_vk, other=0.).to(tl.float32)
+            tl.store(dstates + o_st, b_dh, mask=m_vk)
+            b_h = tl.load(states + o_st, mask=m_vk, other=0.)
             # <dh_c, exp(a_end) h_{c-1}>: how the carried state's decay over the chunk
             # moves the loss; every a of the chunk gets it (ssd_ddt_bwd_kernel)
             tl.store(Kc_part + (i_bh.to(tl.int64) * NT + i_c) * KC_TILES + i_k * tl.cdiv(P, BV) + i_v,
