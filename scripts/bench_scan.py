@@ -399,8 +399,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    name = "bench_scan.json" if args.ssd_chunk == 256 else f"bench_scan_chunk{args.ssd_chunk}.json"
+
     def save():
-        (out / ("bench_scan.json" if args.ssd_chunk == 256 else f"bench_scan_chunk{args.ssd_chunk}.json")).write_text(json.dumps(report, indent=1))
+        (out / name).write_text(json.dumps(report, indent=1))
 
     long_length = 65536 if args.quick else args.long_check
     check = "check" not in args.skip
