@@ -253,7 +253,8 @@ def sweep(args, device: torch.device, results: dict, out: Path) -> None:
 
 
 def profile(args, device: torch.device, results: dict) -> None:
-    """Where a training step's time goes: the 25 kernels with the most CUDA time (after a warm-up step)."""
+    """Where a training step's time goes (after a warm-up step): the 25 ops with the most CUDA time, the 50
+    GPU kernels with the most self time and their total, and the host's 25 costliest ops."""
     results["profiles"] = []
     for name in args.models:
         config = model_config(name, args.tiny, args.ssm_chunk)
@@ -453,8 +454,8 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"{results['environment']}\nwriting {out}")
     for name in dict.fromkeys(args.models + [s.partition("=")[0] for s in (args.loss_steps or "").split(",") if s]):
-        params = training_memory(model_config(name, args.tiny, args.ssm_chunk), 1, 1)["parameters"]
-        print(f"{name:<12}{model_config(name, args.tiny, args.ssm_chunk).pattern}  {params / 1e6:.1f}M parameters")
+        config = model_config(name, args.tiny, args.ssm_chunk)
+        print(f"{name:<12}{config.pattern}  {training_memory(config, 1, 1)['parameters'] / 1e6:.1f}M parameters")
     if args.loss_steps:
         loss_curves(args, device, results, out)
     elif args.profile_length:
