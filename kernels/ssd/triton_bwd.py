@@ -64,6 +64,13 @@ def ssd_state_bwd_kernel(
     p_C0 = C + i_b.to(tl.int64) * s_Cb + i_g * s_Cg
     o_a0 = i_bh.to(tl.int64) * T
     o_d0 = i_b.to(tl.int64) * T
+    # [BK // 32, BV // 32] the Kc_part slots of this program's tile
+    KC_V: tl.constexpr = (P + 31) // 32
+    o_kc_k = i_k * (BK // 32) + tl.arange(0, BK // 32)
+    o_kc_v = i_v * (BV // 32) + tl.arange(0, BV // 32)
+    o_kc = o_kc_k[:, None] * KC_V + o_kc_v[None, :]
+    m_kc = (o_kc_k < (N + 31) // 32)[:, None] & (o_kc_v < KC_V)[None, :]
+    m_kc_first = (o_kc_k == i_k * (BK // 32))[:, None] & (o_kc_v == i_v * (BV // 32))[None, :]
 
     # [BV, BK] gradient of the state leaving the current chunk
     o_seg = (i_bh.to(tl.int64) * NSEG + i_seg) * (P * N) + o_vk
@@ -93,8 +100,13 @@ def ssd_state_bwd_kernel(
             b_h = tl.load(states + o_st, mask=m_vk, other=0.)
             # <dh_c, exp(a_end) h_{c-1}>: how the carried state's decay over the chunk
             # moves the loss; every a of the chunk gets it (ssd_ddt_bwd_kernel)
-            tl.store(Kc_part + (i_bh.to(tl.int64) * NT + i_c) * KC_TILES + i_k * tl.cdiv(P, BV) + i_v,
-                     b_decay * tl.sum(tl.sum(b_dh * b_h, axis=1), axis=0))
+            # Kc_part has a slot per 32 x 32 piece of the state, whatever the tiles: this program's sum
+            # goes to the first slot it covers and zeros to the rest, so every slot is written by every
+            # config (the autotuner runs several configs on the same buffers: zeros left from the
+            # allocation would not survive them)
+            b_kc = b_decay * tl.sum(tl.sum(b_dh * b_h, axis=1), axis=0)
+            tl.store(Kc_part + (i_bh.to(tl.int64) * NT + i_c) * KC_TILES + o_kc,
+                     tl.where(m_kc_first, b_kc, 0.), mask=m_kc)
         m_vt = m_v[:, None] & m_t[None, :]
         # [BV, L]: dy^T, transposed by the pointers
         b_dyt = tl.load(p_o0 + t0.to(tl.int64) * s_ot + o_l[None, :] * s_ot + o_v[:, None] * s_op,
