@@ -103,7 +103,7 @@ def run(fn, inp, seq_idx, grads, **kw):
     # detach() keeps the strides of views (clone() would not)
     leaves = {k: v.detach().requires_grad_() if v is not None else None for k, v in inp.items()}
     y, final = fn(**leaves, dt_softplus=inp["dt_bias"] is not None, seq_idx=seq_idx, return_final_state=True, **kw)
-    assert y.dtype == inp["x"].dtype and final.dtype == torch.float32
+    assert y.dtype == inp["x"].dtype and final.dtype == (torch.float64 if y.dtype == torch.float64 else torch.float32)
     gy, gf = grads
     ((y.float() * gy).sum() + (final * gf).sum()).backward()
     for k, v in leaves.items():

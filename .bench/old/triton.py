@@ -1,0 +1,410 @@
+"""Mamba-2 (SSD) chunked scan in Triton: forward and backward, deterministic.
+
+Kernels live in ``triton_fwd.py`` / ``triton_bwd.py``; this file holds the host
+launchers, the ``torch.library`` custom ops (so ``torch.compile`` traces
+through with ``fullgraph=True``), their autograd, and the public ``ssd_scan``.
+The maths and the memory budget are in README.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from ..settings import DEBUG_NAN, INTERPRET
+from .chunked import document_ids
+from .triton_bwd import ssd_dcb_bwd_kernel, ssd_ddt_bwd_kernel, ssd_dx_bwd_kernel, ssd_state_bwd_kernel
+from .triton_fwd import (
+    ssd_bmm_fwd_kernel,
+    ssd_chunk_cumsum_fwd_kernel,
+    ssd_chain_kernel,
+    ssd_output_fwd_kernel,
+    ssd_state_fwd_kernel,
+)
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _empty(*shape, device, dtype) -> Tensor:
+    t = torch.empty(*shape, device=device, dtype=dtype)
+    return t.fill_(float("nan")) if DEBUG_NAN else t
+
+
+def _strides4(t: Tensor | None) -> tuple[int, int, int, int]:
+    return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
+
+
+def _tiles(x: Tensor, B: Tensor, chunk_size: int) -> dict:
+    """Block sizes fixed by the shapes (the rest is autotuned)."""
+    batch, length, heads, head_dim = x.shape
+    groups, d_state = B.shape[2], B.shape[3]
+    L = chunk_size
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"ssd_scan takes fp32, bf16 or fp16 inputs, got {x.dtype}")
+    if L < 64 or L > 256 or L & (L - 1):
+        raise ValueError(f"chunk_size must be 64, 128 or 256, got {L}")
+    if d_state > 256:
+        raise ValueError(f"d_state up to 256 is supported, got {d_state}")
+    if heads % groups:
+        raise ValueError(f"heads ({heads}) must be divisible by groups ({groups})")
+    # d_state is never tiled in the per-block kernels (it is a reduction or an
+    # accumulator kept whole); a smaller time block keeps d_state 256 in registers.
+    BT = 64 if d_state <= 128 else 32
+    BN = max(16, triton.next_power_of_2(d_state))
+    BV = max(16, triton.next_power_of_2(head_dim)) if head_dim <= 128 else 64
+    fp32 = x.dtype == torch.float32
+    return dict(L=L, NT=triton.cdiv(length, L), BT=BT, NB=L // BT, BN=BN, BV=BV,
+                precision="ieee" if fp32 or not TF32 else "tf32", precise=fp32)
+
+
+# bf16/fp16 inputs: products of two fp32 operands on tensor cores as tf32 (fp32 inputs always
+# use exact fp32). MAMBATRAIN_TF32=0 makes them exact too, to tell tf32 rounding from other error
+# (on the H100, bf16 gradients of dt and A are 2-4% off at 4099 x 24 heads; 0.6-0.8% in the
+# interpreter, which computes these products exactly).
+TF32 = os.environ.get("MAMBATRAIN_TF32", "1") == "1"
+
+# Programs the sequential state kernels aim for: their chunk loop runs in
+# segments, in parallel (batch x heads x state tiles alone is ~100 programs at
+# batch 1, leaving an H100 mostly idle).
+STATE_PROGRAMS = 1024
+
+
+def _segments(nt: int, batch_heads: int) -> tuple[int, int]:
+    """(chunks per segment, segments) of the state kernels; 4 state tiles per head assumed."""
+    nseg = max(1, min(nt, triton.cdiv(STATE_PROGRAMS, 4 * batch_heads)))
+    seg = triton.cdiv(nt, nseg)
+    return seg, triton.cdiv(nt, seg)
+
+
+def _segmented(state_pass, h_in, has_in: bool, nseg: int, batch_heads: int, pn: int, reverse: bool, device):
+    """Run a state kernel's walk over segments of chunks in parallel.
+
+    ``state_pass(h_in, has_in, seg_local, seg_decay, local)`` launches the kernel. One segment: a plain walk
+    from ``h_in``. Several: pass 1 (local) walks each segment from zero, pass 2 (``ssd_chain_kernel``) chains
+    them into what enters every segment, pass 3 walks each segment from there.
+    """
+    if nseg == 1:
+        state_pass(h_in, has_in, h_in, h_in, False)
+        return
+    seg_local = _empty(batch_heads, nseg, pn, device=device, dtype=torch.float32)
+    seg_decay = _empty(batch_heads, nseg, device=device, dtype=torch.float32)
+    state_pass(h_in, False, seg_local, seg_decay, True)
+    starts = _empty(*seg_local.shape, device=device, dtype=torch.float32)
+    ssd_chain_kernel[(triton.cdiv(pn, 1024), batch_heads)](
+        seg_local, seg_decay, h_in, starts, nseg, pn, HAS_IN=has_in, REVERSE=reverse, BLOCK=1024,
+    )
+    state_pass(starts, True, seg_local, seg_decay, False)
+
+
+def _bucket(nt: int) -> int:
+    """Autotuning key for the length (see ``triton_fwd.configs``)."""
+    return triton.next_power_of_2(nt)
+
+
+def _s_dtype(x: Tensor) -> torch.dtype:
+    """Storage of S = C B^T. bf16 halves the traffic of the most re-read
+    intermediate (every head of the group reads it, forward and backward) for
+    one more bf16 rounding (y: ~2.4e-3 -> 2.9e-3 relative). fp16 keeps fp32:
+    its range is too small for long d_state sums."""
+    return torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+
+
+@functools.lru_cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _num_splits(x: Tensor, programs: int, heads_per_group: int) -> int:
+    """Split a group's heads over programs until the per-group backward kernels fill the GPU."""
+    sms = _sm_count(x.device)
+    for d in range(1, heads_per_group + 1):
+        if heads_per_group % d == 0 and programs * d >= 4 * sms:
+            return d
+    return heads_per_group
+
+
+def _small(t: Tensor | None) -> Tensor | None:
+    # per-head parameters may arrive as strided views; they are tiny
+    return t.contiguous() if t is not None else None
+
+
+def ssd_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chunk_size):
+    A, D, dt_bias = _small(A), _small(D), _small(dt_bias)
+    batch, length, heads, head_dim = x.shape
+    groups, d_state = B.shape[2], B.shape[3]
+    k = _tiles(x, B, chunk_size)
+    L, NT, BT, NB = k["L"], k["NT"], k["BT"], k["NB"]
+    dev, f32 = x.device, torch.float32
+    dtp = _empty(batch, heads, length, device=dev, dtype=f32)
+    # (hi, lo) planes of the in-chunk cumsum; lo only for fp32 inputs (see the kernel)
+    dA_cs = _empty(2 if k["precise"] else 1, batch, heads, length, device=dev, dtype=f32)
+    BH = min(32, triton.next_power_of_2(heads))
+    ssd_chunk_cumsum_fwd_kernel[(NT, batch, triton.cdiv(heads, BH))](
+        dt, A, dt_bias if dt_bias is not None else A, dtp, dA_cs[0], dA_cs[-1],
+        length, *dt.stride(), H=heads, L=L, BH=BH, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
+        PRECISE=k["precise"],
+    )
+    S = _empty(batch, groups, NT, L, L, device=dev, dtype=_s_dtype(x))
+    ssd_bmm_fwd_kernel[(NT * NB, batch * groups)](
+        C, B, S, length, NT, _bucket(NT), *C.stride(), *B.stride(),
+        G=groups, N=d_state, L=L, BT=BT, BN=k["BN"], PRECISION=k["precision"],
+    )
+    states = _empty(batch, heads, NT, head_dim, d_state, device=dev, dtype=f32)
+    final = _empty(batch, heads, head_dim, d_state, device=dev, dtype=f32)
+    h0 = initial_state.float().contiguous() if initial_state is not None else final
+    docp = doc if doc is not None else dtp
+
+    seg, nseg = _segments(NT, batch * heads)
+
+    def grid_state(meta):
+        return (triton.cdiv(d_state, meta["BK"]), triton.cdiv(head_dim, meta["BV"]), batch * heads * nseg)
+
+    def state_pass(h_in, has_in, seg_local, seg_decay, local):
+        ssd_state_fwd_kernel[grid_state](
+            x, B, dtp, dA_cs[0], dA_cs[-1], docp, h_in, states, final, seg_local, seg_decay,
+            length, NT, _bucket(NT), seg, nseg, *x.stride(), *B.stride(),
+            H=heads, G=groups, P=head_dim, N=d_state, L=L,
+            HAS_INIT=has_in, HAS_DOC=doc is not None, PRECISE=k["precise"], PRECISION=k["precision"], LOCAL=local,
+        )
+    _segmented(state_pass, h0, initial_state is not None, nseg, batch * heads, head_dim * d_state, False, dev)
+    out = _empty(batch, length, heads, head_dim, device=dev, dtype=x.dtype)
+    ypre = _empty(*out.shape, device=dev, dtype=x.dtype) if z is not None else out.new_empty(0)
+    NV = triton.cdiv(head_dim, k["BV"])
+    ssd_output_fwd_kernel[(NT * batch * heads * NV,)](
+        x, z if z is not None else x, C, S, D if D is not None else A, dtp, dA_cs[0], dA_cs[-1], docp, states, out,
+        ypre if z is not None else out,
+        length, NT, _bucket(NT), batch * heads, *x.stride(), *_strides4(z), *C.stride(),
+        H=heads, G=groups, P=head_dim, N=d_state, L=L, BT=BT, BN=k["BN"], BV=k["BV"],
+        HAS_D=D is not None, D_2D=D is not None and D.dim() == 2, HAS_Z=z is not None,
+        HAS_DOC=doc is not None, PRECISE=k["precise"], PRECISION=k["precision"],
+    )
+    return out, final, ypre, states, dtp, dA_cs, S
+
+
+def ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chunk_size,
+            ypre, states, dtp, dA_cs, S):
+    A, D, dt_bias = _small(A), _small(D), _small(dt_bias)
+    batch, length, heads, head_dim = x.shape
+    groups, d_state = B.shape[2], B.shape[3]
+    k = _tiles(x, B, chunk_size)
+    L, NT, BT, NB = k["L"], k["NT"], k["BT"], k["NB"]
+    dev, f32 = x.device, torch.float32
+    docp = doc if doc is not None else dtp
+    zp = z if z is not None else x
+
+    dstates = _empty(batch, heads, NT, head_dim, d_state, device=dev, dtype=f32)
+    dh0 = _empty(batch, heads, head_dim, d_state, device=dev, dtype=f32)
+    dhT = dfinal.float().contiguous() if dfinal is not None else dh0
+    # a slot per 32 x 32 piece of the state (tiles are 32 or 64 wide; the kernel writes every slot)
+    kc_tiles = triton.cdiv(d_state, 32) * triton.cdiv(head_dim, 32)
+    Kc_part = _empty(batch, heads, NT, kc_tiles, device=dev, dtype=f32)
+
+    seg, nseg = _segments(NT, batch * heads)
+
+    def grid_state(meta):
+        return (triton.cdiv(d_state, meta["BK"]), triton.cdiv(head_dim, meta["BV"]), batch * heads * nseg)
+
+    def state_pass(dh_in, has_in, seg_local, seg_decay, local):
+        ssd_state_bwd_kernel[grid_state](
+            dout, zp, C, dtp, dA_cs[0], docp, states, dh_in, dstates, dh0, Kc_part, seg_local, seg_decay,
+            length, NT, _bucket(NT), seg, nseg, *dout.stride(), *_strides4(z), *C.stride(),
+            H=heads, G=groups, P=head_dim, N=d_state, L=L, KC_TILES=kc_tiles,
+            HAS_DFINAL=has_in, HAS_Z=z is not None, HAS_DOC=doc is not None, PRECISION=k["precision"], LOCAL=local,
+        )
+    # the backward walks the chunks (and segments) last to first
+    _segmented(state_pass, dhT, dfinal is not None, nseg, batch * heads, head_dim * d_state, True, dev)
+
+    hpg = heads // groups
+    nsplit = _num_splits(x, NT * NB * batch * groups, hpg)
+    dS = _empty(nsplit, batch, groups, NT, L, L, device=dev, dtype=x.dtype)
+    # one split: write the final dtype directly; several: fp32 partials summed below
+    part = f32 if nsplit > 1 else None
+    dB_out = _empty(nsplit, batch, length, groups, d_state, device=dev, dtype=part or B.dtype)
+    dC_out = _empty(nsplit, batch, length, groups, d_state, device=dev, dtype=part or C.dtype)
+    dsum = _empty(batch, heads, length, device=dev, dtype=f32)
+    grid_group = (NT * NB * batch * groups * nsplit,)
+    common = dict(H=heads, G=groups, P=head_dim, N=d_state, L=L, BT=BT, BN=k["BN"], BV=k["BV"],
+                  NSPLIT=nsplit, HPS=hpg // nsplit, HAS_Z=z is not None, HAS_DOC=doc is not None,
+                  PRECISE=k["precise"], PRECISION=k["precision"])
+    npair = NB * (NB + 1) // 2
+    R_part = _empty(batch, heads, NT, npair, BT, device=dev, dtype=f32)
+    K_pair = _empty(*R_part.shape, device=dev, dtype=f32)
+    T_pair = _empty(batch, heads, NT, npair, device=dev, dtype=f32)
+    ssd_dcb_bwd_kernel[grid_group](
+        x, dout, zp, B, C, S, dtp, dA_cs[0], dA_cs[-1], docp, states, dS, dC_out, dsum, R_part, K_pair, T_pair,
+        length, NT, _bucket(NT), batch * groups, *x.stride(), *dout.stride(), *_strides4(z), *B.stride(), *C.stride(),
+        **common,
+    )
+
+    dx = _empty(batch, length, heads, head_dim, device=dev, dtype=x.dtype)
+    dz = _empty(*dx.shape, device=dev, dtype=x.dtype) if z is not None else dx.new_empty(0)
+    ddt_x = _empty(batch, heads, length, device=dev, dtype=f32)
+    vsum = _empty(*ddt_x.shape, device=dev, dtype=f32)
+    K_part = _empty(batch, heads, NT, NB, device=dev, dtype=f32)
+    dD_part = _empty(batch, NT, NB, heads, head_dim, device=dev, dtype=f32) if D is not None else dsum
+    ssd_dx_bwd_kernel[grid_group](
+        x, dout, zp, ypre, B, C, S, dS, D if D is not None else A, dtp, dA_cs[0], dA_cs[-1], docp, dstates,
+        dx, dz if z is not None else dx, dB_out, ddt_x, vsum, K_part, dD_part,
+        length, NT, _bucket(NT), batch * groups, *x.stride(), *dout.stride(), *_strides4(z), *B.stride(), *C.stride(),
+        HAS_D=D is not None, D_2D=D is not None and D.dim() == 2, **common,
+    )
+
+    ddt = _empty(batch, length, heads, device=dev, dtype=dt.dtype)
+    dA_part = _empty(batch, NT, heads, device=dev, dtype=f32)
+    dbias_part = _empty(*dA_part.shape, device=dev, dtype=f32) if dt_bias is not None else dA_part
+    BH = min(32, triton.next_power_of_2(heads))
+    ssd_ddt_bwd_kernel[(NT, batch, triton.cdiv(heads, BH))](
+        dt, A, dt_bias if dt_bias is not None else A, dtp, ddt_x, dsum, vsum, K_part, Kc_part, R_part, K_pair,
+        T_pair, ddt, dA_part, dbias_part, length, NT, *dt.stride(), H=heads, L=L, BT=BT, BH=BH, KC_TILES=kc_tiles,
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
+    )
+
+    def empty():  # absent gradients: distinct tensors (custom op outputs may not alias)
+        return x.new_empty(0)
+
+    dB = dB_out[0] if nsplit == 1 else dB_out.sum(0).to(B.dtype)
+    dC = dC_out[0] if nsplit == 1 else dC_out.sum(0).to(C.dtype)
+    dA = dA_part.sum((0, 1)).to(A.dtype)
+    if D is not None:
+        dD = dD_part.sum((0, 1, 2))
+        dD = (dD if D.dim() == 2 else dD.sum(-1)).to(D.dtype)
+    else:
+        dD = empty()
+    dbias = dbias_part.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else empty()
+    dinit = dh0.to(initial_state.dtype) if initial_state is not None else empty()
+    return dx, ddt, dA, dB, dC, dD, dz, dbias, dinit
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("mambatrain::ssd_scan_fwd", mutates_args=())
+def _ssd_scan_fwd(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+    dt_bias: Optional[Tensor], dt_softplus: bool, initial_state: Optional[Tensor], doc: Optional[Tensor],
+    chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return ssd_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chunk_size)
+
+
+@_ssd_scan_fwd.register_fake
+def _(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chunk_size):
+    batch, length, heads, head_dim = x.shape
+    groups, d_state = B.shape[2], B.shape[3]
+    nt = (length + chunk_size - 1) // chunk_size
+    f32 = torch.float32
+    out = x.new_empty(batch, length, heads, head_dim)
+    return (
+        out,
+        x.new_empty(batch, heads, head_dim, d_state, dtype=f32),
+        x.new_empty(batch, length, heads, head_dim) if z is not None else x.new_empty(0),
+        x.new_empty(batch, heads, nt, head_dim, d_state, dtype=f32),
+        x.new_empty(batch, heads, length, dtype=f32),
+        x.new_empty(2 if x.dtype == torch.float32 else 1, batch, heads, length, dtype=f32),
+        x.new_empty(batch, groups, nt, chunk_size, chunk_size, dtype=_s_dtype(x)),
+    )
+
+
+@torch.library.custom_op("mambatrain::ssd_scan_bwd", mutates_args=())
+def _ssd_scan_bwd(
+    dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+    D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool,
+    initial_state: Optional[Tensor], doc: Optional[Tensor], chunk_size: int,
+    ypre: Tensor, states: Tensor, dtp: Tensor, dA_cs: Tensor, S: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chunk_size,
+                   ypre, states, dtp, dA_cs, S)
+
+
+@_ssd_scan_bwd.register_fake
+def _(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chunk_size,
+      ypre, states, dtp, dA_cs, S):
+    def like(t):
+        return torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else x.new_empty(0)
+    return like(x), like(dt), like(A), like(B), like(C), like(D), like(z), like(dt_bias), like(initial_state)
+
+
+def _setup_context(ctx, inputs, output):
+    x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chunk_size = inputs
+    out, final, ypre, states, dtp, dA_cs, S = output
+    # the gate's input is needed for dz only
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, doc,
+                          ypre if z is not None else None, states, dtp, dA_cs, S)
+    ctx.dt_softplus, ctx.chunk_size = dt_softplus, chunk_size
+    # Outputs without a gradient (the final state when unused, the internals saved for backward) arrive as
+    # None instead of zero tensors the size of the chunk states (3 GB at 1M tokens).
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dout, dfinal, *_unused):
+    x, dt, A, B, C, D, z, dt_bias, initial_state, doc, ypre, states, dtp, dA_cs, S = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(x)
+    grads = _ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, ctx.dt_softplus, initial_state, doc,
+                          ctx.chunk_size, ypre if z is not None else x, states, dtp, dA_cs, S)
+    dx, ddt, dA, dB, dC, dD, dz, dbias, dinit = grads
+    return (dx, ddt, dA, dB, dC,
+            dD if D is not None else None,
+            dz if z is not None else None,
+            dbias if dt_bias is not None else None,
+            None,
+            dinit if initial_state is not None else None,
+            None, None)
+
+
+torch.library.register_autograd("mambatrain::ssd_scan_fwd", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public function
+
+
+def ssd_scan(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    initial_state: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    return_final_state: bool = False,
+    chunk_size: int = 256,
+):
+    """Mamba-2 (SSD) scan, chunked, on Triton kernels; results as ``ssd_naive``.
+
+    Per head (one scalar decay A per head, state h of (head_dim, d_state)):
+
+        dt_t = softplus(dt_t + dt_bias)                         (if dt_softplus)
+        h_t  = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T,  h_{t-1} = 0 where seq_idx changes at t
+        y_t  = (h_t C_t + D x_t) * silu(z_t)
+
+    Shapes: x, z (batch, length, heads, head_dim); dt (batch, length, heads);
+    A, dt_bias (heads,); D (heads,) or (heads, head_dim); B, C (batch, length,
+    groups, d_state), heads divisible by groups; initial_state (batch, heads,
+    head_dim, d_state); seq_idx (batch, length) integer document ids.
+    Returns y (batch, length, heads, head_dim) in x's dtype, and with
+    ``return_final_state`` the fp32 final state (batch, heads, head_dim, d_state).
+    ``chunk_size`` (64, 128 or 256) changes the order of the sums only.
+    Inputs may be strided views; every input gets a gradient, and the final
+    state passes one back. B, C and z are used in x's dtype.
+    """
+    if not (x.is_cuda or INTERPRET):
+        raise RuntimeError("ssd_scan runs on CUDA tensors (or under TRITON_INTERPRET=1); use ssd_chunked_torch on CPU")
+    if B.dtype != x.dtype:
+        B = B.to(x.dtype)
+    if C.dtype != x.dtype:
+        C = C.to(x.dtype)
+    if z is not None and z.dtype != x.dtype:
+        z = z.to(x.dtype)
+    doc = document_ids(seq_idx) if seq_idx is not None else None
+    out, final = torch.ops.mambatrain.ssd_scan_fwd(
+        x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chunk_size)[:2]
+    return (out, final) if return_final_state else out
