@@ -144,6 +144,9 @@ CASES = [
     (2, 255, 4, 2, 16, 16, 64, torch.bfloat16, dict(seq=[64, 100], strided=True)),
     (1, 1000, 2, 1, 16, 32, 256, torch.bfloat16, dict(seq=[512, 600])),
     (1, 100, 2, 1, 32, 16, 128, torch.float16, dict(D="2d", init=False)),
+    # several chunks of 128 (on an H100 chunk 128 once had dA 4% off in fp32)
+    (1, 300, 2, 1, 16, 32, 128, torch.float32, dict(seq=[100, 200])),
+    (1, 400, 4, 2, 16, 16, 128, torch.bfloat16, dict(strided=True)),
 ]
 
 
