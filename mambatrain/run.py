@@ -20,7 +20,9 @@ from .checkpoint.preemption import PreemptionSignals
 from .config.load import recipe_to_yaml
 from .config.schema import LoggingConfig, Recipe, RecipeError
 from .data.datamodule import RecipeDataModule
-from .distributed.strategy import RUN_DIR_ENV, build_strategy, data_parallel_size, global_batch, global_rank
+from .distributed.strategy import (
+    RUN_DIR_ENV, build_strategy, data_parallel_size, global_batch, global_rank, release_process_group,
+)
 from .eval.callback import LongContextEval
 from .lit.callbacks import ThroughputMonitor
 from .lit.guards import SSMStatistics
@@ -168,7 +170,10 @@ def _fit_in(run_dir: Path, checkpoint: Path | None, recipe: Recipe) -> dict[str,
         (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     # Installed before anything slow, so that a signal during start-up is kept for the first step boundary.
     with PreemptionSignals() as signals:
-        return _train(run_dir, checkpoint, recipe, signals)
+        try:
+            return _train(run_dir, checkpoint, recipe, signals)
+        finally:
+            release_process_group()
 
 
 def _train(run_dir: Path, checkpoint: Path | None, recipe: Recipe, signals: PreemptionSignals) -> dict[str, float]:

@@ -39,6 +39,17 @@ def build_strategy(recipe: Recipe):
     return SingleDeviceStrategy()
 
 
+def release_process_group() -> None:
+    """Tear down the process group the strategy set up, once training no longer communicates.
+
+    Lightning leaves it up when fit returns. Left to the interpreter's exit, gloo's worker threads can be
+    destroyed while still joinable and the process aborts after a finished run ("terminate called without
+    an active exception", pytorch#190489); NCCL warns of the same at every exit.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def data_parallel_size(recipe: Recipe) -> int:
     """Model replicas that read different data: all ranks, less the factor that splits each sequence."""
     return recipe.trainer.devices * recipe.trainer.num_nodes // recipe.trainer.context_parallel
