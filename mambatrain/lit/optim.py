@@ -34,7 +34,11 @@ def lr_factor(step: int, scheduler: SchedulerConfig, max_steps: int) -> float:
 
 
 def build_optimizer(model: nn.Module, optimizer: OptimizerConfig, scheduler: SchedulerConfig, max_steps: int):
-    opt = torch.optim.AdamW(parameter_groups(model, optimizer.weight_decay), lr=optimizer.lr,
-                            betas=(optimizer.beta1, optimizer.beta2), eps=optimizer.eps)
+    groups = parameter_groups(model, optimizer.weight_decay)
+    # On CUDA one fused kernel updates all parameters (as in scripts/bench_scaling.py) instead of the default's
+    # launches per tensor group. Lightning builds the optimizer after moving the model to its device.
+    fused = all(p.is_cuda for group in groups for p in group["params"])
+    opt = torch.optim.AdamW(groups, lr=optimizer.lr, betas=(optimizer.beta1, optimizer.beta2), eps=optimizer.eps,
+                            fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, scheduler, max_steps))
     return opt, sched
