@@ -57,7 +57,7 @@ LOSS_CHUNK = 8192
 def model_config(name: str, tiny: bool, ssm_chunk: int | None = None) -> ModelConfig:
     d_model, layers, vocab = (64, 4, 256) if tiny else (768, 24, 50280)
     mamba = MambaConfig(version=2, expand=2, d_state=16 if tiny else 128, head_dim=16 if tiny else 64,
-                        chunk_size=ssm_chunk or (64 if tiny else 256))
+                        chunk_size=ssm_chunk or (64 if tiny else MambaConfig().chunk_size))
     attention = AttentionConfig(n_heads=4 if tiny else 12)
     if name == "mamba2":
         return ModelConfig(kind="mamba", d_model=d_model, n_layers=layers, vocab_size=vocab, mamba=mamba)
@@ -277,7 +277,7 @@ def profile(args, device: torch.device, results: dict) -> None:
         kernels = [e for e in table if e.device_type == torch.autograd.DeviceType.CUDA]
         gpu_ms = sum(e.self_device_time_total for e in kernels) / 1e3
         results["profiles"].append({
-            "model": name, "length": args.profile_length, "step_s": seconds, "ssm_chunk": args.ssm_chunk,
+            "model": name, "length": args.profile_length, "step_s": seconds, "ssm_chunk": config.mamba.chunk_size,
             "gpu_kernels_total_ms": round(gpu_ms, 3),
             "gpu_kernels": [{"name": e.key[:160], "ms": round(e.self_device_time_total / 1e3, 3), "calls": e.count}
                             for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:50]],
@@ -317,6 +317,7 @@ def loss_curves(args, device: torch.device, results: dict, out: Path) -> None:
         window, kinds = choose_mode(config, length, args.window, budget)
         trainer.model.checkpoint_kinds = set(kinds)
         run = {"model": name, "length": length, "sequence_window": window, "activation_checkpointing": kinds,
+               "ssm_chunk": config.mamba.chunk_size if config.kind != "transformer" else None,
                "fused_kernels": device.type == "cuda", "fused_loss": device.type == "cuda",
                "lr": args.lr,
                "warmup_steps": args.warmup_steps, "task": args.task, "losses": [], "step_s": []}
@@ -423,7 +424,7 @@ def main(argv=None) -> None:
     parser.add_argument("--cuda-graph", action="store_true",
                         help="sweep: the loss's forward and backward replayed from CUDA graphs, as trainer.cuda_graph does")
     parser.add_argument("--ssm-chunk", type=int, choices=[64, 128, 256], default=None,
-                        help="chunk size of the Mamba-2 scan (default 256; 64 with --tiny)")
+                        help="chunk size of the Mamba-2 scan (default: the recipes' default; 64 with --tiny)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="toy sizes, for a CPU dry run")
     parser.add_argument("--out", default=None, help="JSON file or folder (default $OUT, else benchmarks/)")
