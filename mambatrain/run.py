@@ -170,10 +170,11 @@ def _fit_in(run_dir: Path, checkpoint: Path | None, recipe: Recipe) -> dict[str,
         (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     # Installed before anything slow, so that a signal during start-up is kept for the first step boundary.
     with PreemptionSignals() as signals:
-        try:
-            return _train(run_dir, checkpoint, recipe, signals)
-        finally:
-            release_process_group()
+        metrics = _train(run_dir, checkpoint, recipe, signals)
+    # After a normal end only: after an error another rank may still be in a collective, and tearing NCCL
+    # down alone can hang where the error would have ended the process.
+    release_process_group()
+    return metrics
 
 
 def _train(run_dir: Path, checkpoint: Path | None, recipe: Recipe, signals: PreemptionSignals) -> dict[str, float]:
