@@ -208,8 +208,11 @@ def test_torch_compile_fullgraph():
 def test_every_autotune_config(dtype):
     """Autotuning picks one config per shape; every config must be right (Triton has miscompiled
     some num_warps / num_stages of chunked kernels on Hopper). Full tile sizes: head_dim 64, d_state 128."""
+    from mambatrain_kernels.settings import AUTOTUNE
     from mambatrain_kernels.ssd import triton_bwd, triton_fwd
 
+    if not AUTOTUNE:  # the kernels then hold their default config only (test_autotuned.py runs this with it on)
+        pytest.skip("MAMBATRAIN_AUTOTUNE=0: the autotune space is the default config alone")
     kernels = [triton_fwd.ssd_bmm_fwd_kernel, triton_fwd.ssd_state_fwd_kernel, triton_fwd.ssd_output_fwd_kernel,
                triton_bwd.ssd_state_bwd_kernel, triton_bwd.ssd_dcb_bwd_kernel, triton_bwd.ssd_dx_bwd_kernel]
     spaces = [k.configs for k in kernels]
