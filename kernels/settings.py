@@ -9,6 +9,7 @@ the tests instead of passing on whatever the allocator handed back.
 
 import os
 
+import torch
 import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -27,3 +28,10 @@ def configs(space: list[dict], default: dict, gpu_default: dict) -> list[triton.
     if INTERPRET:
         return [make(default)]
     return [make(d) for d in space] if AUTOTUNE else [make(gpu_default)]
+
+
+def new_buffer(*shape, device, dtype=torch.float32) -> torch.Tensor:
+    """``torch.empty`` for a buffer a kernel fills; NaN-filled under ``MAMBATRAIN_KERNEL_DEBUG=1`` (read at each
+    call, so tests may set ``DEBUG_NAN`` on this module)."""
+    t = torch.empty(*shape, device=device, dtype=dtype)
+    return t.fill_(float("nan")) if DEBUG_NAN else t

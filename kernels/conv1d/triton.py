@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..settings import DEBUG_NAN, INTERPRET, configs
+from ..settings import INTERPRET, configs, new_buffer
 
 
 _FWD_SPACE = [dict(BT=64, BC=128, num_warps=4), dict(BT=32, BC=256, num_warps=4), dict(BT=128, BC=128, num_warps=8)]
@@ -212,10 +212,6 @@ def conv1d_silu_bwd_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _empty(*shape, device, dtype=torch.float32) -> Tensor:
-    t = torch.empty(*shape, device=device, dtype=dtype)
-    return t.fill_(float("nan")) if DEBUG_NAN else t
-
 
 def _rows(t: Tensor | None) -> Tensor | None:
     # kernels index the last dim with stride 1 and take the other strides as given
@@ -260,7 +256,7 @@ def conv1d_silu_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Ten
                     prefix: Tensor | None) -> Tensor:
     x, prefix, seq_idx = _rows(x), _rows(prefix), _rows(seq_idx)
     batch, length, channels = x.shape
-    out = _empty(batch, length, channels, device=x.device, dtype=x.dtype)
+    out = new_buffer(batch, length, channels, device=x.device, dtype=x.dtype)
     if out.numel() == 0:
         return out
 
@@ -285,17 +281,17 @@ def conv1d_silu_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None
     dev = x.device
     rows = length + (width - 1 if prefix is not None else 0)  # of xin, prefix included
     chunk, nch = _chunks(rows, batch, channels)
-    dx = _empty(batch, length, channels, device=dev, dtype=x.dtype)
-    dprefix = _empty(*prefix.shape, device=dev, dtype=prefix.dtype) if prefix is not None else x.new_empty(0)
-    dw_part = _empty(batch, nch, width, channels, device=dev)
-    db_part = _empty(batch, nch, channels, device=dev) if bias is not None else dw_part
+    dx = new_buffer(batch, length, channels, device=dev, dtype=x.dtype)
+    dprefix = new_buffer(*prefix.shape, device=dev, dtype=prefix.dtype) if prefix is not None else x.new_empty(0)
+    dw_part = new_buffer(batch, nch, width, channels, device=dev)
+    db_part = new_buffer(batch, nch, channels, device=dev) if bias is not None else dw_part
     if batch * rows * channels > 0:
         def grid(meta):
             return nch, triton.cdiv(channels, meta["BC"]), batch
 
         halo = _halo(width)
         scratch_rows = max(c.kwargs["BT"] for c in BWD_CONFIGS) + halo  # whichever config autotuning picks
-        scratch = _empty(batch * nch, scratch_rows, channels, device=dev)  # one [rows, C] slot per chunk
+        scratch = new_buffer(batch * nch, scratch_rows, channels, device=dev)  # one [rows, C] slot per chunk
         s_x, s_do = (*x.stride()[:2], *_strides(prefix)), dout.stride()[:2]
         align = _align(*s_x, *s_do)
         conv1d_silu_bwd_kernel[grid](

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..settings import DEBUG_NAN, INTERPRET, configs
+from ..settings import INTERPRET, configs, new_buffer
 from .naive import IGNORE_INDEX
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -80,10 +80,6 @@ def cross_entropy_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _empty(*shape, device, dtype) -> Tensor:
-    t = torch.empty(*shape, device=device, dtype=dtype)
-    return t.fill_(float("nan")) if DEBUG_NAN else t
-
 
 def cross_entropy_rows(logits: Tensor, labels: Tensor, loss: Tensor, write_grad: bool) -> None:
     """Per-row loss of logits (rows, vocab) into ``loss`` (rows,) fp32; with ``write_grad`` the logits
@@ -103,8 +99,8 @@ def linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, labels: Tensor, chu
     rows, d = hidden.shape
     vocab = weight.shape[0]
     w = weight.to(hidden.dtype)  # (vocab, d): the fp32 (tied) head, cast once per call
-    losses = _empty(rows, device=hidden.device, dtype=torch.float32)
-    dh = _empty(rows, d, device=hidden.device, dtype=hidden.dtype) if grad_hidden else hidden.new_empty(0)
+    losses = new_buffer(rows, device=hidden.device, dtype=torch.float32)
+    dh = new_buffer(rows, d, device=hidden.device, dtype=hidden.dtype) if grad_hidden else hidden.new_empty(0)
     dw = torch.zeros(vocab, d, device=weight.device, dtype=torch.float32) if grad_weight else weight.new_empty(0)
     # the caller chose the dtype (autocast's, if on): no second cast inside
     with torch.autocast(hidden.device.type, enabled=False):

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..settings import DEBUG_NAN, INTERPRET
+from ..settings import INTERPRET, new_buffer
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # A group is one tile of BN = next_power_of_2(group_size) channels: register
@@ -113,10 +113,6 @@ def rms_norm_bwd_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _empty(*shape, device, dtype) -> Tensor:
-    t = torch.empty(*shape, device=device, dtype=dtype)
-    return t.fill_(float("nan")) if DEBUG_NAN else t
-
 
 def _rows(t: Tensor, dim: int) -> Tensor:
     """(..., dim) -> (rows, dim) with unit channel stride; a view where the strides allow one."""
@@ -154,8 +150,8 @@ def rms_norm_fwd(x: Tensor, z: Tensor | None, weight: Tensor, eps: float, group_
     """out (x.shape, x.dtype), rstd (*x.shape[:-1], groups) fp32."""
     k = _tiles(x, z, weight, group_size)
     dim, lead = x.shape[-1], x.shape[:-1]
-    out = _empty(*x.shape, device=x.device, dtype=x.dtype)
-    rstd = _empty(*lead, k["G"], device=x.device, dtype=torch.float32)
+    out = new_buffer(*x.shape, device=x.device, dtype=x.dtype)
+    rstd = new_buffer(*lead, k["G"], device=x.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, rstd
     x2, out2 = _rows(x, dim), out.view(-1, dim)
@@ -174,8 +170,8 @@ def rms_norm_bwd(dout: Tensor, x: Tensor, z: Tensor | None, weight: Tensor, rstd
     """dx (x's shape and dtype), dz (z's, or empty), dweight (weight's)."""
     k = _tiles(x, z, weight, group_size)
     dim = x.shape[-1]
-    dx = _empty(*x.shape, device=x.device, dtype=x.dtype)
-    dz = _empty(*z.shape, device=z.device, dtype=z.dtype) if z is not None else x.new_empty(0)
+    dx = new_buffer(*x.shape, device=x.device, dtype=x.dtype)
+    dz = new_buffer(*z.shape, device=z.device, dtype=z.dtype) if z is not None else x.new_empty(0)
     if dx.numel() == 0:
         return dx, dz, torch.zeros_like(weight)
     x2, do2, dx2 = _rows(x, dim), _rows(dout, dim), dx.view(-1, dim)
@@ -187,7 +183,7 @@ def rms_norm_bwd(dout: Tensor, x: Tensor, z: Tensor | None, weight: Tensor, rstd
     programs = min(blocks, triton.cdiv(BWD_PROGRAMS_PER_SM * _sm_count(x.device), k["G"]))
     per_program = triton.cdiv(blocks, programs)
     programs = triton.cdiv(blocks, per_program)
-    dw_part = _empty(programs, dim, device=x.device, dtype=torch.float32)
+    dw_part = new_buffer(programs, dim, device=x.device, dtype=torch.float32)
     rms_norm_bwd_kernel[(programs, k["G"])](
         x2, z2, weight.contiguous(), rstd, do2, dx2, dz2, dw_part,
         rows, per_program, x2.stride(0), z2.stride(0), do2.stride(0), dx2.stride(0), dz2.stride(0),

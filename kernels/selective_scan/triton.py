@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..settings import AUTOTUNE, DEBUG_NAN, INTERPRET
+from ..settings import AUTOTUNE, INTERPRET, new_buffer
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -588,10 +588,6 @@ def _bwd_kernel(
 # --------------------------------------------------------------------------
 # host launchers
 # --------------------------------------------------------------------------
-def _empty(*shape, device, dtype=torch.float32):
-    t = torch.empty(*shape, device=device, dtype=dtype)
-    return t.fill_(float("nan")) if DEBUG_NAN else t
-
 
 def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
     # kernels index the last dim with stride 1 and take the other strides as given
@@ -660,14 +656,14 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx):
     dt_bias = None if dt_bias is None else dt_bias.contiguous()
     h0 = None if initial_state is None else initial_state.float().contiguous()
     dev = x.device
-    y = _empty(batch, length, channels, device=dev, dtype=x.dtype)
-    hT = _empty(batch, channels, d_state, device=dev)
+    y = new_buffer(batch, length, channels, device=dev, dtype=x.dtype)
+    hT = new_buffer(batch, channels, d_state, device=dev)
     _check_steps()
     nseg = triton.cdiv(length, CHECKPOINT_STEPS)
-    ckpt = _empty(batch, nseg, channels, d_state, device=dev)
+    ckpt = new_buffer(batch, nseg, channels, d_state, device=dev)
     # pass 1's outputs (segment end states from zero, decay products); unused for one segment
-    c_loc = _empty(batch, nseg, channels, d_state, device=dev) if nseg > 1 else ckpt
-    P = _empty(batch, nseg, channels, d_state, device=dev) if nseg > 1 else ckpt
+    c_loc = new_buffer(batch, nseg, channels, d_state, device=dev) if nseg > 1 else ckpt
+    P = new_buffer(batch, nseg, channels, d_state, device=dev) if nseg > 1 else ckpt
     if length == 0:
         return y, (h0.clone() if h0 is not None else hT.zero_()), ckpt
     sB, sC = B.stride(), C.stride()
@@ -723,15 +719,15 @@ def _bwd(dout, dhT, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, s
     nseg = triton.cdiv(length, CHECKPOINT_STEPS)
     nsub, ngrp = _bwd_grid(batch, gsize // bd, groups, nseg)
     nsb = nblk // nsub
-    dx = _empty(batch, length, channels, device=dev, dtype=x.dtype)
-    ddt = _empty(batch, length, channels, device=dev, dtype=dt.dtype)
-    dz = _empty(batch, length, channels, device=dev, dtype=z.dtype) if z is not None else None
-    dB_part = _empty(batch, length, nsb, d_state, device=dev)
-    dC_part = _empty(batch, length, nsb, d_state, device=dev)
-    dA_part = _empty(batch * nseg, channels, d_state, device=dev)
-    dD_part = _empty(batch * nseg, channels, device=dev)
-    dbias_part = _empty(batch * nseg, channels, device=dev)
-    dh0 = _empty(batch, channels, d_state, device=dev)
+    dx = new_buffer(batch, length, channels, device=dev, dtype=x.dtype)
+    ddt = new_buffer(batch, length, channels, device=dev, dtype=dt.dtype)
+    dz = new_buffer(batch, length, channels, device=dev, dtype=z.dtype) if z is not None else None
+    dB_part = new_buffer(batch, length, nsb, d_state, device=dev)
+    dC_part = new_buffer(batch, length, nsb, d_state, device=dev)
+    dA_part = new_buffer(batch * nseg, channels, d_state, device=dev)
+    dD_part = new_buffer(batch * nseg, channels, device=dev)
+    dbias_part = new_buffer(batch * nseg, channels, device=dev)
+    dh0 = new_buffer(batch, channels, d_state, device=dev)
     if length == 0:
         for t in (dA_part, dD_part, dbias_part):
             t.zero_()
@@ -750,8 +746,8 @@ def _bwd(dout, dhT, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, s
             carry_kernel = functools.partial(_bwd_carry_kernel.fn[(nblk, batch, nseg)], num_warps=nw, **kw)
             kernel = functools.partial(_bwd_kernel.fn[(nsb, batch, ngrp)], num_warps=nw, **kw)
         # pass A: each segment's adjoint for a zero carry, and its decay product
-        c_loc = _empty(batch, nseg, channels, d_state, device=dev)
-        P = _empty(batch, nseg, channels, d_state, device=dev)
+        c_loc = new_buffer(batch, nseg, channels, d_state, device=dev)
+        P = new_buffer(batch, nseg, channels, d_state, device=dev)
         carry_kernel(
             dt, A32, C, z, bias, seq_idx, dout, c_loc, P,
             length, channels, d_state, gsize, CHECKPOINT_STEPS,
@@ -760,13 +756,13 @@ def _bwd(dout, dhT, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, s
             **flags,
         )
         # pass B: the carries between segments
-        carry = _empty(batch, nseg, channels, d_state, device=dev)
+        carry = new_buffer(batch, nseg, channels, d_state, device=dev)
         dn = channels * d_state
         _chain_kernel[(triton.cdiv(dn, 1024), batch)](
             c_loc, P, dhT, carry, dh0, nseg, dn, HAS_IN=dhT is not None, REVERSE=True, BLOCK=1024,
         )
         # pass C: all gradients, segments in parallel
-        scratch = _empty(batch * ngrp, CHECKPOINT_STEPS // _scratch_bt(), channels, bn, device=dev)
+        scratch = new_buffer(batch * ngrp, CHECKPOINT_STEPS // _scratch_bt(), channels, bn, device=dev)
         kernel(
             x, dt, A32, B, C, Dc, z, bias, seq_idx, dout, ckpt, carry, scratch,
             dx, ddt, dz, dB_part, dC_part, dA_part, dD_part, dbias_part,

@@ -16,7 +16,7 @@ import torch
 import triton
 from torch import Tensor
 
-from ..settings import DEBUG_NAN, INTERPRET
+from ..settings import INTERPRET, new_buffer
 from .chunked import document_ids
 from .triton_bwd import ssd_dcb_bwd_kernel, ssd_ddt_bwd_kernel, ssd_dx_bwd_kernel, ssd_state_bwd_kernel
 from .triton_fwd import (
@@ -29,10 +29,6 @@ from .triton_fwd import (
 
 # ----------------------------------------------------------------------------- launchers
 
-
-def _empty(*shape, device, dtype) -> Tensor:
-    t = torch.empty(*shape, device=device, dtype=dtype)
-    return t.fill_(float("nan")) if DEBUG_NAN else t
 
 
 def _strides4(t: Tensor | None) -> tuple[int, int, int, int]:
@@ -89,10 +85,10 @@ def _segmented(state_pass, h_in, has_in: bool, nseg: int, batch_heads: int, pn: 
     if nseg == 1:
         state_pass(h_in, has_in, h_in, h_in, False)
         return
-    seg_local = _empty(batch_heads, nseg, pn, device=device, dtype=torch.float32)
-    seg_decay = _empty(batch_heads, nseg, device=device, dtype=torch.float32)
+    seg_local = new_buffer(batch_heads, nseg, pn, device=device, dtype=torch.float32)
+    seg_decay = new_buffer(batch_heads, nseg, device=device, dtype=torch.float32)
     state_pass(h_in, False, seg_local, seg_decay, True)
-    starts = _empty(*seg_local.shape, device=device, dtype=torch.float32)
+    starts = new_buffer(*seg_local.shape, device=device, dtype=torch.float32)
     ssd_chain_kernel[(triton.cdiv(pn, 1024), batch_heads)](
         seg_local, seg_decay, h_in, starts, nseg, pn, HAS_IN=has_in, REVERSE=reverse, BLOCK=1024,
     )
@@ -138,22 +134,22 @@ def ssd_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chun
     k = _tiles(x, B, chunk_size)
     L, NT, BT, NB = k["L"], k["NT"], k["BT"], k["NB"]
     dev, f32 = x.device, torch.float32
-    dtp = _empty(batch, heads, length, device=dev, dtype=f32)
+    dtp = new_buffer(batch, heads, length, device=dev, dtype=f32)
     # (hi, lo) planes of the in-chunk cumsum; lo only for fp32 inputs (see the kernel)
-    dA_cs = _empty(2 if k["precise"] else 1, batch, heads, length, device=dev, dtype=f32)
+    dA_cs = new_buffer(2 if k["precise"] else 1, batch, heads, length, device=dev, dtype=f32)
     BH = min(32, triton.next_power_of_2(heads))
     ssd_chunk_cumsum_fwd_kernel[(NT, batch, triton.cdiv(heads, BH))](
         dt, A, dt_bias if dt_bias is not None else A, dtp, dA_cs[0], dA_cs[-1],
         length, *dt.stride(), H=heads, L=L, BH=BH, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         PRECISE=k["precise"],
     )
-    S = _empty(batch, groups, NT, L, L, device=dev, dtype=_s_dtype(x))
+    S = new_buffer(batch, groups, NT, L, L, device=dev, dtype=_s_dtype(x))
     ssd_bmm_fwd_kernel[(NT * NB, batch * groups)](
         C, B, S, length, NT, _bucket(NT), *C.stride(), *B.stride(),
         G=groups, N=d_state, L=L, BT=BT, BN=k["BN"], PRECISION=k["precision"],
     )
-    states = _empty(batch, heads, NT, head_dim, d_state, device=dev, dtype=f32)
-    final = _empty(batch, heads, head_dim, d_state, device=dev, dtype=f32)
+    states = new_buffer(batch, heads, NT, head_dim, d_state, device=dev, dtype=f32)
+    final = new_buffer(batch, heads, head_dim, d_state, device=dev, dtype=f32)
     h0 = initial_state.float().contiguous() if initial_state is not None else final
     docp = doc if doc is not None else dtp
 
@@ -170,8 +166,8 @@ def ssd_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chun
             HAS_INIT=has_in, HAS_DOC=doc is not None, PRECISE=k["precise"], PRECISION=k["precision"], LOCAL=local,
         )
     _segmented(state_pass, h0, initial_state is not None, nseg, batch * heads, head_dim * d_state, False, dev)
-    out = _empty(batch, length, heads, head_dim, device=dev, dtype=x.dtype)
-    ypre = _empty(*out.shape, device=dev, dtype=x.dtype) if z is not None else out.new_empty(0)
+    out = new_buffer(batch, length, heads, head_dim, device=dev, dtype=x.dtype)
+    ypre = new_buffer(*out.shape, device=dev, dtype=x.dtype) if z is not None else out.new_empty(0)
     NV = triton.cdiv(head_dim, k["BV"])
     ssd_output_fwd_kernel[(NT * batch * heads * NV,)](
         x, z if z is not None else x, C, S, D if D is not None else A, dtp, dA_cs[0], dA_cs[-1], docp, states, out,
@@ -195,12 +191,12 @@ def ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_st
     docp = doc if doc is not None else dtp
     zp = z if z is not None else x
 
-    dstates = _empty(batch, heads, NT, head_dim, d_state, device=dev, dtype=f32)
-    dh0 = _empty(batch, heads, head_dim, d_state, device=dev, dtype=f32)
+    dstates = new_buffer(batch, heads, NT, head_dim, d_state, device=dev, dtype=f32)
+    dh0 = new_buffer(batch, heads, head_dim, d_state, device=dev, dtype=f32)
     dhT = dfinal.float().contiguous() if dfinal is not None else dh0
     # a slot per 32 x 32 piece of the state (tiles are 32 or 64 wide; the kernel writes every slot)
     kc_tiles = triton.cdiv(d_state, 32) * triton.cdiv(head_dim, 32)
-    Kc_part = _empty(batch, heads, NT, kc_tiles, device=dev, dtype=f32)
+    Kc_part = new_buffer(batch, heads, NT, kc_tiles, device=dev, dtype=f32)
 
     seg, nseg = _segments(NT, batch * heads)
 
@@ -219,32 +215,32 @@ def ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_st
 
     hpg = heads // groups
     nsplit = _num_splits(x, NT * NB * batch * groups, hpg)
-    dS = _empty(nsplit, batch, groups, NT, L, L, device=dev, dtype=x.dtype)
+    dS = new_buffer(nsplit, batch, groups, NT, L, L, device=dev, dtype=x.dtype)
     # one split: write the final dtype directly; several: fp32 partials summed below
     part = f32 if nsplit > 1 else None
-    dB_out = _empty(nsplit, batch, length, groups, d_state, device=dev, dtype=part or B.dtype)
-    dC_out = _empty(nsplit, batch, length, groups, d_state, device=dev, dtype=part or C.dtype)
-    dsum = _empty(batch, heads, length, device=dev, dtype=f32)
+    dB_out = new_buffer(nsplit, batch, length, groups, d_state, device=dev, dtype=part or B.dtype)
+    dC_out = new_buffer(nsplit, batch, length, groups, d_state, device=dev, dtype=part or C.dtype)
+    dsum = new_buffer(batch, heads, length, device=dev, dtype=f32)
     grid_group = (NT * NB * batch * groups * nsplit,)
     common = dict(H=heads, G=groups, P=head_dim, N=d_state, L=L, BT=BT, BN=k["BN"], BV=k["BV"],
                   NSPLIT=nsplit, HPS=hpg // nsplit, HAS_Z=z is not None, HAS_DOC=doc is not None,
                   PRECISE=k["precise"], PRECISION=k["precision"])
     npair = NB * (NB + 1) // 2
-    R_part = _empty(batch, heads, NT, npair, BT, device=dev, dtype=f32)
-    K_pair = _empty(*R_part.shape, device=dev, dtype=f32)
-    T_pair = _empty(batch, heads, NT, npair, device=dev, dtype=f32)
+    R_part = new_buffer(batch, heads, NT, npair, BT, device=dev, dtype=f32)
+    K_pair = new_buffer(*R_part.shape, device=dev, dtype=f32)
+    T_pair = new_buffer(batch, heads, NT, npair, device=dev, dtype=f32)
     ssd_dcb_bwd_kernel[grid_group](
         x, dout, zp, B, C, dtp, dA_cs[0], dA_cs[-1], docp, states, dS, dC_out, dsum, R_part, K_pair, T_pair,
         length, NT, _bucket(NT), batch * groups, *x.stride(), *dout.stride(), *_strides4(z), *B.stride(), *C.stride(),
         **common,
     )
 
-    dx = _empty(batch, length, heads, head_dim, device=dev, dtype=x.dtype)
-    dz = _empty(*dx.shape, device=dev, dtype=x.dtype) if z is not None else dx.new_empty(0)
-    ddt_x = _empty(batch, heads, length, device=dev, dtype=f32)
-    vsum = _empty(*ddt_x.shape, device=dev, dtype=f32)
-    K_part = _empty(batch, heads, NT, NB, device=dev, dtype=f32)
-    dD_part = _empty(batch, NT, NB, heads, head_dim, device=dev, dtype=f32) if D is not None else dsum
+    dx = new_buffer(batch, length, heads, head_dim, device=dev, dtype=x.dtype)
+    dz = new_buffer(*dx.shape, device=dev, dtype=x.dtype) if z is not None else dx.new_empty(0)
+    ddt_x = new_buffer(batch, heads, length, device=dev, dtype=f32)
+    vsum = new_buffer(*ddt_x.shape, device=dev, dtype=f32)
+    K_part = new_buffer(batch, heads, NT, NB, device=dev, dtype=f32)
+    dD_part = new_buffer(batch, NT, NB, heads, head_dim, device=dev, dtype=f32) if D is not None else dsum
     ssd_dx_bwd_kernel[grid_group](
         x, dout, zp, ypre, B, C, S, dS, D if D is not None else A, dtp, dA_cs[0], dA_cs[-1], docp, dstates,
         dx, dz if z is not None else dx, dB_out, ddt_x, vsum, K_part, dD_part,
@@ -252,9 +248,9 @@ def ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_st
         HAS_D=D is not None, D_2D=D is not None and D.dim() == 2, **common,
     )
 
-    ddt = _empty(batch, length, heads, device=dev, dtype=dt.dtype)
-    dA_part = _empty(batch, NT, heads, device=dev, dtype=f32)
-    dbias_part = _empty(*dA_part.shape, device=dev, dtype=f32) if dt_bias is not None else dA_part
+    ddt = new_buffer(batch, length, heads, device=dev, dtype=dt.dtype)
+    dA_part = new_buffer(batch, NT, heads, device=dev, dtype=f32)
+    dbias_part = new_buffer(*dA_part.shape, device=dev, dtype=f32) if dt_bias is not None else dA_part
     BH = min(32, triton.next_power_of_2(heads))
     ssd_ddt_bwd_kernel[(NT, batch, triton.cdiv(heads, BH))](
         dt, A, dt_bias if dt_bias is not None else A, dtp, ddt_x, dsum, vsum, K_part, Kc_part, R_part, K_pair,

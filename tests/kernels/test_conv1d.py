@@ -23,6 +23,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import mambatrain_kernels.conv1d.triton as ct  # noqa: E402
+from mambatrain_kernels import settings as kernel_settings  # noqa: E402
 from mambatrain.models import scan  # noqa: E402
 from mambatrain_kernels.conv1d import causal_conv1d_silu, causal_conv1d_silu_naive  # noqa: E402
 from compare import assert_close, assert_compiles_like_eager  # noqa: E402
@@ -31,7 +32,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 NAMES = ("x", "weight", "bias", "prefix")
 # outputs the host allocates start as NaN: an unwritten element fails a test
-ct.DEBUG_NAN = True
+kernel_settings.DEBUG_NAN = True
 
 
 def make_inputs(batch, length, channels, width, dtype=torch.float32, *, bias=True, prefix=True, seq=None,

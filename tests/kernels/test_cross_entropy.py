@@ -23,10 +23,11 @@ from mambatrain.models.loss import chunked_cross_entropy, chunked_cross_entropy_
 from mambatrain_kernels.cross_entropy import (  # noqa: E402
     IGNORE_INDEX, linear_cross_entropy, linear_cross_entropy_naive)
 from mambatrain_kernels.cross_entropy import triton as cet  # noqa: E402
+from mambatrain_kernels import settings as kernel_settings  # noqa: E402
 from compare import assert_close, assert_compiles_like_eager  # noqa: E402
 
 # outputs the host allocates start as NaN: an unwritten element fails a test
-cet.DEBUG_NAN = True
+kernel_settings.DEBUG_NAN = True
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}

@@ -17,6 +17,7 @@ os.environ["MAMBATRAIN_KERNEL_DEBUG"] = "1"
 os.environ.setdefault("MAMBATRAIN_AUTOTUNE", "0")
 
 import mambatrain_kernels.selective_scan.triton as sst  # noqa: E402
+from mambatrain_kernels import settings as kernel_settings  # noqa: E402
 from mambatrain_kernels.selective_scan import selective_scan, selective_scan_naive  # noqa: E402
 from compare import assert_close, rel  # noqa: E402
 
@@ -83,7 +84,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     interpreter.ScanOps.generic_scan = _fold_along_axis
     interpreter.ReduceOps.generic_reduce = _reduce_along_axis
 # outputs the host allocates start as NaN: an unwritten element fails a test
-sst.DEBUG_NAN = True
+kernel_settings.DEBUG_NAN = True
 
 NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
 

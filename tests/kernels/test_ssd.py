@@ -18,11 +18,11 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from mambatrain_kernels.ssd import ssd_chunked_torch, ssd_naive, ssd_scan  # noqa: E402
-from mambatrain_kernels.ssd import triton as ssd_triton  # noqa: E402
+from mambatrain_kernels import settings as kernel_settings  # noqa: E402
 from compare import assert_close, assert_compiles_like_eager, rel  # noqa: E402
 
 # what the launchers allocate starts as NaN: a kernel that leaves part of an output unwritten fails here
-ssd_triton.DEBUG_NAN = True
+kernel_settings.DEBUG_NAN = True
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
