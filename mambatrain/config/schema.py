@@ -59,7 +59,7 @@ class MambaConfig:
     """Mamba-2 only: groups of heads sharing B and C (like kv heads in GQA)."""
     chunk_size: int = 128
     """Mamba-2 only: chunk length of the SSD scan (64, 128 or 256); it changes only the order of sums. On an H100
-    a 130M model trained 5-6% faster at 128 than at 256 from 8k to 1M tokens, for 1.1 GiB more at 16k
+    a 130M model trained 5-6% faster at 128 than at 256 from 8k to 1M tokens, for 1.0 GiB more at 16k
     (benchmarks/ssd_chunk_states_h100.json); 64 is 2% faster again at 16k and holds twice the chunk states."""
     dt_rank: Optional[int] = None
     """Mamba-1 only: rank of the dt projection; null means ceil(d_model / 16)."""
