@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks"))
     parser.add_argument("--state-programs", type=int, nargs="*", default=[256, 1024, 4096])
     parser.add_argument("--bwd-programs", type=int, nargs="*", default=[256, 2048, 8192])
+    parser.add_argument("--scans", nargs="+", choices=["ssd", "selective"], default=["ssd", "selective"])
     args = parser.parse_args()
     report = {"gpu": torch.cuda.get_device_name(), "commit": commit(short=False), "length": args.length}
     out = Path(args.out)
@@ -66,22 +67,31 @@ def main() -> None:
     def save():
         (out / "profile_scan.json").write_text(json.dumps(report, indent=1))
 
+    if "ssd" in args.scans:
+        profile_ssd(args, report)
+        save()
+    if "selective" in args.scans:
+        profile_selective(args, report)
+        save()
+    print(json.dumps(report, indent=1))
+
+
+def profile_ssd(args, report: dict) -> None:
     x, dt, A, B, C, D, dt_bias = inputs = ssd_inputs(args.length, requires_grad=True)
     ssd = fwd_bwd_runner(lambda: ssd_triton.ssd_scan(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=True,
                                                      chunk_size=SSD_SHAPE["chunk"]), inputs)
     report["ssd_sweep"] = sweep(ssd_triton, "STATE_PROGRAMS", args.state_programs, ssd)
     report["ssd_kernels"] = kernel_times(ssd)
-    save()
     del inputs, x, dt, A, B, C, D, dt_bias, ssd
     torch.cuda.empty_cache()
 
+
+def profile_selective(args, report: dict) -> None:
     x, dt, A, B, C, D, z, dt_bias = inputs = sel_inputs(args.length, requires_grad=True)
     sel = fwd_bwd_runner(lambda: sel_triton.selective_scan(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
                                                            dt_softplus=True), inputs)
     report["selective_sweep"] = sweep(sel_triton, "BWD_PROGRAMS", args.bwd_programs, sel)
     report["selective_kernels"] = kernel_times(sel)
-    save()
-    print(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
