@@ -86,7 +86,7 @@ def _norm_bytes(d: int, fused: bool) -> int:
     return (1 if fused else 2) * FP32 * d + FP32
 
 
-def _mamba_activation_bytes(config: ModelConfig, fused: bool) -> float:
+def _mamba_activation_bytes(config: ModelConfig, fused: bool, bf16_ssd_states: bool) -> float:
     m, d = config.mamba, config.d_model
     di = m.expand * d
     if m.version == 1:
@@ -104,9 +104,10 @@ def _mamba_activation_bytes(config: ModelConfig, fused: bool) -> float:
     # input (conv1d saves it) and the conv output (SiLU saves it). The fused kernel reads in_proj's output.
     conv_and_silu = (1 if fused else 3) * BF16 * conv
     # The SSD op's own outputs, saved for its backward (kernels/ssd/triton.py): chunk states
-    # (B, H, n_chunks, P, N) fp32, S = C B^T (B, G, n_chunks, L, L) bf16 (a full L x L square per chunk),
-    # softplus(dt) and the in-chunk cumsum of dt A, (B, H, T) fp32 each. (ypre only with z inside, never here.)
-    scan = (FP32 * heads * m.head_dim * m.d_state / m.chunk_size + BF16 * m.n_groups * m.chunk_size
+    # (B, H, n_chunks, P, N), bf16 from the kernels since 2026-11-26 (fp32 before, and on the PyTorch path),
+    # S = C B^T (B, G, n_chunks, L, L) bf16 (a full L x L square per chunk), softplus(dt) and the in-chunk
+    # cumsum of dt A, (B, H, T) fp32 each. (ypre only with z inside, never here.)
+    scan = ((BF16 if bf16_ssd_states else FP32) * heads * m.head_dim * m.d_state / m.chunk_size + BF16 * m.n_groups * m.chunk_size
             + 2 * FP32 * heads)
     # GatedRMSNorm: the fused kernel keeps y (bf16; z is a view of in_proj's output) and the per-group inverse
     # RMS; the PyTorch path computes in fp32 and keeps y and z upcast, silu(z), the gated product and its
@@ -132,9 +133,12 @@ def _mlp_activation_bytes(config: ModelConfig) -> float:
     return 0 if config.d_mlp == 0 else BF16 * config.d_model + 2 * BF16 * config.d_mlp + 2 * BF16 * config.d_mlp
 
 
-def block_activation_bytes(config: ModelConfig, letter: str, fused: bool = True) -> float:
-    """Per-token bytes one block saves for backward (no recomputation); ``fused`` as in ``training_memory``."""
-    mixer = _mamba_activation_bytes(config, fused) if letter == MAMBA else _attention_activation_bytes(config)
+def block_activation_bytes(config: ModelConfig, letter: str, fused: bool = True,
+                           bf16_ssd_states: bool | None = None) -> float:
+    """Per-token bytes one block saves for backward (no recomputation); the flags as in ``training_memory``."""
+    bf16_states = fused if bf16_ssd_states is None else bf16_ssd_states
+    mixer = (_mamba_activation_bytes(config, fused, bf16_states) if letter == MAMBA
+             else _attention_activation_bytes(config))
     norms = _norm_bytes(config.d_model, fused) * (2 if config.d_mlp else 1)
     return mixer + _mlp_activation_bytes(config) + norms
 
@@ -187,13 +191,15 @@ def params_head(config: ModelConfig) -> int:
 def training_memory(config: ModelConfig, seq_len: int, batch_size: int, checkpoint_kinds: str = "",
                     loss_chunk_size: int = 8192, shards: int = 1,
                     sequence_window: int | None = None, fused_kernels: bool = True,
-                    fused_loss: bool = True) -> dict[str, float]:
+                    fused_loss: bool = True, bf16_ssd_states: bool | None = None) -> dict[str, float]:
     """Predicted peak bytes on one device for a training step: weights, gradients, AdamW, activations.
 
     ``fused_kernels``: the GPU path, with the Triton causal conv1d + SiLU and RMSNorm kernels (the default);
     False counts the PyTorch conv1d and fp32 norms (the CPU path, and GPU runs before those kernels existed).
     ``fused_loss``: the GPU's fused linear + cross-entropy (kernels/cross_entropy, the default); False counts
     the checkpointed PyTorch loss (the CPU path, and GPU runs before the kernel existed).
+    ``bf16_ssd_states``: the SSD kernels keep their per-chunk states in bf16 (bf16 inputs); None follows
+    ``fused_kernels``; False counts fp32 (the PyTorch path, and GPU runs before 2026-11-26's change).
 
     With ``sequence_window`` shorter than ``seq_len`` the activations are one window's (``models.windowed``),
     plus what windows carry: small for Mamba, every position's keys and values for attention.
@@ -211,7 +217,7 @@ def training_memory(config: ModelConfig, seq_len: int, batch_size: int, checkpoi
     # The final norm's saved tensors and its output, which the loss's checkpoint keeps.
     kept, recompute = _norm_bytes(config.d_model, fused_kernels) + FP32 * config.d_model, 0.0
     for letter in config.pattern:
-        full = block_activation_bytes(config, letter, fused_kernels)
+        full = block_activation_bytes(config, letter, fused_kernels, bf16_ssd_states)
         if letter in checkpoint_kinds:
             kept += FP32 * config.d_model  # only the block's input stays; its insides are rebuilt in backward
             recompute = max(recompute, full)

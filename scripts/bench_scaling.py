@@ -199,6 +199,7 @@ def sweep(args, device: torch.device, results: dict, out: Path) -> None:
                    "ssm_chunk": config.mamba.chunk_size if config.kind != "transformer" else None,
                    "fused_kernels": device.type == "cuda",  # Triton conv1d + SiLU and norms (plan.training_memory)
                    "fused_loss": device.type == "cuda",  # Triton linear + cross-entropy
+                   "ssd_states": "bf16" if device.type == "cuda" else "fp32",  # the SSD kernels' chunk states
                    "mode": predicted["mode"], "parameters": predicted["parameters"],
                    "predicted_peak_bytes": predicted["peak"]}
             ids = torch.randint(0, config.vocab_size, (1, length), device=device)

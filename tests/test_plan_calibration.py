@@ -2,7 +2,8 @@
 
 Rows measured before the fused conv1d + SiLU and norm kernels (no ``fused_kernels`` field), or before the fused
 linear + cross-entropy (no ``fused_loss`` field), are predicted for the PyTorch path they ran
-(``training_memory(..., fused_kernels=False, fused_loss=False)``).
+(``training_memory(..., fused_kernels=False, fused_loss=False)``); rows without ``ssd_states: bf16`` ran the
+SSD kernels with fp32 chunk states.
 
 Each configuration is rebuilt from the JSON fields with the benchmark's own model builder (imported from
 scripts/ by path), so a change to plan.py, the benchmark or the model shows up here.
@@ -55,7 +56,8 @@ def _scaling_prediction(row: dict) -> float:
     config = _config(row)
     return training_memory(config, row["length"], 1, row.get("activation_checkpointing", ""), LOSS_CHUNK,
                            sequence_window=row["sequence_window"],
-                           fused_kernels=row.get("fused_kernels", False), fused_loss=row.get("fused_loss", False))["peak"]
+                           fused_kernels=row.get("fused_kernels", False), fused_loss=row.get("fused_loss", False),
+                           bf16_ssd_states=row.get("ssd_states") == "bf16")["peak"]
 
 
 @pytest.mark.parametrize("row", MEASURED, ids=lambda r: f"{r['model']}-{r['length']}-{r['mode'].replace(' ', '_')}")
@@ -113,7 +115,8 @@ def test_lightning_runs_peak_within_15_percent(row):
     config = _script("bench_multi_gpu").model_config(tiny=False)
     predicted = training_memory(config, row["length"] // row["context_parallel"], row["batch_per_replica"],
                                 fused_kernels=row.get("fused_kernels", False),
-                                fused_loss=row.get("fused_loss", False))["peak"]
+                                fused_loss=row.get("fused_loss", False),
+                                bf16_ssd_states=row.get("ssd_states") == "bf16")["peak"]
     if row["oom"]:  # ran out of memory: plan must say it does not fit
         assert predicted > row["device_memory_gib"] * 2**30
         return

@@ -108,6 +108,15 @@ def _s_dtype(x: Tensor) -> torch.dtype:
     return torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
 
 
+def _state_dtype(x: Tensor) -> torch.dtype:
+    """Storage of the per-chunk snapshots of the state and of its gradient (written once, read by every row
+    or column block of the chunk). Their readers use them as tensor-core operands in x's dtype, so bf16
+    storage rounds nothing those products did not already round, and halves the bytes, the largest traffic
+    of the scan at chunk 64-128. The walk itself carries the state in fp32 in registers; the final state is
+    fp32. fp16 keeps fp32 (its range is too small for long sums), as fp32 inputs do."""
+    return torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+
+
 @functools.lru_cache
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
@@ -148,7 +157,7 @@ def ssd_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chun
         C, B, S, length, NT, _bucket(NT), *C.stride(), *B.stride(),
         G=groups, N=d_state, L=L, BT=BT, BN=k["BN"], PRECISION=k["precision"],
     )
-    states = new_buffer(batch, heads, NT, head_dim, d_state, device=dev, dtype=f32)
+    states = new_buffer(batch, heads, NT, head_dim, d_state, device=dev, dtype=_state_dtype(x))
     final = new_buffer(batch, heads, head_dim, d_state, device=dev, dtype=f32)
     h0 = initial_state.float().contiguous() if initial_state is not None else final
     docp = doc if doc is not None else dtp
@@ -191,7 +200,7 @@ def ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_st
     docp = doc if doc is not None else dtp
     zp = z if z is not None else x
 
-    dstates = new_buffer(batch, heads, NT, head_dim, d_state, device=dev, dtype=f32)
+    dstates = new_buffer(batch, heads, NT, head_dim, d_state, device=dev, dtype=_state_dtype(x))
     dh0 = new_buffer(batch, heads, head_dim, d_state, device=dev, dtype=f32)
     dhT = dfinal.float().contiguous() if dfinal is not None else dh0
     # a slot per 32 x 32 piece of the state (tiles are 32 or 64 wide; the kernel writes every slot)
@@ -297,7 +306,7 @@ def _(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chunk_size
         out,
         x.new_empty(batch, heads, head_dim, d_state, dtype=f32),
         x.new_empty(batch, length, heads, head_dim) if z is not None else x.new_empty(0),
-        x.new_empty(batch, heads, nt, head_dim, d_state, dtype=f32),
+        x.new_empty(batch, heads, nt, head_dim, d_state, dtype=_state_dtype(x)),
         x.new_empty(batch, heads, length, dtype=f32),
         x.new_empty(2 if x.dtype == torch.float32 else 1, batch, heads, length, dtype=f32),
         x.new_empty(batch, groups, nt, chunk_size, chunk_size, dtype=_s_dtype(x)),

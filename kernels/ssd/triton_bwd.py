@@ -96,8 +96,8 @@ def ssd_state_bwd_kernel(
             b_g = tl.where(b_doc == b_doc_prev, b_g, 0.)
             b_decay = tl.where(b_doc_end == b_doc_prev, b_decay, 0.)
         if not LOCAL:
-            tl.store(dstates + o_st, b_dh, mask=m_vk)
-            b_h = tl.load(states + o_st, mask=m_vk, other=0.)
+            tl.store(dstates + o_st, b_dh.to(dstates.dtype.element_ty), mask=m_vk)
+            b_h = tl.load(states + o_st, mask=m_vk, other=0.).to(tl.float32)
             # <dh_c, exp(a_end) h_{c-1}>: how the carried state's decay over the chunk
             # moves the loss; every a of the chunk gets it (ssd_ddt_bwd_kernel)
             # Kc_part has a slot per 32 x 32 piece of the state, whatever the tiles: this program's sum
