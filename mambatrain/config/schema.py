@@ -57,10 +57,11 @@ class MambaConfig:
     """Mamba-2 only: channels per head; expand * d_model must be divisible by it."""
     n_groups: int = 1
     """Mamba-2 only: groups of heads sharing B and C (like kv heads in GQA)."""
-    chunk_size: int = 128
+    chunk_size: int = 64
     """Mamba-2 only: chunk length of the SSD scan (64, 128 or 256); it changes only the order of sums. On an H100
-    a 130M model trained 5-6% faster at 128 than at 256 from 8k to 1M tokens, for 1.0 GiB more at 16k
-    (benchmarks/ssd_chunk_states_h100.json); 64 is 2% faster again at 16k and holds twice the chunk states."""
+    a 130M model trained at 195k / 220k / 173k tokens/s at 8k / 16k / 1M tokens with 64, 213k at 16k with 128,
+    and 171k / 191k / 154k with 256 (fp32 chunk states then); 64 holds the most chunk states (1M in 45.3 GiB)
+    (benchmarks/ssd_bf16_states_h100.json, ssd_chunk_states_h100.json)."""
     dt_rank: Optional[int] = None
     """Mamba-1 only: rank of the dt projection; null means ceil(d_model / 16)."""
     dt_min: float = 0.001
