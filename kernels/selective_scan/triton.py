@@ -33,8 +33,9 @@ LN2 = tl.constexpr(0.6931471805599453)
 # 200 MB per batch row; the backward makes three more such buffers). Each
 # backward program keeps, per segment, the states at its tiles' starts
 # (CHECKPOINT_STEPS / BT x BD x d_state) and the running dB, dC of the segment
-# (2 x CHECKPOINT_STEPS x d_state), 128 KB at BT 8, BD 16, d_state 16, which
-# should stay in L2 for all programs together. A multiple of every BT below.
+# (2 x CHECKPOINT_STEPS x d_state), 128 KB at BT 8, BD 16, d_state 16 (192 KB
+# at BT 4), which should stay in L2 for all programs together. A multiple of
+# every BT below.
 CHECKPOINT_STEPS = 512
 
 # MUFU approximations through inline asm on the GPU (none in the interpreter);
@@ -91,7 +92,9 @@ def _fits(cfg, bn: int, gsize: int, bd: int, forward: bool) -> bool:
     if forward and threads_needed != 32 * nw:
         return False
     per_thread = _PER_THREAD_FWD if forward else _PER_THREAD_BWD
-    return threads_needed >= 32 * nw and bt * bd * bn // (32 * nw) <= per_thread
+    elems = bt * bd * bn // (32 * nw)
+    # the backward below 16 elements a thread: 60-160 instructions per element (per-tile overheads)
+    return threads_needed >= 32 * nw and elems <= per_thread and (forward or elems >= 16)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -104,17 +107,25 @@ def _prune(configs, named_args, **kwargs):
 # fits 128 in 255 registers without spills, the backward (about four times as
 # many live tiles) spills above 32.
 _PER_THREAD_FWD, _PER_THREAD_BWD = 128, 32
+# Pass C takes about 100 registers besides its tiles (addresses, carries,
+# invariants) and ptxas then uses all 255 at every config: 8 warps per SM,
+# too few to hide its shuffle, barrier and load latencies. Capped copies of
+# its best configs trade spills (to L1) for 12 or 16 warps per SM; which wins
+# is the autotuner's call (scripts/sass_report.py shows both sides offline).
+_BWD_REG_CAPS = (168, 128)
 if INTERPRET:  # autotuning in the interpreter costs minutes: one config (tests swap it)
     _FWD_CONFIGS = [triton.Config({"BT": 32, "BD": 8, "NI": 2}, num_warps=1)]
     _BWD_CONFIGS = [triton.Config({"BT": 32, "NI": 2}, num_warps=1)]
 elif not AUTOTUNE:
     _FWD_CONFIGS = [triton.Config({"BT": 32, "BD": 8, "NI": 4}, num_warps=1, num_stages=1)]
-    _BWD_CONFIGS = [triton.Config({"BT": 8, "NI": 4}, num_warps=1, num_stages=1)]
+    _BWD_CONFIGS = [triton.Config({"BT": 4, "NI": 4}, num_warps=1, num_stages=1)]
 else:
     # sm_90 SASS per element, d_state 16: forward 10 instructions at
-    # (BT 32, BD 8, NI 4), 14 at NI 2, 26 at NI 1; backward phase 2: 39 at
-    # (BT 8, BD 8, NI 4), 50 at (16, 8, 2), 73 at (16, 16, 1). NI 1 gives the
-    # most threads, which batch 1 may need.
+    # (BT 32, BD 8, NI 4), 14 at NI 2, 26 at NI 1; backward phase 2 at BD 16:
+    # 34 at (BT 4, NI 4, 1 warp), 42 at (8, 2, 2 warps), 46 at (8, 4, 2),
+    # 63 at (8, 1, 4). One warp with BD * NL > 32 holds several channels per
+    # thread, so the sums over channels (dB, dC) start with adds in registers
+    # and need no shared memory; BT 4 keeps that within 32 elements a thread.
     _FWD_CONFIGS = [
         triton.Config({"BT": bt, "BD": bd, "NI": ni}, num_warps=nw, num_stages=1)
         for bt in (16, 32) for bd in (4, 8, 16, 32) for ni in (1, 2, 4, 8) for nw in (1, 2, 4)
@@ -122,7 +133,13 @@ else:
     # BD of the backward is the host's choice (it sets the partial-sum buffer's shape)
     _BWD_CONFIGS = [
         triton.Config({"BT": bt, "NI": ni}, num_warps=nw, num_stages=1)
-        for bt in (8, 16) for ni in (1, 2, 4, 8) for nw in (1, 2, 4, 8)
+        for bt in (4, 8, 16) for ni in (1, 2, 4, 8) for nw in (1, 2, 4, 8)
+    ]
+_BWD_C_CONFIGS = _BWD_CONFIGS
+if AUTOTUNE and not INTERPRET:
+    _BWD_C_CONFIGS = _BWD_CONFIGS + [
+        triton.Config({"BT": bt, "NI": ni}, num_warps=nw, num_stages=1, maxnreg=cap)
+        for bt, ni, nw in ((4, 4, 1), (8, 2, 2), (8, 4, 2)) for cap in _BWD_REG_CAPS
     ]
 
 
@@ -457,7 +474,7 @@ def _chain_kernel(c_loc, P, h_in, starts, h_out, NS, DN,
     tl.store(h_out + i_b64 * DN + o, b_h, mask=m)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["D", "N", "GSIZE", "BD", "NSUB"],
+@triton.autotune(configs=_BWD_C_CONFIGS, key=["D", "N", "GSIZE", "BD", "NSUB"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _bwd_kernel(
@@ -487,7 +504,8 @@ def _bwd_kernel(
     m_n3 = o_n3 < N
     i_g = (i_sb0 * NSUB * BD) // GSIZE
     o_tl = tl.arange(0, BT)
-    p_scr = scratch + (i_b64 * NG + i_grp) * s_scb
+    # the program's own scratch, reused by each of its blocks and segments
+    p_scr = scratch + ((i_b64 * NG + i_grp) * NSB + i_sb0) * s_scb
     TPS = S // BT
     NT = tl.cdiv(L, BT)
     NS = tl.cdiv(L, S)
@@ -497,9 +515,8 @@ def _bwd_kernel(
         for i_sub in range(0, NSUB):
             o_d = (i_sb0 * NSUB + i_sub) * BD + tl.arange(0, BD)
             o_dn = o_d[None, :, None] * N + o_n3  # [NI, BD, NL]
-            o_scr = o_d[None, :, None] * BN + o_n3  # [NI, BD, NL]
-            b_A = tl.load(A + o_dn, mask=m_n3, other=0.0)
-            b_A2 = b_A * LOG2E
+            o_scr = tl.arange(0, BD)[None, :, None] * BN + o_n3  # [NI, BD, NL]
+            b_A2 = tl.load(A + o_dn, mask=m_n3, other=0.0) * LOG2E
             if HAS_D:
                 b_D = tl.load(Dp + o_d).to(tl.float32)
             b_dA = tl.zeros([NI, BD, NL], dtype=tl.float32)
@@ -529,6 +546,15 @@ def _bwd_kernel(
             for kk in range(0, n_tiles):
                 k = n_tiles - 1 - kk
                 i_t = t_first + k
+                t0 = tl.cast(i_t, tl.int64) * BT
+                m_t = i_t * BT + o_tl < L
+                # the earlier blocks' dB, dC sums of this tile, loaded first so that their latency
+                # (a round trip to L2) overlaps the tile's arithmetic
+                o_part = ((i_b64 * L + t0) * NSB + i_sb0) * N + o_tl[None, :, None] * (NSB * N) + o_n3
+                m_part = m_t[None, :, None] & m_n3
+                m_prev = m_part & (i_sub > 0)
+                b_dB = tl.load(dB_part + o_part, mask=m_prev, other=0.0)  # [NI, BT, NL]
+                b_dC = tl.load(dC_part + o_part, mask=m_prev, other=0.0)
                 b_h0 = tl.load(p_scr + k * s_sck + o_scr)
                 b_x, b_dtr, b_dt, b_a, b_u, b_B, b_ub, b_hs, _ = _tile_states(
                     x, dt, B, dt_bias, seq_idx, b_A2, b_h0,
@@ -536,21 +562,11 @@ def _bwd_kernel(
                     s_xb, s_xt, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg, s_sb, s_st,
                     HAS_BIAS, SOFTPLUS, HAS_SEQ, BT,
                 )
-                t0 = tl.cast(i_t, tl.int64) * BT
-                m_t = i_t * BT + o_tl < L
                 p_C = C + i_b64 * s_Cb + t0 * s_Ct + i_g * s_Cg + o_tl[None, :, None] * s_Ct + o_n3
                 b_C = tl.load(p_C, mask=m_t[None, :, None] & m_n3, other=0.0).to(tl.float32)  # [NI, BT, NL]
                 b_do, b_dy, b_z, b_sig = _tile_dy(dout, z, i_b, i_t, o_d, L, s_dob, s_dot, s_zb, s_zt, HAS_Z, BT)
-                b_g, b_c = _tile_adjoint(b_a, b_dy[None, :, :, None] * b_C[:, :, None, :], b_c, BT)
-                # g_t * abar_t * h_{t-1}: the gradient reaching abar_t, times abar_t
-                b_q = b_g * (b_hs - b_ub)
-                b_dA += tl.sum(b_q * b_dt[None, :, :, None], axis=1)
-                b_du = _sum_n(b_g * b_B[:, :, None, :])  # [BT, BD]
-                b_ddt = b_du * b_x + _sum_n(b_q * b_A[:, None, :, :])
-                b_dx = b_du * b_dt
-                if HAS_D:
-                    b_dx += b_dy * b_D[None, :]
-                    b_dD += b_dy * b_x
+                # what needs h_t itself first, so that only h_t - u_t B_t stays live through the adjoint
+                b_dC += tl.sum(b_hs * b_dy[None, :, :, None], axis=2)
                 if HAS_Z:
                     b_y = _sum_n(b_hs * b_C[:, :, None, :])
                     if HAS_D:
@@ -558,6 +574,18 @@ def _bwd_kernel(
                     b_dz = b_do * b_y * b_sig * (1.0 + b_z * (1.0 - b_sig))
                     p_dz = dz + (i_b64 * L + t0) * D + o_tl[:, None] * D + o_d[None, :]
                     tl.store(p_dz, b_dz.to(dz.dtype.element_ty), mask=m_t[:, None])
+                b_hp = b_hs - b_ub  # abar_t h_{t-1}
+                b_g, b_c = _tile_adjoint(b_a, b_dy[None, :, :, None] * b_C[:, :, None, :], b_c, BT)
+                # g_t * abar_t * h_{t-1}: the gradient reaching abar_t, times abar_t
+                b_q = b_g * b_hp
+                b_dA += tl.sum(b_q * b_dt[None, :, :, None], axis=1)
+                b_du = _sum_n(b_g * b_B[:, :, None, :])  # [BT, BD]
+                # sum_n q A = ln 2 * sum_n q A2: one multiply per (t, d), and A need not stay live
+                b_ddt = b_du * b_x + _sum_n(b_q * b_A2[:, None, :, :]) * LN2
+                b_dx = b_du * b_dt
+                if HAS_D:
+                    b_dx += b_dy * b_D[None, :]
+                    b_dD += b_dy * b_x
                 if SOFTPLUS:
                     b_ddt *= _sigmoid(b_dtr, FAST_MATH)
                 # past the end the carried adjoint is not zero: keep it out of the sums
@@ -568,13 +596,7 @@ def _bwd_kernel(
                 p_ddt = ddt + (i_b64 * L + t0) * D + o_tl[:, None] * D + o_d[None, :]
                 tl.store(p_ddt, b_ddt.to(ddt.dtype.element_ty), mask=m_t[:, None])
                 # sums over the block's channels, added to the earlier blocks'
-                b_dB = tl.sum(b_g * b_u[None, :, :, None], axis=2)  # [NI, BT, NL]
-                b_dC = tl.sum(b_hs * b_dy[None, :, :, None], axis=2)  # [NI, BT, NL]
-                o_part = ((i_b64 * L + t0) * NSB + i_sb0) * N + o_tl[None, :, None] * (NSB * N) + o_n3
-                m_part = m_t[None, :, None] & m_n3
-                m_prev = m_part & (i_sub > 0)
-                b_dB += tl.load(dB_part + o_part, mask=m_prev, other=0.0)
-                b_dC += tl.load(dC_part + o_part, mask=m_prev, other=0.0)
+                b_dB += tl.sum(b_g * b_u[None, :, :, None], axis=2)  # [NI, BT, NL]
                 # threads holding copies of a sum all read before any writes
                 tl.debug_barrier()
                 tl.store(dB_part + o_part, b_dB, mask=m_part)
@@ -597,7 +619,7 @@ def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _check_steps() -> None:
-    bts = [c.kwargs["BT"] for c in _FWD_CONFIGS + _BWD_CONFIGS]
+    bts = [c.kwargs["BT"] for c in _FWD_CONFIGS + _BWD_CONFIGS + _BWD_C_CONFIGS]
     assert CHECKPOINT_STEPS % max(bts) == 0, "CHECKPOINT_STEPS must be a multiple of every BT"
 
 
@@ -610,7 +632,7 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 
 def _scratch_bt() -> int:
     # smallest BT the backward may run with (configs or the fallback's 16)
-    return min([16] + [c.kwargs["BT"] for c in _BWD_CONFIGS])
+    return min([16] + [c.kwargs["BT"] for c in _BWD_CONFIGS + _BWD_C_CONFIGS])
 
 
 def _bwd_block_d(gsize: int) -> int:
@@ -624,8 +646,8 @@ def _bwd_block_d(gsize: int) -> int:
 # Backward programs to aim for: enough warps per SM to hide the latency of the
 # shuffle reductions (256, about 2 per SM, left an H100 mostly idle).
 BWD_PROGRAMS = 2048
-# Programs along the segments at most: each holds a scratch of
-# CHECKPOINT_STEPS / BT states for all channels (6 MB at 1536 x 16).
+# Programs along the segments at most (the segment's partial sums of dB, dC
+# are per program and step).
 _BWD_SEGMENT_PROGRAMS = 256
 
 
@@ -762,7 +784,7 @@ def _bwd(dout, dhT, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, s
             c_loc, P, dhT, carry, dh0, nseg, dn, HAS_IN=dhT is not None, REVERSE=True, BLOCK=1024,
         )
         # pass C: all gradients, segments in parallel
-        scratch = new_buffer(batch * ngrp, CHECKPOINT_STEPS // _scratch_bt(), channels, bn, device=dev)
+        scratch = new_buffer(batch * ngrp * nsb, CHECKPOINT_STEPS // _scratch_bt(), bd, bn, device=dev)
         kernel(
             x, dt, A32, B, C, Dc, z, bias, seq_idx, dout, ckpt, carry, scratch,
             dx, ddt, dz, dB_part, dC_part, dA_part, dD_part, dbias_part,

@@ -254,6 +254,7 @@ def test_tile_configs(monkeypatch, bt, ni):
     bwd = [triton.Config({"BT": bt, "NI": ni}, num_warps=1)]
     monkeypatch.setattr(sst, "_FWD_CONFIGS", fwd)
     monkeypatch.setattr(sst, "_BWD_CONFIGS", bwd)
+    monkeypatch.setattr(sst, "_BWD_C_CONFIGS", bwd)
     monkeypatch.setattr(sst._fwd_kernel, "configs", fwd)
     monkeypatch.setattr(sst._bwd_kernel, "configs", bwd)
     monkeypatch.setattr(sst, "CHECKPOINT_STEPS", 128)

@@ -1,0 +1,278 @@
+"""What a Triton kernel turns into on sm_90, without a GPU: registers, spills, occupancy, SASS of its hot loop.
+
+    python scripts/sass_report.py                           # selective scan pass C, every config the prune keeps
+    python scripts/sass_report.py --kernel fwd carry bwd    # the three selective scan kernels
+    python scripts/sass_report.py --kernel bwd --config BT=8,NI=4,num_warps=2 --programs 8192 --hist
+    python scripts/sass_report.py --json out.json           # the rows as JSON too
+
+For the selective scan it runs the real host launcher (``_fwd`` / ``_bwd``) on meta tensors of the benchmark
+shape (batch 1, 1M steps, 1536 channels, 1 group, d_state 16, bf16, dt_softplus, dt_bias, D, z), with the
+kernels swapped for recorders: the arguments, strides and constexprs (BD, NSUB...) are the ones a GPU run
+would pass. Each recorded launch is then compiled for sm_90a by Triton itself (the same specialization as a
+launch: pointer and integer divisibility, ints equal to 1 as constants) for every config of the kernel's
+autotune space that its prune keeps (or the ``--config`` given), and ptxas' report and the SASS are read.
+
+Per config: registers per thread, spill bytes, local-memory instructions, the warps per SM the registers and
+shared memory allow, and for the hot loop (the largest innermost loop of the SASS: pass C's phase 2 tile
+loop, the forward's tile loop) its instruction count, thread-instructions per element (loop instructions x
+32 x num_warps / elements of one tile) and counts of the opcodes that matter (SHFL, BAR, LDG/STG, LDL/STL,
+MUFU, FFMA/FMUL/FADD); ``--hist`` prints its full opcode histogram.
+
+Other kernels: import this file and call ``capture`` around their host launcher, then ``report`` on each
+launch (see ``selective_scan_launches``); ``compile_sm90`` and ``analyse`` take any JITFunction and arguments.
+Environment: MAMBATRAIN_AUTOTUNE=1 (the full space) and no TRITON_INTERPRET, set here before the import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("MAMBATRAIN_AUTOTUNE", "1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+NV_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+# sm_90: registers per SM and per thread, warps and blocks per SM, shared memory per SM (bytes)
+SM90 = dict(regs=65536, max_regs=255, warps=64, blocks=32, smem=233472)
+
+
+def _import_kernels():
+    # the editable install may map mambatrain_kernels to another checkout: take this one's
+    spec = importlib.util.spec_from_file_location("mambatrain_kernels", REPO / "kernels" / "__init__.py",
+                                                  submodule_search_locations=[str(REPO / "kernels")])
+    sys.modules["mambatrain_kernels"] = mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    import mambatrain_kernels.selective_scan.triton as sst
+    return sst
+
+
+# ------------------------------------------------------------------------------------------------- capture
+
+class _Recorder:
+    """Stands in for a kernel (JITFunction or Autotuner): ``k[grid](*args, **kwargs)`` is recorded, not run."""
+
+    def __init__(self, name, kernel, launches):
+        self.name, self.kernel, self.launches = name, kernel, launches
+
+    @property
+    def fn(self):  # launchers that bypass the autotuner index kernel.fn
+        return self
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append(dict(name=self.name, kernel=self.kernel,
+                                                                 grid=grid, args=args, kwargs=kwargs))
+
+
+@contextlib.contextmanager
+def capture(module, names):
+    """Within the block, launches of ``module.<name>`` for each name are appended to the yielded list."""
+    launches, saved = [], {n: getattr(module, n) for n in names}
+    try:
+        for n in names:
+            setattr(module, n, _Recorder(n, saved[n], launches))
+        yield launches
+    finally:
+        for n, k in saved.items():
+            setattr(module, n, k)
+
+
+# ------------------------------------------------------------------------------------------------- compile
+
+def compile_sm90(fn, args, kwargs, num_warps=4, num_stages=1, maxnreg=None, arch=90):
+    """Compile JITFunction ``fn`` as a launch with these arguments would, for sm_``arch``, without a GPU.
+
+    Tensors may live on the meta device (only dtype and data_ptr alignment matter).
+    """
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(kwargs, num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}))
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def _ptxas_resources(ptx: str, arch: str = "sm_90a") -> dict:
+    # the flags Triton's make_cubin passes (-lineinfo, --regAllocOptLevel=2), plus -v for the report
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "k.ptx"
+        src.write_text(ptx)
+        out = subprocess.run([str(NV_BIN / "ptxas"), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}",
+                              str(src), "-o", str(Path(d) / "k.o")], capture_output=True, text=True, check=True)
+    log = out.stderr + out.stdout
+    grab = lambda pat: int(m.group(1)) if (m := re.search(pat, log)) else 0  # noqa: E731
+    return dict(regs=grab(r"Used (\d+) registers"), spill_st=grab(r"(\d+) bytes spill stores"),
+                spill_ld=grab(r"(\d+) bytes spill loads"), stack=grab(r"(\d+) bytes stack frame"))
+
+
+def _sass(cubin: bytes) -> list[tuple[int, str | None, str]]:
+    """(address, label defined here or None, instruction text) for each instruction."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(NV_BIN / "nvdisasm"), "-c", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    rows, label = [], None
+    for line in text.splitlines():
+        if m := re.match(r"^\s*(\.L_x_\d+):", line):
+            label = m.group(1)
+        elif m := re.match(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line):
+            rows.append((int(m.group(1), 16), label, m.group(2)))
+            label = None
+    return rows
+
+
+def opcode(instr: str) -> str:
+    """Full opcode of a SASS instruction (``LDG.E.128``), predicate dropped."""
+    return re.sub(r"^@!?U?P\w+\s+", "", instr).split()[0]
+
+
+def innermost_loops(rows) -> list[tuple[int, int]]:
+    """Index ranges [first, last] of loops (a backward branch to a label) that contain no other loop."""
+    at = {lab: i for i, (_, lab, _) in enumerate(rows) if lab}
+    loops = []
+    for i, (_, _, ins) in enumerate(rows):
+        if opcode(ins).startswith("BRA") and (m := re.search(r"`\((\.L_x_\d+)\)", ins)) and at.get(m.group(1), i + 1) <= i:
+            loops.append((at[m.group(1)], i))
+    return [lo for lo in loops if not any(o != lo and lo[0] <= o[0] and o[1] <= lo[1] for o in loops)]
+
+
+def occupancy(regs: int, num_warps: int, smem: int) -> int:
+    """Warps per SM that registers (allocated per warp in units of 256) and shared memory allow."""
+    per_warp = math.ceil(max(regs, 1) * 32 / 256) * 256
+    blocks = min(SM90["regs"] // (per_warp * num_warps), SM90["blocks"], SM90["warps"] // num_warps)
+    if smem:
+        blocks = min(blocks, SM90["smem"] // smem)
+    return blocks * num_warps
+
+
+KEY_OPS = ("SHFL", "BAR", "LDG", "STG", "LDL", "STL", "LDS", "STS", "MUFU", "FFMA", "FMUL", "FADD", "FSEL", "F2F",
+           "PRMT", "IMAD", "BRA")
+
+
+def analyse(kernel, num_warps: int, elems_per_iter: int | None) -> dict:
+    """Registers, spills, occupancy, and the hot loop's opcode counts of a compiled kernel."""
+    res = _ptxas_resources(kernel.asm["ptx"])
+    rows = _sass(kernel.asm["cubin"])
+    ops = [opcode(ins) for _, _, ins in rows]
+    loops = innermost_loops(rows)
+    lo, hi = max(loops, key=lambda r: r[1] - r[0]) if loops else (0, len(rows) - 1)
+    hot = Counter(op.split(".")[0] for op in ops[lo:hi + 1])
+    out = dict(res, smem=kernel.metadata.shared, warps_per_sm=occupancy(res["regs"], num_warps, kernel.metadata.shared),
+               sass=len(rows), local_ops=sum(op.startswith(("LDL", "STL")) for op in ops),
+               loop=hi - lo + 1, loop_sizes=sorted((b - a + 1 for a, b in loops), reverse=True),
+               hot={k: hot.get(k, 0) for k in KEY_OPS}, hist=dict(hot.most_common()),
+               hot_mem=dict(Counter(op for op in ops[lo:hi + 1] if op.startswith(("LDG", "STG", "LDL", "STL",
+                                                                                  "LDS", "STS")))))
+    if elems_per_iter:
+        out["per_elem"] = out["loop"] * 32 * num_warps / elems_per_iter
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- selective scan
+
+def selective_scan_launches(programs: int, length=1 << 20, channels=1536, d_state=16):
+    """The launches of one forward and one backward at the benchmark shape, recorded from the real launchers."""
+    sst = _import_kernels()
+    sst.BWD_PROGRAMS = programs
+    meta = dict(device="meta")
+    x, dt, z, dout = (torch.empty(1, length, channels, dtype=torch.bfloat16, **meta) for _ in range(4))
+    B, C = (torch.empty(1, length, 1, d_state, dtype=torch.bfloat16, **meta) for _ in range(2))
+    A = torch.empty(channels, d_state, **meta)
+    D, bias = torch.empty(channels, **meta), torch.empty(channels, **meta)
+    names = ["_fwd_kernel", "_bwd_carry_kernel", "_bwd_kernel", "_chain_kernel"]
+    with capture(sst, names) as launches:
+        _, _, ckpt = sst._fwd(x, dt, A, B, C, D, z, bias, True, None, None)
+        sst._bwd(dout, None, x, dt, A, B, C, D, z, bias, True, None, None, ckpt)
+    return launches
+
+
+def configs_for(launch, only=None):
+    """The configs the autotuner would try for this launch (after its prune), or ``only``."""
+    tuner = launch["kernel"]
+    if only is not None:
+        return [only]
+    if not hasattr(tuner, "configs"):  # a plain @triton.jit kernel: its launch gives num_warps
+        kw = launch["kwargs"]
+        return [triton.Config({}, num_warps=kw.get("num_warps", 4), num_stages=kw.get("num_stages", 3))]
+    named = dict(zip(tuner.fn.arg_names, launch["args"]))
+    cfgs = tuner.configs
+    prune = getattr(tuner, "early_config_prune", None)
+    return prune(cfgs, named, **launch["kwargs"]) if prune else cfgs
+
+
+def report(launch, cfg) -> dict:
+    kw = dict(launch["kwargs"], **cfg.kwargs)
+    fn = getattr(launch["kernel"], "fn", launch["kernel"])
+    k = compile_sm90(fn, launch["args"], kw, cfg.num_warps, cfg.num_stages, cfg.maxnreg)
+    elems = kw["BT"] * kw["BD"] * kw["BN"] if {"BT", "BD", "BN"} <= kw.keys() else None
+    return dict(kernel=launch["name"], **{k_: kw[k_] for k_ in ("LOCAL", "NSUB") if k_ in kw},
+                **cfg.kwargs, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg, **analyse(k, cfg.num_warps, elems))
+
+
+def _parse_config(text: str) -> triton.Config:
+    kv = dict(item.split("=") for item in text.split(","))
+    kv = {k: int(v) for k, v in kv.items()}
+    return triton.Config(kv, num_warps=kv.pop("num_warps", 4), num_stages=kv.pop("num_stages", 1),
+                         maxnreg=kv.pop("maxnreg", None))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--kernel", nargs="+", default=["bwd"], choices=["fwd", "carry", "bwd"])
+    p.add_argument("--programs", type=int, nargs="+", default=[2048, 8192], help="BWD_PROGRAMS (sets NSUB)")
+    p.add_argument("--config", help="one config instead of the pruned space, e.g. BT=8,NI=4,num_warps=2")
+    p.add_argument("--hist", action="store_true", help="full opcode histogram of each hot loop")
+    p.add_argument("--json", help="also write the rows here")
+    a = p.parse_args()
+    wanted = {"fwd": "_fwd_kernel", "carry": "_bwd_carry_kernel", "bwd": "_bwd_kernel"}
+    only = _parse_config(a.config) if a.config else None
+    rows, seen = [], set()
+    for programs in a.programs:
+        for launch in selective_scan_launches(programs):
+            if launch["name"] not in {wanted[k] for k in a.kernel}:
+                continue
+            tag = (launch["name"], launch["kwargs"].get("LOCAL"), launch["kwargs"].get("NSUB"))
+            if tag in seen:  # only pass C depends on BWD_PROGRAMS
+                continue
+            seen.add(tag)
+            for cfg in configs_for(launch, only):
+                r = report(launch, cfg)
+                rows.append(r)
+                _print_row(r, a.hist)
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+
+
+def _print_row(r, hist):
+    head = " ".join(f"{k}={r[k]}" for k in ("kernel", "LOCAL", "NSUB", "BT", "BD", "NI", "num_warps", "maxnreg")
+                    if r.get(k) is not None)
+    h = r["hot"]
+    print(f"{head}: regs {r['regs']} spill st/ld {r['spill_st']}/{r['spill_ld']} B, local ops {r['local_ops']}, "
+          f"smem {r['smem']}, warps/SM {r['warps_per_sm']}; loop {r['loop']} instr "
+          f"({r.get('per_elem', 0):.1f}/elem; loops {r['loop_sizes'][:4]}): "
+          + " ".join(f"{k} {v}" for k, v in h.items() if v), flush=True)
+    if hist:
+        print("   ", r["hot_mem"])
+        print("   ", " ".join(f"{k}:{v}" for k, v in r["hist"].items()))
+
+
+if __name__ == "__main__":
+    main()
