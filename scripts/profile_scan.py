@@ -92,6 +92,9 @@ def profile_selective(args, report: dict) -> None:
                                                            dt_softplus=True), inputs)
     report["selective_sweep"] = sweep(sel_triton, "BWD_PROGRAMS", args.bwd_programs, sel)
     report["selective_kernels"] = kernel_times(sel)
+    report["selective_configs"] = {name: str(getattr(sel_triton, name).best_config)
+                                   for name in ("_fwd_kernel", "_bwd_carry_kernel", "_bwd_kernel")
+                                   if getattr(getattr(sel_triton, name), "best_config", None) is not None}
 
 
 if __name__ == "__main__":
