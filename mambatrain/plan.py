@@ -104,10 +104,11 @@ def _mamba_activation_bytes(config: ModelConfig, fused: bool, bf16_ssd_states: b
     # input (conv1d saves it) and the conv output (SiLU saves it). The fused kernel reads in_proj's output.
     conv_and_silu = (1 if fused else 3) * BF16 * conv
     # The SSD op's own outputs, saved for its backward (kernels/ssd/triton.py): chunk states
-    # (B, H, n_chunks, P, N), bf16 from the kernels since 2026-11-26 (fp32 before, and on the PyTorch path),
+    # (B, H, n_chunks, P, N), bf16 from the kernels since 2026-11-27 (fp32 before, and on the PyTorch path),
     # S = C B^T (B, G, n_chunks, L, L) bf16 (a full L x L square per chunk), softplus(dt) and the in-chunk
     # cumsum of dt A, (B, H, T) fp32 each. (ypre only with z inside, never here.)
-    scan = ((BF16 if bf16_ssd_states else FP32) * heads * m.head_dim * m.d_state / m.chunk_size + BF16 * m.n_groups * m.chunk_size
+    state_bytes = BF16 if bf16_ssd_states else FP32
+    scan = (state_bytes * heads * m.head_dim * m.d_state / m.chunk_size + BF16 * m.n_groups * m.chunk_size
             + 2 * FP32 * heads)
     # GatedRMSNorm: the fused kernel keeps y (bf16; z is a view of in_proj's output) and the per-group inverse
     # RMS; the PyTorch path computes in fp32 and keeps y and z upcast, silu(z), the gated product and its
@@ -199,7 +200,7 @@ def training_memory(config: ModelConfig, seq_len: int, batch_size: int, checkpoi
     ``fused_loss``: the GPU's fused linear + cross-entropy (kernels/cross_entropy, the default); False counts
     the checkpointed PyTorch loss (the CPU path, and GPU runs before the kernel existed).
     ``bf16_ssd_states``: the SSD kernels keep their per-chunk states in bf16 (bf16 inputs); None follows
-    ``fused_kernels``; False counts fp32 (the PyTorch path, and GPU runs before 2026-11-26's change).
+    ``fused_kernels``; False counts fp32 (the PyTorch path, and GPU runs before 2026-11-27's change).
 
     With ``sequence_window`` shorter than ``seq_len`` the activations are one window's (``models.windowed``),
     plus what windows carry: small for Mamba, every position's keys and values for attention.

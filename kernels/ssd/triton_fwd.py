@@ -206,7 +206,8 @@ def ssd_state_fwd_kernel(
         b_h += tl.load(h0 + o_seg, mask=m_vk, other=0.)
     for i_c in range(i_seg * SEG, tl.minimum(NT, i_seg * SEG + SEG)):
         if not LOCAL:
-            tl.store(states + (i_bh.to(tl.int64) * NT + i_c) * (P * N) + o_vk, b_h.to(states.dtype.element_ty), mask=m_vk)
+            p_state = states + (i_bh.to(tl.int64) * NT + i_c) * (P * N) + o_vk
+            tl.store(p_state, b_h.to(states.dtype.element_ty), mask=m_vk)
         t0 = i_c * L
         m_t = t0 + o_l < T
         i_end = tl.minimum(t0 + L, T) - 1
