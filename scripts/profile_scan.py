@@ -70,6 +70,7 @@ def main() -> None:
     if "ssd" in args.scans:
         profile_ssd(args, report)
         save()
+        torch.cuda.empty_cache()  # the SSD's inputs went with profile_ssd's frame
     if "selective" in args.scans:
         profile_selective(args, report)
         save()
@@ -82,8 +83,6 @@ def profile_ssd(args, report: dict) -> None:
                                                      chunk_size=SSD_SHAPE["chunk"]), inputs)
     report["ssd_sweep"] = sweep(ssd_triton, "STATE_PROGRAMS", args.state_programs, ssd)
     report["ssd_kernels"] = kernel_times(ssd)
-    del inputs, x, dt, A, B, C, D, dt_bias, ssd
-    torch.cuda.empty_cache()
 
 
 def profile_selective(args, report: dict) -> None:
