@@ -4,6 +4,8 @@
     python scripts/sass_report.py --kernel fwd carry bwd    # the three selective scan kernels
     python scripts/sass_report.py --kernel bwd --config BT=8,NI=4,num_warps=2 --programs 8192 --hist
     python scripts/sass_report.py --json out.json           # the rows as JSON too
+    python scripts/sass_report.py --op ssd                  # every SSD kernel, chunks 64 128 256, its autotune space
+    python scripts/sass_report.py --op ssd --chunk 64 --kernel dcb dx --config num_warps=8,maxnreg=128 --hist
 
 For the selective scan it runs the real host launcher (``_fwd`` / ``_bwd``) on meta tensors of the benchmark
 shape (batch 1, 1M steps, 1536 channels, 1 group, d_state 16, bf16, dt_softplus, dt_bias, D, z), with the
@@ -17,6 +19,14 @@ shared memory allow, and for the hot loop (the largest innermost loop of the SAS
 loop, the forward's tile loop) its instruction count, thread-instructions per element (loop instructions x
 32 x num_warps / elements of one tile) and counts of the opcodes that matter (SHFL, BAR, LDG/STG, LDL/STL,
 MUFU, FFMA/FMUL/FADD); ``--hist`` prints its full opcode histogram.
+
+For the SSD (``--op ssd``) it runs ``ssd_fwd`` / ``ssd_bwd`` the same way at its benchmark shape (batch 1, 1M
+tokens, 24 heads x head_dim 64, 1 group, d_state 128, bf16, dt_softplus, dt_bias, D, no z) for each ``--chunk``,
+with the head split an H100 (132 SMs) would get. For tensor-core kernels the row also says whether the dots
+became Hopper wgmma (HGMMA) or mma.sync (HMMA), how many per hot-loop iteration and the FLOPs they do, and the
+loop's thread-instructions per tensor-core FLOP (an H100 issues ~3e13 thread-instr/s and does ~7e14 bf16
+FLOP/s: above ~0.05 the loop is bound by issue, not by its matmuls); ``--hist`` adds every innermost loop's
+tensor-core, shared-memory (LDS/LDSM/STS), barrier, MUFU and shuffle counts.
 
 Other kernels: import this file and call ``capture`` around their host launcher, then ``report`` on each
 launch (see ``selective_scan_launches``); ``compile_sm90`` and ``analyse`` take any JITFunction and arguments.
@@ -53,14 +63,15 @@ NV_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 SM90 = dict(regs=65536, max_regs=255, warps=64, blocks=32, smem=233472)
 
 
-def _import_kernels():
-    # the editable install may map mambatrain_kernels to another checkout: take this one's
-    spec = importlib.util.spec_from_file_location("mambatrain_kernels", REPO / "kernels" / "__init__.py",
-                                                  submodule_search_locations=[str(REPO / "kernels")])
-    sys.modules["mambatrain_kernels"] = mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    import mambatrain_kernels.selective_scan.triton as sst
-    return sst
+def _import_kernels(op: str = "selective_scan"):
+    """This checkout's ``mambatrain_kernels.<op>.triton`` (the editable install may map the package to another)."""
+    if "mambatrain_kernels" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("mambatrain_kernels", REPO / "kernels" / "__init__.py",
+                                                      submodule_search_locations=[str(REPO / "kernels")])
+        sys.modules["mambatrain_kernels"] = mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    assert Path(sys.modules["mambatrain_kernels"].__file__).resolve().parent == REPO / "kernels"
+    return importlib.import_module(f"mambatrain_kernels.{op}.triton")
 
 
 # ------------------------------------------------------------------------------------------------- capture
@@ -163,22 +174,55 @@ def occupancy(regs: int, num_warps: int, smem: int) -> int:
     return blocks * num_warps
 
 
-KEY_OPS = ("SHFL", "BAR", "LDG", "STG", "LDL", "STL", "LDS", "STS", "MUFU", "FFMA", "FMUL", "FADD", "FSEL", "F2F",
-           "PRMT", "IMAD", "BRA")
+KEY_OPS = ("SHFL", "BAR", "LDG", "STG", "LDL", "STL", "LDS", "STS", "LDSM", "MUFU", "FFMA", "FMUL", "FADD", "FSEL",
+           "F2F", "F2FP", "PRMT", "IMAD", "BRA", "HMMA", "HGMMA")
+# tensor-core instructions: HMMA (mma.sync, one warp, registers in and out) and HGMMA (Hopper wgmma, a warpgroup
+# of 4 warps, B and maybe A read from shared memory by descriptor, asynchronous)
+_MMA = re.compile(r"^(HMMA\.(\d+)|HGMMA\.(\d+)x(\d+)x(\d+))")
+_HMMA_MNK = {"16816": (16, 8, 16), "1688": (16, 8, 8), "884": (8, 8, 4)}
+
+
+def mma_flops(instr: str) -> int:
+    """FLOPs one warp's issue of a tensor-core instruction does (0 for anything else).
+
+    HMMA.16816 is m16n8k16 per warp; HGMMA.64xNx16 is m64nNk16 per warpgroup, a quarter of it per warp.
+    """
+    m = _MMA.match(opcode(instr))
+    if not m:
+        return 0
+    if m.group(2):
+        mnk = _HMMA_MNK.get(m.group(2), (0, 0, 0))
+        return 2 * mnk[0] * mnk[1] * mnk[2]
+    return 2 * int(m.group(3)) * int(m.group(4)) * int(m.group(5)) // 4
+
+
+def _loop_counts(ops, lo, hi) -> dict:
+    c = Counter(op.split(".")[0] for op in ops[lo:hi + 1])
+    return {k: c.get(k, 0) for k in ("HMMA", "HGMMA", "LDS", "LDSM", "STS", "BAR", "MUFU", "SHFL", "LDG", "STG")}
 
 
 def analyse(kernel, num_warps: int, elems_per_iter: int | None) -> dict:
-    """Registers, spills, occupancy, and the hot loop's opcode counts of a compiled kernel."""
+    """Registers, spills, occupancy, and the hot loop's opcode counts of a compiled kernel.
+
+    The hot loop is the largest innermost loop. ``tc_flops`` is the tensor-core work one iteration of it does
+    for the whole program (all warps), ``issue`` its thread-instructions (instructions x 32 x warps, as if no
+    lane were predicated off), so ``issue / tc_flops`` compares the rest of the loop with its matmuls.
+    """
     res = _ptxas_resources(kernel.asm["ptx"])
     rows = _sass(kernel.asm["cubin"])
     ops = [opcode(ins) for _, _, ins in rows]
     loops = innermost_loops(rows)
     lo, hi = max(loops, key=lambda r: r[1] - r[0]) if loops else (0, len(rows) - 1)
     hot = Counter(op.split(".")[0] for op in ops[lo:hi + 1])
+    mma = Counter(ops[i] for i in range(lo, hi + 1) if mma_flops(rows[i][2]))
     out = dict(res, smem=kernel.metadata.shared, warps_per_sm=occupancy(res["regs"], num_warps, kernel.metadata.shared),
                sass=len(rows), local_ops=sum(op.startswith(("LDL", "STL")) for op in ops),
+               mma_all=dict(Counter(op for op in ops if _MMA.match(op))),
                loop=hi - lo + 1, loop_sizes=sorted((b - a + 1 for a, b in loops), reverse=True),
-               hot={k: hot.get(k, 0) for k in KEY_OPS}, hist=dict(hot.most_common()),
+               hot={k: hot.get(k, 0) for k in KEY_OPS}, hist=dict(hot.most_common()), hot_mma=dict(mma),
+               tc_flops=sum(mma_flops(rows[i][2]) for i in range(lo, hi + 1)) * num_warps,
+               issue=(hi - lo + 1) * 32 * num_warps,
+               loops=[dict(size=b - a + 1, **_loop_counts(ops, a, b)) for a, b in sorted(loops, key=lambda r: r[0] - r[1])],
                hot_mem=dict(Counter(op for op in ops[lo:hi + 1] if op.startswith(("LDG", "STG", "LDL", "STL",
                                                                                   "LDS", "STS")))))
     if elems_per_iter:
@@ -227,6 +271,87 @@ def report(launch, cfg) -> dict:
                 **cfg.kwargs, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg, **analyse(k, cfg.num_warps, elems))
 
 
+# ------------------------------------------------------------------------------------------------- SSD
+
+SSD_KERNELS = dict(cumsum="ssd_chunk_cumsum_fwd_kernel", bmm="ssd_bmm_fwd_kernel", state_fwd="ssd_state_fwd_kernel",
+                   chain="ssd_chain_kernel", output="ssd_output_fwd_kernel", state_bwd="ssd_state_bwd_kernel",
+                   dcb="ssd_dcb_bwd_kernel", dx="ssd_dx_bwd_kernel", ddt="ssd_ddt_bwd_kernel")
+H100_SMS = 132
+
+
+def ssd_launches(chunk: int, length=1 << 20, heads=24, head_dim=64, d_state=128, groups=1):
+    """One forward and one backward of ``ssd_scan`` at the benchmark shape (bf16, dt_softplus, dt_bias, D, no z),
+    recorded from the real launchers; the head split is the one an H100's 132 SMs would get."""
+    sdt = _import_kernels("ssd")
+    meta = dict(device="meta")
+    bf16 = torch.bfloat16
+    x, dout = (torch.empty(1, length, heads, head_dim, dtype=bf16, **meta) for _ in range(2))
+    dt = torch.empty(1, length, heads, dtype=bf16, **meta)
+    B, C = (torch.empty(1, length, groups, d_state, dtype=bf16, **meta) for _ in range(2))
+    A, D, bias = (torch.empty(heads, **meta) for _ in range(3))
+    saved = sdt._sm_count
+    sdt._sm_count = lambda device: H100_SMS
+    try:
+        with capture(sdt, list(SSD_KERNELS.values())) as launches:
+            out, final, ypre, states, dtp, dA_cs, S = sdt.ssd_fwd(x, dt, A, B, C, D, None, bias, True, None, None,
+                                                                chunk)
+            sdt.ssd_bwd(dout, None, x, dt, A, B, C, D, None, bias, True, None, None, chunk, x, states, dtp, dA_cs, S)
+    finally:
+        sdt._sm_count = saved
+    return launches
+
+
+def _ssd_tile(kw: dict) -> int | None:
+    # elements of one hot-loop iteration: a [BT, BT] tile of one head (dcb: a (row, column) block pair;
+    # dx: a row block of W^T), a [BV, L] x [L, BK] chunk step of the state walks, an [BT, BT] S block of bmm
+    if {"BK", "BV"} <= kw.keys() and "BT" not in kw:
+        return kw["BV"] * kw["BK"]
+    return kw["BT"] * kw["BT"] if "BT" in kw else None
+
+
+def ssd_report(launch, cfg) -> dict:
+    kw = dict(launch["kwargs"], **cfg.kwargs)
+    fn = getattr(launch["kernel"], "fn", launch["kernel"])
+    k = compile_sm90(fn, launch["args"], kw, cfg.num_warps, cfg.num_stages, cfg.maxnreg)
+    keep = ("L", "BT", "BV", "BK", "HPS", "LOCAL")
+    return dict(kernel=launch["name"], **{k_: kw[k_] for k_ in keep if k_ in kw}, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages, maxnreg=cfg.maxnreg, **analyse(k, cfg.num_warps, _ssd_tile(kw)))
+
+
+def _print_ssd_row(r, hist):
+    head = " ".join(f"{k}={r[k]}" for k in ("kernel", "L", "LOCAL", "BT", "BK", "BV", "HPS", "num_warps",
+                                             "num_stages", "maxnreg") if r.get(k) is not None)
+    h = r["hot"]
+    tc = ""
+    if r["tc_flops"]:
+        tc = (f"; mma {r['hot_mma']} = {r['tc_flops'] / 1e6:.2f} MFLOP/iter, "
+              f"{r['issue'] / r['tc_flops']:.2f} thread-instr/FLOP")
+    print(f"{head}: regs {r['regs']} spill st/ld {r['spill_st']}/{r['spill_ld']} B, local ops {r['local_ops']}, "
+          f"smem {r['smem']}, warps/SM {r['warps_per_sm']}, mma in kernel {r['mma_all']}; hot loop {r['loop']} "
+          f"instr ({r.get('per_elem', 0):.1f}/elem){tc}: "
+          + " ".join(f"{k} {v}" for k, v in h.items() if v), flush=True)
+    if hist:
+        print("    loops:", " | ".join(" ".join(f"{k} {v}" for k, v in lo.items() if v) for lo in r["loops"]))
+        print("   ", r["hot_mem"])
+        print("   ", " ".join(f"{k}:{v}" for k, v in r["hist"].items()))
+
+
+def ssd_main(a, only) -> list[dict]:
+    rows, seen = [], set()
+    wanted = {SSD_KERNELS[k] for k in (a.kernel or SSD_KERNELS)}
+    for chunk in a.chunk:
+        for launch in ssd_launches(chunk, a.length):
+            tag = (chunk, launch["name"], launch["kwargs"].get("LOCAL"))
+            if launch["name"] not in wanted or tag in seen:
+                continue
+            seen.add(tag)
+            for cfg in configs_for(launch, only):
+                r = ssd_report(launch, cfg)
+                rows.append(r)
+                _print_ssd_row(r, a.hist)
+    return rows
+
+
 def _parse_config(text: str) -> triton.Config:
     kv = dict(item.split("=") for item in text.split(","))
     kv = {k: int(v) for k, v in kv.items()}
@@ -236,18 +361,35 @@ def _parse_config(text: str) -> triton.Config:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--kernel", nargs="+", default=["bwd"], choices=["fwd", "carry", "bwd"])
+    p.add_argument("--op", default="selective", choices=["selective", "ssd"])
+    p.add_argument("--kernel", nargs="+", help="selective: fwd carry bwd (default bwd); ssd: "
+                   + " ".join(SSD_KERNELS) + " (default all)")
     p.add_argument("--programs", type=int, nargs="+", default=[2048, 8192], help="BWD_PROGRAMS (sets NSUB)")
+    p.add_argument("--chunk", type=int, nargs="+", default=[64, 128, 256], help="ssd chunk sizes")
+    p.add_argument("--length", type=int, default=1 << 20, help="ssd tokens (batch 1)")
     p.add_argument("--config", help="one config instead of the pruned space, e.g. BT=8,NI=4,num_warps=2")
     p.add_argument("--hist", action="store_true", help="full opcode histogram of each hot loop")
     p.add_argument("--json", help="also write the rows here")
     a = p.parse_args()
-    wanted = {"fwd": "_fwd_kernel", "carry": "_bwd_carry_kernel", "bwd": "_bwd_kernel"}
     only = _parse_config(a.config) if a.config else None
+    if a.op == "ssd":
+        if set(a.kernel or ()) - SSD_KERNELS.keys():
+            p.error(f"ssd kernels: {' '.join(SSD_KERNELS)}")
+        rows = ssd_main(a, only)
+    else:
+        rows = selective_main(a, only)
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+
+
+def selective_main(a, only) -> list[dict]:
+    wanted = {"fwd": "_fwd_kernel", "carry": "_bwd_carry_kernel", "bwd": "_bwd_kernel"}
+    if set(a.kernel or ()) - wanted.keys():
+        raise SystemExit(f"selective scan kernels: {' '.join(wanted)}")
     rows, seen = [], set()
     for programs in a.programs:
         for launch in selective_scan_launches(programs):
-            if launch["name"] not in {wanted[k] for k in a.kernel}:
+            if launch["name"] not in {wanted[k] for k in (a.kernel or ["bwd"])}:
                 continue
             tag = (launch["name"], launch["kwargs"].get("LOCAL"), launch["kwargs"].get("NSUB"))
             if tag in seen:  # only pass C depends on BWD_PROGRAMS
@@ -257,8 +399,7 @@ def main():
                 r = report(launch, cfg)
                 rows.append(r)
                 _print_row(r, a.hist)
-    if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=1))
+    return rows
 
 
 def _print_row(r, hist):
