@@ -248,6 +248,11 @@ def selective_scan_launches(programs: int, length=1 << 20, channels=1536, d_stat
     return launches
 
 
+def _jit(kernel):
+    # an Autotuner wraps the JITFunction in .fn; a JITFunction's .fn is the Python function
+    return kernel.fn if hasattr(kernel, "configs") else kernel
+
+
 def configs_for(launch, only=None):
     """The configs the autotuner would try for this launch (after its prune), or ``only``."""
     tuner = launch["kernel"]
@@ -264,7 +269,7 @@ def configs_for(launch, only=None):
 
 def report(launch, cfg) -> dict:
     kw = dict(launch["kwargs"], **cfg.kwargs)
-    fn = getattr(launch["kernel"], "fn", launch["kernel"])
+    fn = _jit(launch["kernel"])
     k = compile_sm90(fn, launch["args"], kw, cfg.num_warps, cfg.num_stages, cfg.maxnreg)
     elems = kw["BT"] * kw["BD"] * kw["BN"] if {"BT", "BD", "BN"} <= kw.keys() else None
     return dict(kernel=launch["name"], **{k_: kw[k_] for k_ in ("LOCAL", "NSUB") if k_ in kw},
@@ -311,7 +316,7 @@ def _ssd_tile(kw: dict) -> int | None:
 
 def ssd_report(launch, cfg) -> dict:
     kw = dict(launch["kwargs"], **cfg.kwargs)
-    fn = getattr(launch["kernel"], "fn", launch["kernel"])
+    fn = _jit(launch["kernel"])
     k = compile_sm90(fn, launch["args"], kw, cfg.num_warps, cfg.num_stages, cfg.maxnreg)
     keep = ("L", "BT", "BV", "BK", "HPS", "LOCAL")
     return dict(kernel=launch["name"], **{k_: kw[k_] for k_ in keep if k_ in kw}, num_warps=cfg.num_warps,
