@@ -3,7 +3,7 @@ of the launch-shape knobs that set how many programs the sequential parts get.
 
     python scripts/profile_scan.py --length 1048576 --out $OUT
 
-Writes profile_scan.json: for SSD (24 heads x 64, d_state 128, chunk 256) and the selective scan (1536
+Writes profile_scan.json: for SSD (24 heads x 64, d_state 128, chunk --ssd-chunk) and the selective scan (1536
 channels, d_state 16), bf16, batch 1: the kernels of one forward+backward with their summed CUDA time, and
 fwd+bwd milliseconds for each value of ssd.triton.STATE_PROGRAMS and selective_scan.triton.BWD_PROGRAMS.
 """
@@ -59,8 +59,10 @@ def main() -> None:
     parser.add_argument("--state-programs", type=int, nargs="*", default=[256, 1024, 4096])
     parser.add_argument("--bwd-programs", type=int, nargs="*", default=[256, 2048, 8192])
     parser.add_argument("--scans", nargs="+", choices=["ssd", "selective"], default=["ssd", "selective"])
+    parser.add_argument("--ssd-chunk", type=int, default=SSD_SHAPE["chunk"], choices=[64, 128, 256])
     args = parser.parse_args()
-    report = {"gpu": torch.cuda.get_device_name(), "commit": commit(short=False), "length": args.length}
+    report = {"gpu": torch.cuda.get_device_name(), "commit": commit(short=False), "length": args.length,
+              "ssd_chunk": args.ssd_chunk}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -80,7 +82,7 @@ def main() -> None:
 def profile_ssd(args, report: dict) -> None:
     x, dt, A, B, C, D, dt_bias = inputs = ssd_inputs(args.length, requires_grad=True)
     ssd = fwd_bwd_runner(lambda: ssd_triton.ssd_scan(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=True,
-                                                     chunk_size=SSD_SHAPE["chunk"]), inputs)
+                                                     chunk_size=args.ssd_chunk), inputs)
     report["ssd_sweep"] = sweep(ssd_triton, "STATE_PROGRAMS", args.state_programs, ssd)
     report["ssd_kernels"] = kernel_times(ssd)
 
