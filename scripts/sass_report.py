@@ -341,20 +341,28 @@ def _print_ssd_row(r, hist):
         print("   ", " ".join(f"{k}:{v}" for k, v in r["hist"].items()))
 
 
-def ssd_main(a, only) -> list[dict]:
+def _report_each(launches, only, tag, report_fn, print_fn, hist) -> list[dict]:
+    """Report every config of each launch, once per ``tag(launch)`` (launches repeat across shapes and passes)."""
     rows, seen = [], set()
-    wanted = {SSD_KERNELS[k] for k in (a.kernel or SSD_KERNELS)}
-    for chunk in a.chunk:
-        for launch in ssd_launches(chunk, a.length):
-            tag = (chunk, launch["name"], launch["kwargs"].get("LOCAL"))
-            if launch["name"] not in wanted or tag in seen:
-                continue
-            seen.add(tag)
-            for cfg in configs_for(launch, only):
-                r = ssd_report(launch, cfg)
-                rows.append(r)
-                _print_ssd_row(r, a.hist)
+    for launch in launches:
+        key = tag(launch)
+        if key is None or key in seen:
+            continue
+        seen.add(key)
+        for cfg in configs_for(launch, only):
+            rows.append(report_fn(launch, cfg))
+            print_fn(rows[-1], hist)
     return rows
+
+
+def ssd_main(a, only) -> list[dict]:
+    wanted = {SSD_KERNELS[k] for k in (a.kernel or SSD_KERNELS)}
+    launches = (dict(launch, chunk=chunk) for chunk in a.chunk for launch in ssd_launches(chunk, a.length))
+    return _report_each(
+        launches, only,
+        lambda launch: ((launch["chunk"], launch["name"], launch["kwargs"].get("LOCAL"))
+                        if launch["name"] in wanted else None),
+        ssd_report, _print_ssd_row, a.hist)
 
 
 def _parse_config(text: str) -> triton.Config:
@@ -381,6 +389,8 @@ def main():
         if set(a.kernel or ()) - SSD_KERNELS.keys():
             p.error(f"ssd kernels: {' '.join(SSD_KERNELS)}")
         rows = ssd_main(a, only)
+    elif set(a.kernel or ()) - {"fwd", "carry", "bwd"}:
+        p.error("selective scan kernels: fwd carry bwd")
     else:
         rows = selective_main(a, only)
     if a.json:
@@ -388,23 +398,15 @@ def main():
 
 
 def selective_main(a, only) -> list[dict]:
-    wanted = {"fwd": "_fwd_kernel", "carry": "_bwd_carry_kernel", "bwd": "_bwd_kernel"}
-    if set(a.kernel or ()) - wanted.keys():
-        raise SystemExit(f"selective scan kernels: {' '.join(wanted)}")
-    rows, seen = [], set()
-    for programs in a.programs:
-        for launch in selective_scan_launches(programs):
-            if launch["name"] not in {wanted[k] for k in (a.kernel or ["bwd"])}:
-                continue
-            tag = (launch["name"], launch["kwargs"].get("LOCAL"), launch["kwargs"].get("NSUB"))
-            if tag in seen:  # only pass C depends on BWD_PROGRAMS
-                continue
-            seen.add(tag)
-            for cfg in configs_for(launch, only):
-                r = report(launch, cfg)
-                rows.append(r)
-                _print_row(r, a.hist)
-    return rows
+    names = {"fwd": "_fwd_kernel", "carry": "_bwd_carry_kernel", "bwd": "_bwd_kernel"}
+    wanted = {names[k] for k in (a.kernel or ["bwd"])}
+    launches = (launch for programs in a.programs for launch in selective_scan_launches(programs))
+    # only pass C depends on BWD_PROGRAMS (through NSUB)
+    return _report_each(
+        launches, only,
+        lambda launch: ((launch["name"], launch["kwargs"].get("LOCAL"), launch["kwargs"].get("NSUB"))
+                        if launch["name"] in wanted else None),
+        report, _print_row, a.hist)
 
 
 def _print_row(r, hist):
