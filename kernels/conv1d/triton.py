@@ -212,7 +212,6 @@ def conv1d_silu_bwd_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-
 def _rows(t: Tensor | None) -> Tensor | None:
     # kernels index the last dim with stride 1 and take the other strides as given
     if t is None or t.stride(-1) == 1:

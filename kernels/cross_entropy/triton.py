@@ -80,7 +80,6 @@ def cross_entropy_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-
 def cross_entropy_rows(logits: Tensor, labels: Tensor, loss: Tensor, write_grad: bool) -> None:
     """Per-row loss of logits (rows, vocab) into ``loss`` (rows,) fp32; with ``write_grad`` the logits
     become the gradient of the summed loss, softmax - onehot, in place."""

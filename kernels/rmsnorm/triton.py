@@ -113,7 +113,6 @@ def rms_norm_bwd_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-
 def _rows(t: Tensor, dim: int) -> Tensor:
     """(..., dim) -> (rows, dim) with unit channel stride; a view where the strides allow one."""
     t = t.reshape(-1, dim)

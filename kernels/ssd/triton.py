@@ -30,7 +30,6 @@ from .triton_fwd import (
 # ----------------------------------------------------------------------------- launchers
 
 
-
 def _strides4(t: Tensor | None) -> tuple[int, int, int, int]:
     return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
 
