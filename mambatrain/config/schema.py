@@ -476,7 +476,8 @@ class TrainerConfig:
     issuing thousands of kernel launches from Python: the step then costs the GPU's time only (a 130M Mamba-2
     at 16k tokens on an H100: 1.5x the tokens/s). Batches must keep one shape (packed data does); one GPU
     (strategy auto), not with carry_state or context_parallel. The graphs hold one step's activations for the
-    run (about the eager peak). Ignored on the CPU."""
+    run (about the eager peak); with accumulate_grad_batches > 1 the gradients take 4 more bytes a parameter (the
+    graph's gradient buffers are overwritten by each replay, so the running sum lives apart). Ignored on the CPU."""
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "devices", "num_nodes", "accumulate_grad_batches", "val_every_n_steps",

@@ -89,7 +89,8 @@ class LanguageModelModule(L.LightningModule):
     def _graphed_loss(self, batch: dict) -> torch.Tensor:
         if self.graphed is None:
             self.graphed = GraphedLoss(self.model, lambda model, ids, labels, seq_idx: self._loss(
-                {"input_ids": ids, "labels": labels, "seq_idx": seq_idx})[0])
+                {"input_ids": ids, "labels": labels, "seq_idx": seq_idx})[0],
+                accumulate_gradients=self.recipe.trainer.accumulate_grad_batches > 1)
         return self.graphed(batch["input_ids"], batch["labels"], batch.get("seq_idx"))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -12,6 +12,13 @@ the graph. A graph replays fixed addresses and shapes: each batch is copied into
 first one; a batch of any other shape (or with / without document ids where the first had the opposite) runs
 eagerly, with a warning the first time.
 
+The replayed backward hands each parameter's gradient over in one fixed buffer of the graph, and autograd
+makes an unshared incoming gradient the ``.grad`` itself: ``.grad`` then *is* that buffer, and the next
+replay overwrites it. One backward per optimizer step never notices; with gradients accumulated over
+micro-batches (trainer.accumulate_grad_batches > 1) the sum would become twice the last micro-batch's
+gradient. ``accumulate_gradients=True`` makes the first gradient of each step a copy (4 bytes per parameter,
+one copy per step), so later ones add into memory of its own.
+
 The capture must be the only autograd graph of these parameters alive: a live eager graph (say, a loss not yet
 released) holds gradient accumulators made on the default stream, and the captured backward would then have
 to wait on that stream, which CUDA forbids during a capture. In training the first step captures, before any
@@ -20,8 +27,9 @@ eager backward.
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -51,9 +59,10 @@ class GraphedLoss:
     would be captured once and go stale as the weights change).
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, warmup: int = 1):
+    def __init__(self, model: nn.Module, loss_fn: LossFn, warmup: int = 1, accumulate_gradients: bool = False):
         self.module = _LossModule(model, loss_fn)
         self.warmup = warmup
+        self.accumulate_gradients = accumulate_gradients
         self._signature: tuple | None = None
         self._warned = False
 
@@ -91,6 +100,20 @@ class GraphedLoss:
         except RuntimeError as error:
             raise RuntimeError(f"trainer.cuda_graph: capturing the training step failed ({error}); train without "
                                "it (trainer.cuda_graph: false) and report the model and data that caused this") from error
+        if self.accumulate_gradients:
+            copy_first_gradients(self.module.model.parameters())
+
+
+def copy_first_gradients(parameters: Iterable[nn.Parameter]) -> list:
+    """Make each parameter's first gradient after ``.grad`` was cleared a copy, so that ``.grad`` never shares
+    memory with a buffer that a later backward overwrites (a replayed graph's gradient outputs). Returns the
+    hook handles."""
+    return [p.register_hook(functools.partial(_copy_if_first, p)) for p in parameters if p.requires_grad]
+
+
+def _copy_if_first(parameter: nn.Parameter, grad: torch.Tensor) -> torch.Tensor:
+    # Later gradients are added into .grad, the copy, in place: they need none.
+    return grad.clone() if parameter.grad is None else grad
 
 
 def _autocast_without_cache():

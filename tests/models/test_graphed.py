@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mambatrain.config.schema import AttentionConfig, MambaConfig, ModelConfig
-from mambatrain.models.graphed import GraphedLoss
+from mambatrain.models.graphed import GraphedLoss, copy_first_gradients
 from mambatrain.models.lm import LanguageModel
 from mambatrain.models.windowed import windowed_loss
 
@@ -79,3 +79,61 @@ def test_other_shapes_run_eagerly(caplog):
     shorter = ids[:, :200]
     torch.testing.assert_close(graphed(shorter, shorter), _loss(None)(model, shorter, shorter, None))
     assert "runs eagerly" in caplog.text
+
+
+class _FixedBufferGradient(torch.autograd.Function):
+    """(w * x).sum() whose backward writes w's gradient into one fixed buffer and hands out a detached view of
+    it, as a replayed CUDA graph's backward does (torch.cuda.make_graphed_callables)."""
+
+    buffer: torch.Tensor
+
+    @staticmethod
+    def forward(ctx, w, x):
+        ctx.save_for_backward(x)
+        return (w * x).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        _FixedBufferGradient.buffer.copy_(grad * x)
+        return _FixedBufferGradient.buffer.detach(), None
+
+
+def test_accumulated_gradients_survive_a_backward_that_reuses_its_buffer():
+    # Without the copy, autograd makes the first gradient .grad itself (it is unshared), the second backward
+    # overwrites that buffer and then adds it to itself: 2 x the second gradient instead of the sum.
+    w = torch.nn.Parameter(torch.ones(3))
+    _FixedBufferGradient.buffer = torch.zeros(3)
+    hooks = copy_first_gradients([w])
+    xs = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0, 30.0])]
+    for x in xs:
+        _FixedBufferGradient.apply(w, x).backward()
+    torch.testing.assert_close(w.grad, xs[0] + xs[1])
+    assert w.grad.data_ptr() != _FixedBufferGradient.buffer.data_ptr()
+    w.grad = None  # the next step starts over: its first gradient is copied again
+    _FixedBufferGradient.apply(w, xs[1]).backward()
+    _FixedBufferGradient.apply(w, xs[0]).backward()
+    torch.testing.assert_close(w.grad, xs[0] + xs[1])
+    for hook in hooks:
+        hook.remove()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_replayed_gradients_accumulate_over_micro_batches():
+    model = _model("mamba").cuda()
+    graphed = GraphedLoss(model, _loss(None), accumulate_gradients=True)
+    batches = [torch.randint(0, VOCAB, (1, LENGTH), device="cuda") for _ in range(3)]
+    _loss_and_grads(model, lambda: graphed(batches[0], batches[0]))  # captures (no eager graph alive yet)
+
+    def accumulated(loss_of):
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            for ids in batches[1:]:
+                loss_of(ids).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        return grads
+
+    replayed = accumulated(lambda ids: graphed(ids, ids))
+    eager = accumulated(lambda ids: _loss(None)(model, ids, ids, None))
+    for (name, _), a, b in zip(model.named_parameters(), eager, replayed):
+        assert ((b - a).norm() / a.norm().clamp(min=1e-12)) < 2e-2, name
