@@ -33,7 +33,7 @@ SCALING = json.loads((ROOT / "benchmarks" / "scaling_h100.json").read_text())
 SWEEPS = json.loads((ROOT / "benchmarks" / "scaling_h100_graphs.json").read_text())["runs"]
 # Misses, kept visible: short lengths, where what plan does not model (autotuning's copies in the first step,
 # cuBLAS workspaces, the allocator's rounding) is a large share of a small peak. With CUDA graphs the peak is the
-# capture's; in these sweeps the first length of each process was captured before AdamW's moments existed and
+# capture's; in these sweeps the first length of each model was captured before AdamW's moments existed and
 # later lengths after (0.92 GiB for the 124M Transformer): its 4k row, which plan matches, lacks them, so plan is
 # likely under there too once they are counted. bench_scaling now steps once before the first length.
 KNOWN_MISSES = {("6f21ac9", "mamba2", 4096, True): "plan 19% over (loss-only graph, PyTorch loss)",
