@@ -1,4 +1,4 @@
-"""Throughput (tokens/s) and model FLOPs utilisation, from the analytic FLOPs of the recipe."""
+"""Throughput (tokens/s), model FLOPs utilisation (from the analytic FLOPs of the recipe) and GPU memory."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from ..plan import peak_flops, training_flops_per_token
 
 
 class ThroughputMonitor(L.Callback):
-    """Logs train/tokens_per_sec (on the progress bar) and train/mfu every ``log_every_n_steps``.
+    """Logs train/tokens_per_sec (on the progress bar) and train/mfu every ``log_every_n_steps``, and on a GPU the
+    peak memory since the start: train/peak_allocated_gib (tensors: what ``mambatrain plan`` predicts) and
+    train/peak_reserved_gib (what the process holds: the allocator's cache and CUDA graph pools too, whose
+    replays the allocated figure does not see; nearer to what runs out).
 
     Times whole windows of steps and synchronises the GPU only at window edges, so
     measuring does not slow training down.
@@ -60,4 +63,10 @@ class ThroughputMonitor(L.Callback):
         if self._peak is not None:
             mfu = tokens_per_sec * self.flops_per_token / (self._peak * trainer.world_size)
             pl_module.log("train/mfu", mfu, rank_zero_only=True)
+        device = pl_module.device
+        if device.type == "cuda":
+            pl_module.log("train/peak_allocated_gib", torch.cuda.max_memory_allocated(device) / 2**30,
+                          rank_zero_only=True)
+            pl_module.log("train/peak_reserved_gib", torch.cuda.max_memory_reserved(device) / 2**30,
+                          rank_zero_only=True)
         self._window_start = None
