@@ -47,7 +47,6 @@ def fit_steps(root, monkeypatch, batch_size, **trainer):
 
 
 def test_accumulated_step_is_the_step_of_the_whole_batch(tmp_path, monkeypatch):
-    torch.set_num_threads(1)
     whole_grads, whole_losses = fit_steps(tmp_path / "whole", monkeypatch, batch_size=4)
     # Two micro-batches of 2 rows, each run window by window: samples 0-3 again, in the same order.
     micro_grads, micro_losses = fit_steps(tmp_path / "micro", monkeypatch, batch_size=2, accumulate_grad_batches=2,

@@ -55,14 +55,6 @@ def assert_same_run(straight_dir, resumed_dir, from_step):
         assert abs(straight_losses[step] - resumed_losses[step]) < 1e-6, step
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matrices on a shared CPU: a second OpenMP thread only waits for a free core (10x slower, not faster).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, one_thread):
