@@ -33,7 +33,9 @@ from .rows import RowStreams
 from .shards import TokenStore, read_index
 from .sources import SourceReader
 from .streaming import POSITION_KEY, PreparedStreams, StreamBatches, TextStreams, gather_across_ranks
-from .synthetic import SyntheticBatches, markov_sample, markov_successors, passkey_sample, selective_copy_sample
+from .synthetic import (
+    SyntheticBatches, UnsizedOrder, markov_sample, markov_successors, passkey_sample, selective_copy_sample,
+)
 from .tokenizer import check_vocab, load_tokenizer
 
 log = logging.getLogger("mambatrain")
@@ -140,7 +142,7 @@ class RecipeDataModule(L.LightningDataModule):
             return self._loader(dataset)
         left = max(self.recipe.trainer.max_steps * self._batches_per_step() - self.start_batch, 0)
         return self._loader(SyntheticBatches(self._sample_fn(data.source, validation=False), left, data.batch_size,
-                                             rank, world, first_sample=self._first_sample()))
+                                             rank, world, first_sample=self._first_sample()), UnsizedOrder(left))
 
     def _first_sample(self) -> int:
         """Samples the whole run had trained on when this loader starts (global, over every rank)."""
@@ -161,10 +163,10 @@ class RecipeDataModule(L.LightningDataModule):
         return self._loader(SyntheticBatches(self._sample_fn(source, validation=True), batches, data.batch_size,
                                              rank, world))
 
-    def _loader(self, dataset) -> DataLoader:
+    def _loader(self, dataset, sampler=None) -> DataLoader:
         workers = self.recipe.data.num_workers
         # batch_size=None: the dataset yields whole batches, in order, from any number of workers.
-        return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+        return DataLoader(dataset, batch_size=None, shuffle=False, sampler=sampler, num_workers=workers,
                           persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
 
     # -------------------------------------------------------------------------------------- position

@@ -105,3 +105,19 @@ class SyntheticBatches(torch.utils.data.Dataset):
         first = self.first_sample + (batch_index * self.world_size + self.rank) * self.batch_size
         samples = [self.sample(first + j) for j in range(self.batch_size)]
         return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+class UnsizedOrder(torch.utils.data.Sampler):
+    """Batch indices 0, 1, ..., n-1 in order, with no ``len``: a training loader over ``SyntheticBatches``.
+
+    A resumed run's loader holds only the batches left, while Lightning restores its count of the batches of
+    the epoch already trained on; given a length, Lightning would end the "epoch" once that count reached it
+    (early, when resuming before half way) and start the loader again from its first batch, training on the
+    same samples twice. Without one, the run ends at trainer.max_steps, as with the streaming sources.
+    """
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __iter__(self):
+        return iter(range(self.n))

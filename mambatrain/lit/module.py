@@ -54,6 +54,7 @@ class LanguageModelModule(L.LightningModule):
                                     check_gradients=recipe.trainer.precision != "16-mixed")
         # trainer.cuda_graph: the training loss replayed from CUDA graphs, built at the first batch on a GPU
         self.graphed: GraphedLoss | None = None
+        self._step_losses: tuple[int, torch.Tensor | float, int] = (-1, 0.0, 0)  # (step, loss sum, micro-batches)
 
     def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids, seq_idx)
@@ -103,10 +104,20 @@ class LanguageModelModule(L.LightningModule):
             loss, _ = self._loss(batch, self.carried.for_batch(self.model, ids.shape[0], ids.device))
             self.carried.detach_()
         self.guard.observe(loss, batch)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/ppl", torch.exp(loss.detach().clamp(max=20)))
+        step_loss = self._step_loss(loss.detach())
+        self.log("train/loss", step_loss, prog_bar=True)
+        self.log("train/ppl", torch.exp(step_loss.clamp(max=20)))
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss * cpt.backward_scale(self.context_parallel)
+
+    def _step_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """Mean loss of this optimizer step's micro-batches so far. Lightning writes a step's metrics after its
+        last micro-batch, so train/loss is the loss of the whole accumulated batch, not of its last micro-batch."""
+        step, total, count = self._step_losses
+        if step != self.global_step:  # the first micro-batch of a step
+            step, total, count = self.global_step, 0.0, 0
+        self._step_losses = (step, total + loss, count + 1)
+        return (total + loss) / (count + 1)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         ids, labels, trainer = batch["input_ids"], batch["labels"], self.recipe.trainer

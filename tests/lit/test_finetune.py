@@ -34,13 +34,6 @@ def first_loss(root, name) -> float:
         return next(float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices on a shared CPU: more threads only wait for a core
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):

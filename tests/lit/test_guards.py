@@ -24,14 +24,6 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices on a shared CPU: a second OpenMP thread only waits for a free core.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class Poison(L.Callback):
     """Makes the attention block's output NaN during the steps ``poisoned`` (0-based global_step), and records

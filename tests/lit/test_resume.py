@@ -23,7 +23,7 @@ TINY = {
     "scheduler": {"warmup_steps": 2},
     # Two micro-batches per step: a resume or a preemption between them would show.
     "trainer": {"max_steps": 6, "accumulate_grad_batches": 2, "checkpoint_every_n_steps": 1,
-                "keep_last_checkpoints": 3, "val_every_n_steps": 100, "log_every_n_steps": 1,
+                "keep_last_checkpoints": 5, "val_every_n_steps": 100, "log_every_n_steps": 1,
                 "limit_val_batches": 2},
 }
 
@@ -55,14 +55,6 @@ def assert_same_run(straight_dir, resumed_dir, from_step):
         assert abs(straight_losses[step] - resumed_losses[step]) < 1e-6, step
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matrices on a shared CPU: a second OpenMP thread only waits for a free core (10x slower, not faster).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, one_thread):
@@ -74,8 +66,8 @@ def straight(tmp_path_factory, one_thread):
 def test_run_directory_records(straight):
     run_dir, _ = straight
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    # keep_last_checkpoints: 3 of the six step checkpoints, each with its marker, and last.ckpt.
-    kept = [f"step000000{step}.ckpt{suffix}" for step in (4, 5, 6) for suffix in ("", ".done")]
+    # keep_last_checkpoints: 5 of the six step checkpoints, each with its marker, and last.ckpt.
+    kept = [f"step000000{step}.ckpt{suffix}" for step in (2, 3, 4, 5, 6) for suffix in ("", ".done")]
     assert names == ["last.ckpt", "last.ckpt.done"] + kept
     environment = json.loads((run_dir / "environment.json").read_text())
     for key in ("python", "torch", "lightning", "triton", "device", "command", "git_commit", "started_at"):
@@ -94,6 +86,18 @@ def test_resume_matches_uninterrupted_run(straight, tmp_path):
     resumed = fit(tiny_recipe(tmp_path), resume=str(middle))
     assert_same_run(straight_dir, resumed_dir, from_step=4)
     assert abs(straight_metrics["val/loss"] - resumed["val/loss"]) < 1e-6
+
+
+def test_resume_before_half_way_does_not_start_the_data_again(straight, tmp_path):
+    straight_dir, _ = straight
+    # Step 2 of 6: the resumed loader holds the 8 micro-batches left, fewer than Lightning's restored count of 4
+    # plus those 8 suggests; Lightning must not end an "epoch" at its 8th batch and read the data from step 2 again.
+    resumed_dir = tmp_path / "tiny" / "version_0"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    early = resumed_dir / "checkpoints" / "step2.ckpt"
+    shutil.copy(straight_dir / "checkpoints" / "step0000002.ckpt", early)
+    fit(tiny_recipe(tmp_path), resume=str(early))
+    assert_same_run(straight_dir, resumed_dir, from_step=2)
 
 
 class SignalAtBatch(L.Callback):
