@@ -4,10 +4,13 @@ concatenated batch, when every micro-batch has as many labelled tokens (markov: 
 import csv
 
 import lightning as L
+import pytest
 import torch
 
 from mambatrain import run
 from mambatrain.config.load import load_recipe
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = {
     "model": {"kind": "hybrid", "d_model": 32, "n_layers": 2, "vocab_size": 32, "pattern": "MA", "d_mlp": 32,

@@ -13,6 +13,8 @@ from mambatrain.data.datamodule import RecipeDataModule
 from mambatrain.models.lm import LanguageModel
 from mambatrain.run import fit
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = {
     "model": {"kind": "hybrid", "d_model": 32, "n_layers": 2, "vocab_size": 32, "pattern": "MA", "d_mlp": 32,
               "mamba": {"d_state": 8, "head_dim": 8, "chunk_size": 64}, "attention": {"n_heads": 4}},

@@ -14,6 +14,8 @@ from mambatrain.lit.guards import NonFiniteGuard, NonFiniteStop, first_nonfinite
 from mambatrain.models import scan
 from mambatrain.models.lm import LanguageModel
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = {
     "model": {"kind": "hybrid", "d_model": 32, "n_layers": 2, "vocab_size": 32, "pattern": "MA",
               "mamba": {"d_state": 8, "head_dim": 8, "chunk_size": 64}, "attention": {"n_heads": 4}},

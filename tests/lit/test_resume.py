@@ -16,6 +16,8 @@ from mambatrain.checkpoint.preemption import REQUEUE_EXIT_CODE, Preempted
 from mambatrain.config.load import load_recipe
 from mambatrain.run import fit
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = {
     "model": {"kind": "hybrid", "d_model": 32, "n_layers": 2, "vocab_size": 32, "pattern": "MA", "d_mlp": 32,
               "mamba": {"d_state": 8, "head_dim": 8, "chunk_size": 64}, "attention": {"n_heads": 4}},
