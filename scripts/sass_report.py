@@ -6,6 +6,7 @@
     python scripts/sass_report.py --json out.json           # the rows as JSON too
     python scripts/sass_report.py --op ssd                  # every SSD kernel, chunks 64 128 256, its autotune space
     python scripts/sass_report.py --op ssd --chunk 64 --kernel dcb dx --config num_warps=8,maxnreg=128 --hist
+    python scripts/sass_report.py --op conv1d --hist        # conv1d + SiLU forward and backward, 16k and 1M tokens
 
 For the selective scan it runs the real host launcher (``_fwd`` / ``_bwd``) on meta tensors of the benchmark
 shape (batch 1, 1M steps, 1536 channels, 1 group, d_state 16, bf16, dt_softplus, dt_bias, D, z), with the
@@ -27,6 +28,12 @@ became Hopper wgmma (HGMMA) or mma.sync (HMMA), how many per hot-loop iteration 
 loop's thread-instructions per tensor-core FLOP (an H100 issues ~3e13 thread-instr/s and does ~7e14 bf16
 FLOP/s: above ~0.05 the loop is bound by issue, not by its matmuls); ``--hist`` adds every innermost loop's
 tensor-core, shared-memory (LDS/LDSM/STS), barrier, MUFU and shuffle counts.
+
+For the causal conv1d + SiLU (``--op conv1d``) it runs ``conv1d_silu_fwd`` / ``conv1d_silu_bwd`` at the shape of
+``scripts/bench_conv1d.py`` (batch 1, x a slice of 1792 channels of a 3352-wide bf16 in-projection, weight
+(1792, 4) and bias in fp32, no documents unless ``--docs``) for each ``--length`` (16k and 1M by default); the
+elements of an iteration are BT x BC (the backward's hot loop is its walk over a chunk, the forward has none:
+its whole body counts).
 
 Other kernels: import this file and call ``capture`` around their host launcher, then ``report`` on each
 launch (see ``selective_scan_launches``); ``compile_sm90`` and ``analyse`` take any JITFunction and arguments.
@@ -162,6 +169,8 @@ def innermost_loops(rows) -> list[tuple[int, int]]:
     for i, (_, _, ins) in enumerate(rows):
         if opcode(ins).startswith("BRA") and (m := re.search(r"`\((\.L_x_\d+)\)", ins)) and at.get(m.group(1), i + 1) <= i:
             loops.append((at[m.group(1)], i))
+    # a one-instruction loop is the trap after EXIT (`BRA` to itself), not a loop of the kernel
+    loops = [lo for lo in loops if lo[1] > lo[0]]
     return [lo for lo in loops if not any(o != lo and lo[0] <= o[0] and o[1] <= lo[1] for o in loops)]
 
 
@@ -201,10 +210,10 @@ def _loop_counts(ops, lo, hi) -> dict:
     return {k: c.get(k, 0) for k in ("HMMA", "HGMMA", "LDS", "LDSM", "STS", "BAR", "MUFU", "SHFL", "LDG", "STG")}
 
 
-def analyse(kernel, num_warps: int, elems_per_iter: int | None) -> dict:
+def analyse(kernel, num_warps: int, elems_per_iter: int | None, pick_hot=None) -> dict:
     """Registers, spills, occupancy, and the hot loop's opcode counts of a compiled kernel.
 
-    The hot loop is the largest innermost loop. ``tc_flops`` is the tensor-core work one iteration of it does
+    The hot loop is the largest innermost loop, or ``pick_hot(loops)`` of the innermost loops in code order. ``tc_flops`` is the tensor-core work one iteration of it does
     for the whole program (all warps), ``issue`` its thread-instructions (instructions x 32 x warps, as if no
     lane were predicated off), so ``issue / tc_flops`` compares the rest of the loop with its matmuls.
     """
@@ -212,7 +221,10 @@ def analyse(kernel, num_warps: int, elems_per_iter: int | None) -> dict:
     rows = _sass(kernel.asm["cubin"])
     ops = [opcode(ins) for _, _, ins in rows]
     loops = innermost_loops(rows)
-    lo, hi = max(loops, key=lambda r: r[1] - r[0]) if loops else (0, len(rows) - 1)
+    if not loops:
+        lo, hi = 0, len(rows) - 1
+    else:
+        lo, hi = pick_hot(loops) if pick_hot else max(loops, key=lambda r: r[1] - r[0])
     hot = Counter(op.split(".")[0] for op in ops[lo:hi + 1])
     mma = Counter(ops[i] for i in range(lo, hi + 1) if mma_flops(rows[i][2]))
     out = dict(res, smem=kernel.metadata.shared, warps_per_sm=occupancy(res["regs"], num_warps, kernel.metadata.shared),
@@ -223,6 +235,7 @@ def analyse(kernel, num_warps: int, elems_per_iter: int | None) -> dict:
                tc_flops=sum(mma_flops(rows[i][2]) for i in range(lo, hi + 1)) * num_warps,
                issue=(hi - lo + 1) * 32 * num_warps,
                loops=[dict(size=b - a + 1, **_loop_counts(ops, a, b)) for a, b in sorted(loops, key=lambda r: r[0] - r[1])],
+               loops_in_order=[dict(size=b - a + 1, **_loop_counts(ops, a, b)) for a, b in sorted(loops)],
                hot_mem=dict(Counter(op for op in ops[lo:hi + 1] if op.startswith(("LDG", "STG", "LDL", "STL",
                                                                                   "LDS", "STS")))))
     if elems_per_iter:
@@ -365,6 +378,69 @@ def ssd_main(a, only) -> list[dict]:
         ssd_report, _print_ssd_row, a.hist)
 
 
+# ------------------------------------------------------------------------------------------------- conv1d
+
+CONV1D_KERNELS = dict(fwd="conv1d_silu_fwd_kernel", bwd="conv1d_silu_bwd_kernel")
+
+
+def conv1d_launches(length: int, docs: bool = False, prefix: bool = False, channels=1792, proj_width=3352, width=4):
+    """One forward and one backward at the benchmark shape, recorded from the real launchers."""
+    ct = _import_kernels("conv1d")
+    meta = dict(device="meta")
+    proj = torch.empty(1, length, proj_width, dtype=torch.bfloat16, **meta)
+    x = proj[..., 1536:1536 + channels]  # the xBC slice of the 130M Mamba-2's in-projection
+    dout = torch.empty(1, length, channels, dtype=torch.bfloat16, **meta)
+    weight, bias = torch.empty(channels, width, **meta), torch.empty(channels, **meta)
+    rows = length + (width - 1 if prefix else 0)
+    seq_idx = torch.empty(1, rows, dtype=torch.int32, **meta) if docs else None
+    pre = torch.empty(1, width - 1, channels, dtype=torch.bfloat16, **meta) if prefix else None
+    with capture(ct, list(CONV1D_KERNELS.values())) as launches:
+        ct.conv1d_silu_fwd(x, weight, bias, seq_idx, pre)
+        ct.conv1d_silu_bwd(dout, x, weight, bias, seq_idx, pre)
+    return launches
+
+
+def conv1d_report(launch, cfg) -> dict:
+    kw = dict(launch["kwargs"], **cfg.kwargs)
+    fn = _jit(launch["kernel"])
+    k = compile_sm90(fn, launch["args"], kw, cfg.num_warps, cfg.num_stages, cfg.maxnreg)
+    names = fn.arg_names
+    named = dict(zip(names, launch["args"]))
+    extra = {k_: named[k_] for k_ in ("CHUNK", "NCH") if k_ in named}
+    return dict(kernel=launch["name"], length=launch["length"], **extra, **cfg.kwargs, num_warps=cfg.num_warps,
+                maxnreg=cfg.maxnreg, **analyse(k, cfg.num_warps, kw["BT"] * kw["BC"], _conv1d_walk))
+
+
+def _conv1d_walk(loops):
+    # The backward walks its chunk in steps compiled up to three times: masked steps while the prefix's rows
+    # come out (with a prefix), unmasked steps, masked steps at the end of the sequence, in this code order.
+    # The unmasked ones run nearly always: the last loop but one. (One loop: the old backward's block loop.)
+    return loops[-2] if len(loops) > 1 else loops[0]
+
+
+def _print_conv1d_row(r, hist):
+    head = " ".join(f"{k}={r[k]}" for k in ("kernel", "length", "CHUNK", "NCH", "BT", "BC", "num_warps", "maxnreg")
+                    if r.get(k) is not None)
+    print(f"{head}: regs {r['regs']} spill st/ld {r['spill_st']}/{r['spill_ld']} B, local ops {r['local_ops']}, "
+          f"smem {r['smem']}, warps/SM {r['warps_per_sm']}, sass {r['sass']}; hot loop {r['loop']} instr "
+          f"({r.get('per_elem', 0):.1f}/elem; loops in code order {[lo['size'] for lo in r['loops_in_order']]}): "
+          + " ".join(f"{k} {v}" for k, v in r["hot"].items() if v), flush=True)
+    if hist:
+        print("   ", r["hot_mem"])
+        print("   ", " ".join(f"{k}:{v}" for k, v in r["hist"].items()))
+
+
+def conv1d_main(a, only) -> list[dict]:
+    wanted = {CONV1D_KERNELS[k] for k in (a.kernel or CONV1D_KERNELS)}
+    launches = (dict(launch, length=length) for length in a.lengths
+                for launch in conv1d_launches(length, a.docs, a.prefix))
+    # the kernels do not depend on the length (it is a runtime argument): one report per flag set
+    return _report_each(
+        launches, only,
+        lambda launch: (launch["length"], launch["name"]) if launch["name"] in wanted else None,
+        conv1d_report, _print_conv1d_row, a.hist)
+
+
 def _parse_config(text: str) -> triton.Config:
     kv = dict(item.split("=") for item in text.split(","))
     kv = {k: int(v) for k, v in kv.items()}
@@ -374,12 +450,15 @@ def _parse_config(text: str) -> triton.Config:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--op", default="selective", choices=["selective", "ssd"])
+    p.add_argument("--op", default="selective", choices=["selective", "ssd", "conv1d"])
     p.add_argument("--kernel", nargs="+", help="selective: fwd carry bwd (default bwd); ssd: "
-                   + " ".join(SSD_KERNELS) + " (default all)")
+                   + " ".join(SSD_KERNELS) + " (default all); conv1d: fwd bwd (default both)")
     p.add_argument("--programs", type=int, nargs="+", default=[2048, 8192], help="BWD_PROGRAMS (sets NSUB)")
     p.add_argument("--chunk", type=int, nargs="+", default=[64, 128, 256], help="ssd chunk sizes")
     p.add_argument("--length", type=int, default=1 << 20, help="ssd tokens (batch 1)")
+    p.add_argument("--lengths", type=int, nargs="+", default=[1 << 14, 1 << 20], help="conv1d tokens (batch 1)")
+    p.add_argument("--docs", action="store_true", help="conv1d: with seq_idx (document boundaries)")
+    p.add_argument("--prefix", action="store_true", help="conv1d: with a prefix (the windowed trainer's)")
     p.add_argument("--config", help="one config instead of the pruned space, e.g. BT=8,NI=4,num_warps=2")
     p.add_argument("--hist", action="store_true", help="full opcode histogram of each hot loop")
     p.add_argument("--json", help="also write the rows here")
@@ -389,6 +468,10 @@ def main():
         if set(a.kernel or ()) - SSD_KERNELS.keys():
             p.error(f"ssd kernels: {' '.join(SSD_KERNELS)}")
         rows = ssd_main(a, only)
+    elif a.op == "conv1d":
+        if set(a.kernel or ()) - CONV1D_KERNELS.keys():
+            p.error(f"conv1d kernels: {' '.join(CONV1D_KERNELS)}")
+        rows = conv1d_main(a, only)
     elif set(a.kernel or ()) - {"fwd", "carry", "bwd"}:
         p.error("selective scan kernels: fwd carry bwd")
     else:
