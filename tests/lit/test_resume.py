@@ -78,28 +78,19 @@ def test_run_directory_records(straight):
     assert (run_dir / "recipe.yaml").is_file()
 
 
-def test_resume_matches_uninterrupted_run(straight, tmp_path):
+# Step 2 of 6 is before half way: the resumed loader holds the 8 micro-batches left, and Lightning, which restores
+# its count of the epoch's batches (4), once ended an "epoch" at its 8th and read the data from step 2 again.
+@pytest.mark.parametrize("step", [2, 4])
+def test_resume_matches_uninterrupted_run(straight, tmp_path, step):
     straight_dir, straight_metrics = straight
-    # A run preempted after its step-4 checkpoint: only that file, copied by hand without its marker, survives.
+    # A run preempted after a step's checkpoint: only that file, copied by hand without its marker, survives.
     resumed_dir = tmp_path / "tiny" / "version_0"
     (resumed_dir / "checkpoints").mkdir(parents=True)
-    middle = resumed_dir / "checkpoints" / "step4.ckpt"
-    shutil.copy(straight_dir / "checkpoints" / "step0000004.ckpt", middle)
-    resumed = fit(tiny_recipe(tmp_path), resume=str(middle))
-    assert_same_run(straight_dir, resumed_dir, from_step=4)
+    kept = resumed_dir / "checkpoints" / f"step{step}.ckpt"
+    shutil.copy(straight_dir / "checkpoints" / f"step000000{step}.ckpt", kept)
+    resumed = fit(tiny_recipe(tmp_path), resume=str(kept))
+    assert_same_run(straight_dir, resumed_dir, from_step=step)
     assert abs(straight_metrics["val/loss"] - resumed["val/loss"]) < 1e-6
-
-
-def test_resume_before_half_way_does_not_start_the_data_again(straight, tmp_path):
-    straight_dir, _ = straight
-    # Step 2 of 6: the resumed loader holds the 8 micro-batches left, fewer than Lightning's restored count of 4
-    # plus those 8 suggests; Lightning must not end an "epoch" at its 8th batch and read the data from step 2 again.
-    resumed_dir = tmp_path / "tiny" / "version_0"
-    (resumed_dir / "checkpoints").mkdir(parents=True)
-    early = resumed_dir / "checkpoints" / "step2.ckpt"
-    shutil.copy(straight_dir / "checkpoints" / "step0000002.ckpt", early)
-    fit(tiny_recipe(tmp_path), resume=str(early))
-    assert_same_run(straight_dir, resumed_dir, from_step=2)
 
 
 class SignalAtBatch(L.Callback):
