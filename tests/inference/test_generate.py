@@ -11,6 +11,7 @@ from mambatrain.models.lm import LanguageModel
 STACKS = {
     "mamba1": dict(kind="mamba", mamba=MambaConfig(version=1, d_state=8)),
     "mamba2": dict(kind="mamba", mamba=MambaConfig(version=2, d_state=8, head_dim=8, n_groups=2, chunk_size=64)),
+    "mamba2-d_conv1": dict(kind="mamba", mamba=MambaConfig(version=2, d_state=8, head_dim=8, d_conv=1)),  # no conv tail
     "transformer": dict(kind="transformer", attention=AttentionConfig(n_heads=4, n_kv_heads=2)),
     "hybrid": dict(kind="hybrid", pattern="MAMA", mamba=MambaConfig(d_state=8, head_dim=8, chunk_size=64),
                    attention=AttentionConfig(n_heads=4, n_kv_heads=2)),
