@@ -11,6 +11,7 @@ from mambatrain.models.lm import LanguageModel
 STACKS = {
     "mamba1": dict(kind="mamba", mamba=MambaConfig(version=1, d_state=8)),
     "mamba2": dict(kind="mamba", mamba=MambaConfig(version=2, d_state=8, head_dim=8, n_groups=2, chunk_size=64)),
+    "mamba2-d_conv1": dict(kind="mamba", mamba=MambaConfig(version=2, d_state=8, head_dim=8, d_conv=1)),  # no conv tail
     "transformer": dict(kind="transformer", attention=AttentionConfig(n_heads=4, n_kv_heads=2)),
     "hybrid": dict(kind="hybrid", pattern="MAMA", mamba=MambaConfig(d_state=8, head_dim=8, chunk_size=64),
                    attention=AttentionConfig(n_heads=4, n_kv_heads=2)),
@@ -40,13 +41,14 @@ def test_step_by_step_logits_equal_full_sequence(name):
     assert error < 1e-5, error
 
 
-def test_decoding_continues_the_document_of_the_prompt():
-    model = tiny("hybrid")
+@pytest.mark.parametrize("name", ["hybrid", "hybrid-window"])
+def test_decoding_continues_the_document_of_the_prompt(name):
+    model = tiny(name)
     tokens = torch.randint(0, 50, (2, 16))
     seq_idx = torch.zeros(2, 16, dtype=torch.int32)
-    # A second document starts inside the prompt (at least d_conv - 1 tokens before its end: MambaState keeps
-    # only the document of its last token, so its convolution tail must lie in that document).
-    seq_idx[0, 5:], seq_idx[1, 7:] = 1, 1
+    # A second document starts inside the prompt: mid-prompt in row 0, at its last token in row 1 (the carried
+    # convolution tail then holds only inputs of the first document, which must not reach the decoded tokens).
+    seq_idx[0, 5:], seq_idx[1, 9:] = 1, 1
     with torch.no_grad():
         full = model.logits(model(tokens, seq_idx))
         states = model.decoding_states(2, tokens.device)

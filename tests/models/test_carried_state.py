@@ -47,3 +47,32 @@ def test_activation_checkpointing_keeps_loss_and_gradients():
     torch.testing.assert_close(recomputed, plain)
     for a, b in zip(grads, plain_grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("d_conv", [1, 4])
+@pytest.mark.parametrize("with_documents", [False, True])
+def test_windows_of_any_length_carry_d_conv_minus_one_inputs(version, d_conv, with_documents):
+    """Windows shorter than the conv tail (1 and 2 tokens), and d_conv 1 (no tail at all: ``x[:, -0:]`` is all of
+    x, not none of it); rows whose documents begin at different window edges continue independently."""
+    torch.manual_seed(version)
+    config = ModelConfig(kind="mamba", d_model=16, n_layers=1, vocab_size=50,
+                         mamba=MambaConfig(version=version, d_state=4, head_dim=8, d_conv=d_conv))
+    model = LanguageModel(config).double()
+    tokens = torch.randint(0, 50, (3, 14))
+    seq_idx = None
+    if with_documents:
+        seq_idx = torch.zeros(3, 14, dtype=torch.int32)
+        seq_idx[0, 3:] = 1  # at a window edge in this row only
+        seq_idx[1, 4:] = 1  # the last token of a window opens a document
+        seq_idx[2, 6:] = 1  # inside a window
+    with torch.no_grad():
+        whole = model(tokens, seq_idx)
+        states = model.empty_states(3, tokens.device)
+        parts, start = [], 0
+        for end in (1, 3, 5, 6, 14):
+            window = slice(start, end)
+            parts.append(model(tokens[:, window], None if seq_idx is None else seq_idx[:, window], states))
+            assert states[0].conv.shape[1] == d_conv - 1
+            start = end
+    torch.testing.assert_close(torch.cat(parts, dim=1), whole, rtol=1e-9, atol=1e-12)

@@ -51,16 +51,21 @@ def _carry_in(state: MambaState | None, seq_idx: torch.Tensor | None):
     return state.conv, torch.cat([prefix_ids, seq_idx], dim=1), initial
 
 
+def _last(t: torch.Tensor, n: int) -> torch.Tensor:
+    """The last n steps of t (B, T, ...), all of them if T < n; ``t[:, -n:]`` would be all of t for n = 0."""
+    return t[:, max(t.shape[1] - n, 0):]
+
+
 def _carry_out(state: MambaState, conv_input: torch.Tensor, final: torch.Tensor, seq_idx: torch.Tensor | None):
-    width_1 = state.conv.shape[1]
+    width_1 = state.conv.shape[1]  # d_conv - 1, which may be 0
     # Only the last width_1 steps go into the cat: a slice of a cat over the whole window would keep the
     # window's every input alive as long as the state lives (one window's worth per carried state).
-    tail = torch.cat([state.conv.to(conv_input.dtype), conv_input[:, -width_1:]], dim=1)[:, -width_1:]
+    tail = _last(torch.cat([state.conv.to(conv_input.dtype), _last(conv_input, width_1)], dim=1), width_1)
     if seq_idx is not None:
         # The tail may reach back into an earlier document; its taps must not reach the next window, so those
         # entries are zeroed (entries carried in from before were zeroed already, so they count as state.doc).
         earlier = state.doc[:, None].expand(-1, width_1).to(seq_idx.dtype)
-        tail_ids = torch.cat([earlier, seq_idx[:, -width_1:]], dim=1)[:, -width_1:]
+        tail_ids = _last(torch.cat([earlier, _last(seq_idx, width_1)], dim=1), width_1)
         tail = tail * (tail_ids == seq_idx[:, -1:])[..., None].to(tail.dtype)
         state.doc = seq_idx[:, -1].to(state.doc.dtype)
     state.conv, state.ssm = tail, final
