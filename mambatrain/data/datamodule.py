@@ -31,7 +31,7 @@ from .mqar import mqar_sample
 from .relayout import redivide
 from .rows import RowStreams
 from .shards import TokenStore, read_index
-from .sources import SourceReader
+from .sources import SourceReader, check_held_out
 from .streaming import POSITION_KEY, PreparedStreams, StreamBatches, TextStreams, gather_across_ranks
 from .synthetic import (
     SyntheticBatches, UnsizedOrder, markov_sample, markov_successors, passkey_sample, selective_copy_sample,
@@ -52,6 +52,7 @@ def check_data(recipe: Recipe) -> None:
         check_vocab(load_tokenizer(data.text.tokenizer, data.text.eod_token), recipe.model.vocab_size)
         groups = [("sources", data.text.sources)] + ([("val_sources", data.text.val_sources)]
                                                       if data.text.val_sources else [])
+        check_held_out(data.text.sources, data.text.val_sources)
         for group, sources in groups:
             for i, source in enumerate(sources):
                 # Reads one batch of documents: the files exist, the column exists, there is text.

@@ -84,3 +84,15 @@ def test_missing_tokenizer_fails_before_training(tmp_path):
     with pytest.raises(RecipeError, match="data.text.tokenizer: .*nope not found"):
         RecipeDataModule(recipe(tmp_path, text={"sources": [{"path": str(tmp_path / "corpus")}],
                                                 "tokenizer": str(tmp_path / "nope")}))
+
+
+def test_validation_files_inside_the_training_sources_are_refused(tmp_path):
+    # corpus/ holds part0 and part1: validating on part1 would measure fit, not generalisation.
+    write_corpus(tmp_path / "corpus", n_files=2, docs_per_file=3)
+    r = recipe(tmp_path, text={"sources": [{"path": str(tmp_path / "corpus")}],
+                               "val_sources": [{"path": str(tmp_path / "corpus" / "part1.jsonl")}]})
+    message = r"data.text.val_sources\[0\]: .*part1.jsonl is also read by data.text.sources\[0\]"
+    with pytest.raises(RecipeError, match=message):
+        RecipeDataModule(r)
+    with pytest.raises(RecipeError, match=message):  # nor written as the val split of prepared shards
+        prepare(r)
