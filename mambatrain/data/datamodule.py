@@ -31,7 +31,7 @@ from .mqar import mqar_sample
 from .relayout import redivide
 from .rows import RowStreams
 from .shards import TokenStore, read_index
-from .sources import SourceReader
+from .sources import SourceReader, check_held_out
 from .streaming import POSITION_KEY, PreparedStreams, StreamBatches, TextStreams, gather_across_ranks
 from .synthetic import (
     SyntheticBatches, UnsizedOrder, markov_sample, markov_successors, passkey_sample, selective_copy_sample,
@@ -52,6 +52,7 @@ def check_data(recipe: Recipe) -> None:
         check_vocab(load_tokenizer(data.text.tokenizer, data.text.eod_token), recipe.model.vocab_size)
         groups = [("sources", data.text.sources)] + ([("val_sources", data.text.val_sources)]
                                                       if data.text.val_sources else [])
+        check_held_out(data.text.sources, data.text.val_sources)
         for group, sources in groups:
             for i, source in enumerate(sources):
                 # Reads one batch of documents: the files exist, the column exists, there is text.
@@ -196,6 +197,7 @@ class RecipeDataModule(L.LightningDataModule):
             state["streams"] = gather_across_ranks(self.stream_states)[::self.recipe.trainer.context_parallel]
             state["num_streams"] = max(self.recipe.data.num_workers, 1)
             state["row_streams"] = self.recipe.trainer.carry_state
+            state["source"] = self.recipe.data.source
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -207,6 +209,12 @@ class RecipeDataModule(L.LightningDataModule):
             log.warning("the checkpoint holds no stream position (it was not trained on %s data): "
                         "the %s streams start from the beginning", self.recipe.data.source, self.recipe.data.source)
             return
+        source = self.recipe.data.source
+        saved = state.get("source", source)  # older checkpoints do not say: taken to be this run's source
+        if saved != source:
+            raise RecipeError(f"data.source: the checkpoint holds the position of {saved} streams, which {source} "
+                              f"streams cannot continue; resume with data.source: {saved}, or start a new run from "
+                              f"its weights (finetune.init_from)")
         carry = self.recipe.trainer.carry_state
         if state.get("row_streams", False) != carry:
             raise RecipeError(f"trainer.carry_state: the checkpoint was written with carry_state: "

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..config.schema import Recipe, RecipeError
 from .packing import window_sample
-from .sources import DataError, DocumentStream
+from .sources import DataError, DocumentStream, check_held_out
 from .tokenizer import check_vocab, load_tokenizer
 
 log = logging.getLogger("mambatrain")
@@ -118,6 +118,7 @@ def prepare(recipe: Recipe, out: Optional[str] = None) -> Path:
         raise RecipeError("data.prepared.path: name the folder to write the shards to (or pass --out)")
     if not text.sources:
         raise RecipeError("data.text.sources: `data prepare` reads data.text.sources; none are given")
+    check_held_out(text.sources, text.val_sources)
     tokenizer = load_tokenizer(text.tokenizer, text.eod_token)
     check_vocab(tokenizer, recipe.model.vocab_size)
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)

@@ -70,6 +70,26 @@ def resolve_files(path: str, key: str) -> tuple[str, list[str]]:
     return builders.pop(), candidates
 
 
+def check_held_out(sources: list[TextSourceConfig], val_sources: list[TextSourceConfig]) -> None:
+    """No validation source reads a file (or hub dataset split) that a training source reads; a RecipeError if one does.
+
+    Validating on documents the model trains on measures fit, not generalisation, and nothing else would tell.
+    """
+    def reads(source: TextSourceConfig, key: str) -> set:
+        if looks_local(source.path):
+            return {str(Path(f).resolve()) for f in resolve_files(source.path, f"{key}.path")[1]}
+        return {f"hub dataset {source.path} ({source.name or 'default'}, split {source.split})"}
+
+    training = [reads(s, f"data.text.sources[{i}]") for i, s in enumerate(sources)]
+    for j, source in enumerate(val_sources):
+        for shared in sorted(reads(source, f"data.text.val_sources[{j}]")):
+            i = next((i for i, files in enumerate(training) if shared in files), None)
+            if i is not None:
+                raise RecipeError(f"data.text.val_sources[{j}]: {shared} is also read by data.text.sources[{i}] "
+                                  f"({sources[i].path}); validation must be held out, or val/loss measures fit: "
+                                  f"take it out of the training sources")
+
+
 def _first_invalid_utf8(files: list[str], chunk: int = 1 << 24) -> Optional[str]:
     """'file at byte N' for the first file that is not valid UTF-8 (only called after a decode error)."""
     import codecs

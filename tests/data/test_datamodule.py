@@ -79,8 +79,34 @@ def test_changed_worker_count_is_refused(tmp_path):
         other.load_state_dict(state)
 
 
+def test_resuming_a_text_position_on_prepared_data_is_refused(tmp_path):
+    # Each source's positions mean nothing to the other's streams (their workers failed with a KeyError).
+    write_corpus(tmp_path / "corpus", n_files=1, docs_per_file=10)
+    prepare(recipe(tmp_path, "prepared"))
+    for saved, resumed in (("text", "prepared"), ("prepared", "text")):
+        dm = RecipeDataModule(recipe(tmp_path, saved))
+        dm.trainer = fake_trainer(0)
+        state = dm.state_dict()
+        other = RecipeDataModule(recipe(tmp_path, resumed))
+        other.trainer = fake_trainer(0)
+        with pytest.raises(RecipeError, match=f"data.source: the checkpoint holds the position of {saved} "):
+            other.load_state_dict(state)
+
+
 def test_missing_tokenizer_fails_before_training(tmp_path):
     write_corpus(tmp_path / "corpus", n_files=1, docs_per_file=3)
     with pytest.raises(RecipeError, match="data.text.tokenizer: .*nope not found"):
         RecipeDataModule(recipe(tmp_path, text={"sources": [{"path": str(tmp_path / "corpus")}],
                                                 "tokenizer": str(tmp_path / "nope")}))
+
+
+def test_validation_files_inside_the_training_sources_are_refused(tmp_path):
+    # corpus/ holds part0 and part1: validating on part1 would measure fit, not generalisation.
+    write_corpus(tmp_path / "corpus", n_files=2, docs_per_file=3)
+    r = recipe(tmp_path, text={"sources": [{"path": str(tmp_path / "corpus")}],
+                               "val_sources": [{"path": str(tmp_path / "corpus" / "part1.jsonl")}]})
+    message = r"data.text.val_sources\[0\]: .*part1.jsonl is also read by data.text.sources\[0\]"
+    with pytest.raises(RecipeError, match=message):
+        RecipeDataModule(r)
+    with pytest.raises(RecipeError, match=message):  # nor written as the val split of prepared shards
+        prepare(r)
