@@ -213,9 +213,10 @@ def _loop_counts(ops, lo, hi) -> dict:
 def analyse(kernel, num_warps: int, elems_per_iter: int | None, pick_hot=None) -> dict:
     """Registers, spills, occupancy, and the hot loop's opcode counts of a compiled kernel.
 
-    The hot loop is the largest innermost loop, or ``pick_hot(loops)`` of the innermost loops in code order. ``tc_flops`` is the tensor-core work one iteration of it does
-    for the whole program (all warps), ``issue`` its thread-instructions (instructions x 32 x warps, as if no
-    lane were predicated off), so ``issue / tc_flops`` compares the rest of the loop with its matmuls.
+    The hot loop is the largest innermost loop, or ``pick_hot(loops)`` of the innermost loops in code order.
+    ``tc_flops`` is the tensor-core work one iteration of it does for the whole program (all warps), ``issue``
+    its thread-instructions (instructions x 32 x warps, as if no lane were predicated off), so
+    ``issue / tc_flops`` compares the rest of the loop with its matmuls.
     """
     res = _ptxas_resources(kernel.asm["ptx"])
     rows = _sass(kernel.asm["cubin"])
