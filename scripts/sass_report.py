@@ -236,7 +236,8 @@ def analyse(kernel, num_warps: int, elems_per_iter: int | None, pick_hot=None) -
                tc_flops=sum(mma_flops(rows[i][2]) for i in range(lo, hi + 1)) * num_warps,
                issue=(hi - lo + 1) * 32 * num_warps,
                loops=[dict(size=b - a + 1, **_loop_counts(ops, a, b)) for a, b in sorted(loops, key=lambda r: r[0] - r[1])],
-               loops_in_order=[dict(size=b - a + 1, **_loop_counts(ops, a, b)) for a, b in sorted(loops)],
+               loops_in_order=[dict(size=b - a + 1, **_loop_counts(ops, a, b))
+                               for a, b in sorted(loops)],
                hot_mem=dict(Counter(op for op in ops[lo:hi + 1] if op.startswith(("LDG", "STG", "LDL", "STL",
                                                                                   "LDS", "STS")))))
     if elems_per_iter:
