@@ -120,8 +120,17 @@ def _overrides_to_dict(overrides: Sequence[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"{key}: {part} is a value, not a section")
-        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+        node[leaf] = _override_value(raw)
     return result
+
+
+def _override_value(raw: str) -> Any:
+    """An override's value read as YAML (``10``, ``null``, ``[256, 1024]``); what YAML cannot read is the text
+    typed (``@night``), which the type check then accepts or refuses by its key."""
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
 
 
 def _merge(base: dict, update: dict) -> dict:

@@ -120,3 +120,10 @@ def test_ratio_placement_is_even_and_exact(n_layers, ratio):
     slots = [k for k, letter in enumerate(pattern) if letter == "A"]
     gaps = [later - earlier for earlier, later in zip(slots, slots[1:])]
     assert not gaps or max(gaps) - min(gaps) <= 1
+
+
+def test_override_that_is_not_yaml_is_text(tmp_path):
+    # "@night" cannot start a YAML value: it is the string the user typed, not a traceback.
+    assert load_recipe(write(tmp_path, MINIMAL), ["--logging.run_name", "@night"]).logging.run_name == "@night"
+    message = fails(tmp_path, MINIMAL, ["--eval.passkey_lengths", "[256, 1024"])
+    assert message.startswith("eval.passkey_lengths: expected list"), message
