@@ -143,15 +143,38 @@ def _merge(base: dict, update: dict) -> dict:
     return merged
 
 
+def _duplicate_key(node: yaml.Node, prefix: str = "") -> str | None:
+    """The first key given twice in one mapping, as "model.d_model ... (lines 2 and 3)"; PyYAML keeps the last."""
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            if found := _duplicate_key(item, f"{prefix.rstrip('.')}[{i}]."):
+                return found
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    lines: dict[str, int] = {}
+    for key, value in node.value:
+        name = str(key.value)
+        if name in lines:
+            return f"{prefix}{name} is given twice (lines {lines[name]} and {key.start_mark.line + 1})"
+        lines[name] = key.start_mark.line + 1
+        if found := _duplicate_key(value, f"{prefix}{name}."):
+            return found
+    return None
+
+
 def read_recipe_file(path: str | Path) -> dict:
     """The raw YAML mapping of a recipe file, with a clear error for a missing or malformed file."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
+    text = path.read_text()
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(text)
+        duplicate = _duplicate_key(yaml.compose(text, Loader=yaml.SafeLoader))
     except yaml.YAMLError as error:
         raise RecipeError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
+    if duplicate:
+        raise RecipeError(f"{path}: {duplicate}; YAML would keep only the last, so merge them")
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

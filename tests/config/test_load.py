@@ -127,3 +127,18 @@ def test_override_that_is_not_yaml_is_text(tmp_path):
     assert load_recipe(write(tmp_path, MINIMAL), ["--logging.run_name", "@night"]).logging.run_name == "@night"
     message = fails(tmp_path, MINIMAL, ["--eval.passkey_lengths", "[256, 1024"])
     assert message.startswith("eval.passkey_lengths: expected list"), message
+
+
+@pytest.mark.parametrize("text,message", [
+    # PyYAML keeps the last of two equal keys: a second trainer: section would silently drop the first one's keys.
+    ("model: {kind: mamba}\ndata: {}\ntrainer:\n  max_steps: 10\ntrainer:\n  seed: 7\n",
+     "trainer is given twice (lines 3 and 5); YAML would keep only the last, so merge them"),
+    ("model:\n  d_model: 64\n  d_model: 128\ndata: {}\n",
+     "model.d_model is given twice (lines 2 and 3); YAML would keep only the last, so merge them"),
+], ids=["section", "key in a section"])
+def test_duplicate_key_fails_instead_of_replacing_the_first(tmp_path, text, message):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert str(info.value) == f"{path}: {message}"
