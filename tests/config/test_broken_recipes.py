@@ -81,6 +81,11 @@ INCOMPATIBLE = [
                                                            "model.vocab_size": 300}),
     ("source of weight 0", "data.text.sources[0].weight",
      {"data": {**TEXT, "text": {"sources": [{"path": "a.txt", "weight": 0}]}}, "model.vocab_size": 300}),
+    # Wrong types inside a list of sections (the generated cases change keys outside lists only).
+    ("source weight that is not a number", "data.text.sources[0].weight",
+     {"data": {**TEXT, "text": {"sources": [{"path": "a.txt", "weight": "high"}]}}, "model.vocab_size": 300}),
+    ("hub configuration read as a boolean (name: no)", "data.text.sources[0].name",
+     {"data": {**TEXT, "text": {"sources": [{"path": "a.txt", "name": False}]}}, "model.vocab_size": 300}),
     ("empty tokenizer name", "data.text.tokenizer", {"data.text.tokenizer": ""}),
     ("min_lr_ratio above 1", "scheduler.min_lr_ratio", {"scheduler.min_lr_ratio": 1.5}),
     ("beta1 of 1", "optimizer.beta1", {"optimizer.beta1": 1.0}),
@@ -228,7 +233,7 @@ def test_broken_recipe_fails_with_one_line_naming_the_key(name, key, changes):
     message = str(error.value)
     assert message.startswith(f"{key}: ") or message.startswith(f"{key}[") or message.startswith(f"{key}."), message
     assert "\n" not in message
-    for internal in ("Traceback", "NoneType", "<class", "class_path"):
+    for internal in ("Traceback", "NoneType", "<class", "class_path", "Union"):
         assert internal not in message, message
 
 

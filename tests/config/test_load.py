@@ -142,3 +142,20 @@ def test_duplicate_key_fails_instead_of_replacing_the_first(tmp_path, text, mess
     with pytest.raises(RecipeError) as info:
         load_recipe(path)
     assert str(info.value) == f"{path}: {message}"
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("trainer.sequence_window", 1.5, "trainer.sequence_window: expected int or null; got 1.5"),
+    ("data.val_source", "txt", "data.val_source: expected one of mqar, passkey, selective_copy, markov, text, "
+                               "prepared, null; got txt"),
+])
+def test_wrong_type_of_a_nullable_key_says_what_is_expected(tmp_path, key, value, expected):
+    section, name = key.split(".")
+    assert fails(tmp_path, {**MINIMAL, section: {**MINIMAL.get(section, {}), name: value}}) == expected
+
+
+def test_yaml_boolean_for_a_text_key_says_to_quote_it(tmp_path):
+    # YAML 1.1 reads an unquoted no, off or 2024 as a boolean or a number, not as the text a str key wants.
+    message = fails(tmp_path, {**MINIMAL, "logging": {"run_name": False}})
+    assert message == "logging.run_name: expected str; got False (YAML reads unquoted yes/no/on/off/true/false as " \
+                      "booleans and numbers as numbers: quote the value)", message
