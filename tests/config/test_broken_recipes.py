@@ -65,6 +65,7 @@ INCOMPATIBLE = [
     ("groups not dividing the heads", "model.mamba.n_groups", {"model.mamba.n_groups": 3}),
     ("chunk not a power of two", "model.mamba.chunk_size", {"model.mamba.chunk_size": 96}),
     ("chunk too large", "model.mamba.chunk_size", {"model.mamba.chunk_size": 512}),
+    ("Mamba-2 state above the SSD kernel's 256", "model.mamba.d_state", {"model.mamba.d_state": 512}),
     ("dt_min above dt_max", "model.mamba.dt_min", {"model.mamba.dt_min": 0.5, "model.mamba.dt_max": 0.1}),
     ("a_init_min above a_init_max", "model.mamba.a_init_min", {"model.mamba.a_init_min": 20.0}),
     ("sequence too short for the mqar pairs", "data.seq_len", {"data.seq_len": 8}),
