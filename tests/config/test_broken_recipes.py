@@ -15,6 +15,7 @@ import typing
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import RECIPES
@@ -256,3 +257,17 @@ def test_broken_recipe_through_the_command_line(tmp_path, name):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"recipe error: {key}"), result.stderr[-2000:]
     assert not list((tmp_path / "runs").glob("*/*/checkpoints/*"))  # nothing was trained
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+@pytest.mark.parametrize("key,changes", [
+    ("trainer.accelerator", {"trainer.accelerator": "gpu"}),
+    ("trainer.strategy", {"trainer.strategy": "fsdp", "trainer.devices": 2}),
+], ids=["accelerator gpu", "fsdp with accelerator auto"])
+def test_gpu_settings_on_a_machine_without_one_fail_before_the_run_starts(tmp_path, key, changes):
+    # Lightning would refuse them only after the data and model were built, with a traceback.
+    from mambatrain.run import fit
+    recipe = load.load_recipe(values=_recipe({**changes, "logging.root_dir": str(tmp_path)}))
+    with pytest.raises(RecipeError, match=f"^{key}: .*no CUDA device"):
+        fit(recipe)
+    assert not list(tmp_path.iterdir())  # not even a run directory
