@@ -146,6 +146,20 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
 
 
+def check_accelerator(recipe: Recipe) -> None:
+    """GPU settings on a machine whose torch sees no GPU: refused here, before anything is built or written
+    (Lightning would refuse them with a traceback once the data and the model exist)."""
+    if torch.cuda.is_available():
+        return
+    t = recipe.trainer
+    if t.accelerator == "gpu":
+        raise RecipeError("trainer.accelerator: gpu, but torch sees no CUDA device on this machine; use auto or cpu "
+                          "here (or check the driver and CUDA_VISIBLE_DEVICES)")
+    if t.strategy == "fsdp":
+        raise RecipeError("trainer.strategy: fsdp needs GPUs and torch sees no CUDA device on this machine; use ddp "
+                          "here (it runs on the CPU)")
+
+
 def fit(recipe: Recipe, resume: str | None = None) -> dict[str, float]:
     """Train as the recipe says; returns the final validation metrics.
 
@@ -153,6 +167,7 @@ def fit(recipe: Recipe, resume: str | None = None) -> dict[str, float]:
     ``SystemExit`` with status 75 (see checkpoint/preemption.py); ``NonFiniteStop`` (status 1) ends a run
     whose loss stays NaN/Inf.
     """
+    check_accelerator(recipe)
     run_dir, checkpoint = resolve_run(recipe.logging, resume)
     L.seed_everything(recipe.trainer.seed, workers=True, verbose=False)
     inherited = RUN_DIR_ENV in os.environ

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import re
 import typing
 from pathlib import Path
@@ -49,6 +50,35 @@ def _nested_dataclass(tp: Any) -> type | None:
     return None
 
 
+def _expected(hint: Any) -> str:
+    """A field's type as the recipe's reader says it: ``int``, ``int or null``, ``one of auto, cpu, gpu``."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(str(choice) for choice in args)
+    if type(None) in args:
+        inner = _expected(next(arg for arg in args if arg is not type(None)))
+        return f"{inner}, null" if inner.startswith("one of") else f"{inner} or null"
+    return getattr(hint, "__name__", str(hint).replace("typing.", ""))
+
+
+def _hint(schema: type, dotted: str) -> Any:
+    """The type of a dotted key below ``schema`` (None when there is no such key)."""
+    hint = None
+    for part in dotted.split("."):
+        hint = typing.get_type_hints(schema).get(part) if schema is not None else None
+        schema = _nested_dataclass(hint)
+    return hint
+
+
+@functools.lru_cache
+def _section_parser(schema: type) -> ArgumentParser:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(schema, fail_untyped=True)
+    return parser
+
+
 def _check_keys(values: dict, schema: type, prefix: str) -> None:
     hints = typing.get_type_hints(schema)
     allowed = [f.name for f in dataclasses.fields(schema)]
@@ -61,14 +91,11 @@ def _check_keys(values: dict, schema: type, prefix: str) -> None:
             raise RecipeError(f"{where}: unknown key{hint}; {section} accepts: {', '.join(allowed)}")
         if value is None and type(None) not in typing.get_args(hints[key]):
             # jsonargparse lets null through for plain types; the checks after it would then fail obscurely.
-            if typing.get_origin(hints[key]) is typing.Literal:
-                expected = "one of " + ", ".join(str(choice) for choice in typing.get_args(hints[key]))
-            else:
-                expected = getattr(hints[key], "__name__", str(hints[key]).replace("typing.", ""))
-            raise RecipeError(f"{where}: must not be null; expected {expected}")
+            raise RecipeError(f"{where}: must not be null; expected {_expected(hints[key])}")
         sub = _nested_dataclass(hints[key])
         if sub is not None and typing.get_origin(hints[key]) is list:
-            # A list of sections, such as data.text.sources: check each item's keys.
+            # A list of sections, such as data.text.sources: check each item's keys and types (jsonargparse's own
+            # message for an item would name neither the item nor its key).
             if not isinstance(value, list):
                 raise RecipeError(f"{where}: expected a list of sections, got {value!r}")
             for i, item in enumerate(value):
@@ -76,6 +103,10 @@ def _check_keys(values: dict, schema: type, prefix: str) -> None:
                     raise RecipeError(f"{where}[{i}]: expected a section of keys "
                                       f"({', '.join(f.name for f in dataclasses.fields(sub))}), got {item!r}")
                 _check_keys(item, sub, f"{where}[{i}].")
+                try:
+                    _section_parser(sub).parse_object(item)
+                except (argparse.ArgumentError, TypeError, ValueError) as error:
+                    raise RecipeError(_one_line(error, sub, f"{where}[{i}].")) from None
         elif sub is not None:
             if not isinstance(value, dict):
                 raise RecipeError(f"{where}: expected a section of keys ({', '.join(f.name for f in dataclasses.fields(sub))}), "
@@ -83,17 +114,23 @@ def _check_keys(values: dict, schema: type, prefix: str) -> None:
             _check_keys(value, sub, f"{where}.")
 
 
-def _one_line(error: Exception) -> str:
-    """jsonargparse's multi-line messages as one line that starts with the key."""
+def _one_line(error: Exception, schema: type = Recipe, prefix: str = "") -> str:
+    """jsonargparse's multi-line messages (about a key of ``schema``) as one line that starts with the key."""
     text = str(error)
     match = re.search(r'Parser key "([^"]+)":\s*(.*)', text, re.S)
     if match:
         key, detail = match.groups()
+        hint, given = _hint(schema, key), re.search(r"Given value: (.*)", detail)
+        if detail.startswith("Does not validate against any of the Union subtypes") and hint and given:
+            detail = f"expected {_expected(hint)}; got {given.group(1).strip()}"
         detail = re.sub(r"<class '(\w+)'>", r"\1", detail.strip().splitlines()[0])
         detail = re.sub(r"typing\.Literal\[(.*)\]", lambda m: "one of " + m.group(1).replace("'", ""), detail)
         detail = re.sub(r"^Expected a ", "expected ", detail)
         detail = re.sub(r"\.? Got value:", "; got", detail)
-        return f"{key}: {detail}"
+        if str in (hint, *typing.get_args(hint)) and re.search(r"; got (True|False|[-+.\d_eE]+)$", detail):
+            detail += (" (YAML reads unquoted yes/no/on/off/true/false as booleans and numbers as numbers: "
+                       "quote the value)")
+        return f"{prefix}{key}: {detail}"
     return " ".join(text.split())
 
 
@@ -120,8 +157,17 @@ def _overrides_to_dict(overrides: Sequence[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"{key}: {part} is a value, not a section")
-        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+        node[leaf] = _override_value(raw)
     return result
+
+
+def _override_value(raw: str) -> Any:
+    """An override's value read as YAML (``10``, ``null``, ``[256, 1024]``); what YAML cannot read is the text
+    typed (``@night``), which the type check then accepts or refuses by its key."""
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -134,15 +180,38 @@ def _merge(base: dict, update: dict) -> dict:
     return merged
 
 
+def _duplicate_key(node: yaml.Node, prefix: str = "") -> str | None:
+    """The first key given twice in one mapping, as "model.d_model ... (lines 2 and 3)"; PyYAML keeps the last."""
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            if found := _duplicate_key(item, f"{prefix.rstrip('.')}[{i}]."):
+                return found
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    lines: dict[str, int] = {}
+    for key, value in node.value:
+        name = str(key.value)
+        if name in lines:
+            return f"{prefix}{name} is given twice (lines {lines[name]} and {key.start_mark.line + 1})"
+        lines[name] = key.start_mark.line + 1
+        if found := _duplicate_key(value, f"{prefix}{name}."):
+            return found
+    return None
+
+
 def read_recipe_file(path: str | Path) -> dict:
     """The raw YAML mapping of a recipe file, with a clear error for a missing or malformed file."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
+    text = path.read_text()
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(text)
+        duplicate = _duplicate_key(yaml.compose(text, Loader=yaml.SafeLoader))
     except yaml.YAMLError as error:
         raise RecipeError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
+    if duplicate:
+        raise RecipeError(f"{path}: {duplicate}; YAML would keep only the last, so merge them")
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

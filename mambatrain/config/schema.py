@@ -48,7 +48,7 @@ class MambaConfig:
     version: Literal[1, 2] = 2
     """1: Mamba-1, per-channel diagonal decay A (channels x d_state). 2: Mamba-2, one scalar decay per head."""
     d_state: int = 64
-    """State size N per channel (Mamba-1) or per head (Mamba-2)."""
+    """State size N per channel (Mamba-1) or per head (Mamba-2; at most 256 unless backend is reference)."""
     d_conv: int = 4
     """Width of the short causal depthwise convolution."""
     expand: int = 2
@@ -97,6 +97,10 @@ class MambaConfig:
                      f"the {n_heads} heads are not divisible into {self.n_groups} groups")
             _require(64 <= self.chunk_size <= 256 and self.chunk_size & (self.chunk_size - 1) == 0,
                      f"{prefix}.chunk_size", f"must be 64, 128 or 256, got {self.chunk_size}")
+            # The kernel keeps a head's whole state in registers (kernels/ssd/triton.py); auto takes it on a GPU.
+            _require(self.d_state <= 256 or self.backend == "reference", f"{prefix}.d_state",
+                     f"the Mamba-2 Triton kernel holds at most 256 state values per head, got {self.d_state}; "
+                     f"use d_state <= 256 (or backend: reference, plain PyTorch and much slower)")
         if self.dt_rank is None:
             self.dt_rank = math.ceil(d_model / 16)
         _require(self.dt_rank > 0, f"{prefix}.dt_rank", f"must be positive, got {self.dt_rank}")

@@ -15,6 +15,7 @@ import typing
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import RECIPES
@@ -65,6 +66,7 @@ INCOMPATIBLE = [
     ("groups not dividing the heads", "model.mamba.n_groups", {"model.mamba.n_groups": 3}),
     ("chunk not a power of two", "model.mamba.chunk_size", {"model.mamba.chunk_size": 96}),
     ("chunk too large", "model.mamba.chunk_size", {"model.mamba.chunk_size": 512}),
+    ("Mamba-2 state above the SSD kernel's 256", "model.mamba.d_state", {"model.mamba.d_state": 512}),
     ("dt_min above dt_max", "model.mamba.dt_min", {"model.mamba.dt_min": 0.5, "model.mamba.dt_max": 0.1}),
     ("a_init_min above a_init_max", "model.mamba.a_init_min", {"model.mamba.a_init_min": 20.0}),
     ("sequence too short for the mqar pairs", "data.seq_len", {"data.seq_len": 8}),
@@ -81,6 +83,11 @@ INCOMPATIBLE = [
                                                            "model.vocab_size": 300}),
     ("source of weight 0", "data.text.sources[0].weight",
      {"data": {**TEXT, "text": {"sources": [{"path": "a.txt", "weight": 0}]}}, "model.vocab_size": 300}),
+    # Wrong types inside a list of sections (the generated cases change keys outside lists only).
+    ("source weight that is not a number", "data.text.sources[0].weight",
+     {"data": {**TEXT, "text": {"sources": [{"path": "a.txt", "weight": "high"}]}}, "model.vocab_size": 300}),
+    ("hub configuration read as a boolean (name: no)", "data.text.sources[0].name",
+     {"data": {**TEXT, "text": {"sources": [{"path": "a.txt", "name": False}]}}, "model.vocab_size": 300}),
     ("empty tokenizer name", "data.text.tokenizer", {"data.text.tokenizer": ""}),
     ("min_lr_ratio above 1", "scheduler.min_lr_ratio", {"scheduler.min_lr_ratio": 1.5}),
     ("beta1 of 1", "optimizer.beta1", {"optimizer.beta1": 1.0}),
@@ -228,7 +235,7 @@ def test_broken_recipe_fails_with_one_line_naming_the_key(name, key, changes):
     message = str(error.value)
     assert message.startswith(f"{key}: ") or message.startswith(f"{key}[") or message.startswith(f"{key}."), message
     assert "\n" not in message
-    for internal in ("Traceback", "NoneType", "<class", "class_path"):
+    for internal in ("Traceback", "NoneType", "<class", "class_path", "Union"):
         assert internal not in message, message
 
 
@@ -250,3 +257,17 @@ def test_broken_recipe_through_the_command_line(tmp_path, name):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"recipe error: {key}"), result.stderr[-2000:]
     assert not list((tmp_path / "runs").glob("*/*/checkpoints/*"))  # nothing was trained
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+@pytest.mark.parametrize("key,changes", [
+    ("trainer.accelerator", {"trainer.accelerator": "gpu"}),
+    ("trainer.strategy", {"trainer.strategy": "fsdp", "trainer.devices": 2}),
+], ids=["accelerator gpu", "fsdp with accelerator auto"])
+def test_gpu_settings_on_a_machine_without_one_fail_before_the_run_starts(tmp_path, key, changes):
+    # Lightning would refuse them only after the data and model were built, with a traceback.
+    from mambatrain.run import fit
+    recipe = load.load_recipe(values=_recipe({**changes, "logging.root_dir": str(tmp_path)}))
+    with pytest.raises(RecipeError, match=f"^{key}: .*no CUDA device"):
+        fit(recipe)
+    assert not list(tmp_path.iterdir())  # not even a run directory

@@ -120,3 +120,42 @@ def test_ratio_placement_is_even_and_exact(n_layers, ratio):
     slots = [k for k, letter in enumerate(pattern) if letter == "A"]
     gaps = [later - earlier for earlier, later in zip(slots, slots[1:])]
     assert not gaps or max(gaps) - min(gaps) <= 1
+
+
+def test_override_that_is_not_yaml_is_text(tmp_path):
+    # "@night" cannot start a YAML value: it is the string the user typed, not a traceback.
+    assert load_recipe(write(tmp_path, MINIMAL), ["--logging.run_name", "@night"]).logging.run_name == "@night"
+    message = fails(tmp_path, MINIMAL, ["--eval.passkey_lengths", "[256, 1024"])
+    assert message.startswith("eval.passkey_lengths: expected list"), message
+
+
+@pytest.mark.parametrize("text,message", [
+    # PyYAML keeps the last of two equal keys: a second trainer: section would silently drop the first one's keys.
+    ("model: {kind: mamba}\ndata: {}\ntrainer:\n  max_steps: 10\ntrainer:\n  seed: 7\n",
+     "trainer is given twice (lines 3 and 5); YAML would keep only the last, so merge them"),
+    ("model:\n  d_model: 64\n  d_model: 128\ndata: {}\n",
+     "model.d_model is given twice (lines 2 and 3); YAML would keep only the last, so merge them"),
+], ids=["section", "key in a section"])
+def test_duplicate_key_fails_instead_of_replacing_the_first(tmp_path, text, message):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert str(info.value) == f"{path}: {message}"
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("trainer.sequence_window", 1.5, "trainer.sequence_window: expected int or null; got 1.5"),
+    ("data.val_source", "txt", "data.val_source: expected one of mqar, passkey, selective_copy, markov, text, "
+                               "prepared, null; got txt"),
+])
+def test_wrong_type_of_a_nullable_key_says_what_is_expected(tmp_path, key, value, expected):
+    section, name = key.split(".")
+    assert fails(tmp_path, {**MINIMAL, section: {**MINIMAL.get(section, {}), name: value}}) == expected
+
+
+def test_yaml_boolean_for_a_text_key_says_to_quote_it(tmp_path):
+    # YAML 1.1 reads an unquoted no, off or 2024 as a boolean or a number, not as the text a str key wants.
+    message = fails(tmp_path, {**MINIMAL, "logging": {"run_name": False}})
+    assert message == "logging.run_name: expected str; got False (YAML reads unquoted yes/no/on/off/true/false as " \
+                      "booleans and numbers as numbers: quote the value)", message
