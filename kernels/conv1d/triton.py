@@ -300,7 +300,8 @@ def conv1d_silu_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None
             ALIGN=align, WP=triton.next_power_of_2(width), HP=halo, **_flags(bias, seq_idx, prefix, width),
         )
     # deterministic reductions of the per-program partial sums
-    dweight = dw_part.sum((0, 1)).t().to(weight.dtype, memory_format=torch.contiguous_format)  # (C, W)
+    # .to() returns a same-dtype tensor as it is, strides too: copy the transpose, as the fake promises
+    dweight = dw_part.sum((0, 1)).t().contiguous().to(weight.dtype)  # (C, W)
     dbias = db_part.sum((0, 1)).to(bias.dtype) if bias is not None else x.new_empty(0)
     return dx, dweight, dbias, dprefix
 

@@ -210,6 +210,17 @@ def test_torch_compile_fullgraph():
     assert_compiles_like_eager(f, {k: inp[k] for k in NAMES})
 
 
+
+@pytest.mark.parametrize("op", ["conv1d_silu_fwd", "conv1d_silu_bwd"])
+def test_fake_matches_real(op):
+    """Each custom op passes torch.library.opcheck: its fake (what torch.compile plans with) gives the real
+    outputs' shapes, dtypes and strides; an fp32 dweight once came back as a transposed view."""
+    inp, seq_idx = make_inputs(2, 20, 8, 4, seq=[5])
+    args = (inp["x"], inp["weight"], inp["bias"], seq_idx, inp["prefix"])
+    if op == "conv1d_silu_bwd":
+        args = (torch.randn_like(inp["x"]), *args)
+    torch.library.opcheck(getattr(torch.ops.mambatrain, op), args)
+
 @pytest.mark.parametrize("width", [2, 3, 4])
 @pytest.mark.parametrize("bias,prefix,seq", [(True, True, [0, 4]), (False, False, [2, 9]), (True, False, None),
                                              (True, True, None)], ids=["prefix-docs", "docs", "plain", "prefix"])
