@@ -182,6 +182,14 @@ def test_documents_at_block_edges(width, prefix):
     check(inp, seq_idx, TOL[torch.float32])
 
 
+
+def test_strided_bias():
+    """A bias that is a view with a stride (a slice, an expanded scalar) is read as such, not as a
+    contiguous vector."""
+    inp, seq_idx = make_inputs(2, 20, 8, 4, seq=[5])
+    inp["bias"] = torch.randn(16, device=DEVICE)[::2]
+    check(inp, seq_idx, TOL[torch.float32])
+
 def test_deterministic():
     """Two backward passes give bitwise equal gradients (no float atomics)."""
     inp, seq_idx = make_inputs(2, 150, 100, 4, torch.bfloat16, seq=[100])
