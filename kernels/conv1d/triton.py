@@ -213,7 +213,7 @@ def conv1d_silu_bwd_kernel(
 
 
 def _rows(t: Tensor | None) -> Tensor | None:
-    # kernels index the last dim with stride 1 and take the other strides as given
+    # kernels index the last dim with stride 1 (bias: its only dim) and take the other strides as given
     if t is None or t.stride(-1) == 1:
         return t
     return t.contiguous()
@@ -253,7 +253,7 @@ def _flags(bias, seq_idx, prefix, width) -> dict:
 
 def conv1d_silu_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None,
                     prefix: Tensor | None) -> Tensor:
-    x, prefix, seq_idx = _rows(x), _rows(prefix), _rows(seq_idx)
+    x, prefix, seq_idx, bias = _rows(x), _rows(prefix), _rows(seq_idx), _rows(bias)
     batch, length, channels = x.shape
     out = new_buffer(batch, length, channels, device=x.device, dtype=x.dtype)
     if out.numel() == 0:
@@ -274,7 +274,7 @@ def conv1d_silu_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Ten
 
 def conv1d_silu_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None,
                     prefix: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    x, prefix, seq_idx, dout = _rows(x), _rows(prefix), _rows(seq_idx), _rows(dout)
+    x, prefix, seq_idx, dout, bias = _rows(x), _rows(prefix), _rows(seq_idx), _rows(dout), _rows(bias)
     batch, length, channels = x.shape
     width = weight.shape[1]
     dev = x.device
@@ -300,7 +300,8 @@ def conv1d_silu_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None
             ALIGN=align, WP=triton.next_power_of_2(width), HP=halo, **_flags(bias, seq_idx, prefix, width),
         )
     # deterministic reductions of the per-program partial sums
-    dweight = dw_part.sum((0, 1)).t().to(weight.dtype, memory_format=torch.contiguous_format)  # (C, W)
+    # .to() returns a same-dtype tensor as it is, strides too: copy the transpose, as the fake promises
+    dweight = dw_part.sum((0, 1)).t().contiguous().to(weight.dtype)  # (C, W)
     dbias = db_part.sum((0, 1)).to(bias.dtype) if bias is not None else x.new_empty(0)
     return dx, dweight, dbias, dprefix
 

@@ -902,7 +902,7 @@ def selective_scan(
         y_t  = (h_t @ C_t + D * x_t) * silu(z_t)         (D, z optional)
 
     with h_{-1} = initial_state (or 0) and h_{t-1} taken as 0 where seq_idx
-    changes between t-1 and t. Shapes: x, dt, z (batch, length, channels);
+    changes between t-1 and t. Shapes: x, dt, z (batch, length, channels), x fp32, bf16 or fp16;
     A (channels, d_state) fp32; B, C (batch, length, groups, d_state) with
     channels divisible by groups; D, dt_bias (channels,); initial_state
     (batch, channels, d_state); seq_idx (batch, length) int32. Inputs may be
@@ -910,5 +910,8 @@ def selective_scan(
     Returns y (batch, length, channels) in x's dtype, and with
     ``return_final_state`` also h_{length-1} (batch, channels, d_state) fp32.
     """
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"selective_scan takes fp32, bf16 or fp16 x, got {x.dtype} "
+                        "(float64 takes the PyTorch path: selective_scan_naive)")
     y, final_state, _ = _selective_scan_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx)
     return (y, final_state) if return_final_state else y

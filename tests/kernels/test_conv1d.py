@@ -182,6 +182,14 @@ def test_documents_at_block_edges(width, prefix):
     check(inp, seq_idx, TOL[torch.float32])
 
 
+
+def test_strided_bias():
+    """A bias that is a view with a stride (a slice, an expanded scalar) is read as such, not as a
+    contiguous vector."""
+    inp, seq_idx = make_inputs(2, 20, 8, 4, seq=[5])
+    inp["bias"] = torch.randn(16, device=DEVICE)[::2]
+    check(inp, seq_idx, TOL[torch.float32])
+
 def test_deterministic():
     """Two backward passes give bitwise equal gradients (no float atomics)."""
     inp, seq_idx = make_inputs(2, 150, 100, 4, torch.bfloat16, seq=[100])
@@ -209,6 +217,17 @@ def test_torch_compile_fullgraph():
 
     assert_compiles_like_eager(f, {k: inp[k] for k in NAMES})
 
+
+
+@pytest.mark.parametrize("op", ["conv1d_silu_fwd", "conv1d_silu_bwd"])
+def test_fake_matches_real(op):
+    """Each custom op passes torch.library.opcheck: its fake (what torch.compile plans with) gives the real
+    outputs' shapes, dtypes and strides; an fp32 dweight once came back as a transposed view."""
+    inp, seq_idx = make_inputs(2, 20, 8, 4, seq=[5])
+    args = (inp["x"], inp["weight"], inp["bias"], seq_idx, inp["prefix"])
+    if op == "conv1d_silu_bwd":
+        args = (torch.randn_like(inp["x"]), *args)
+    torch.library.opcheck(getattr(torch.ops.mambatrain, op), args)
 
 @pytest.mark.parametrize("width", [2, 3, 4])
 @pytest.mark.parametrize("bias,prefix,seq", [(True, True, [0, 4]), (False, False, [2, 9]), (True, False, None),

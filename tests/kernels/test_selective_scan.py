@@ -284,6 +284,15 @@ def test_return_types():
     assert torch.equal(y, y2) and hT.shape == (1, 8, 4) and hT.dtype == torch.float32
 
 
+
+def test_refuses_float64():
+    """float64 would run in fp32 and come back as float64, quietly 1e-7 off: the kernels refuse it, as the
+    other ops' do (float64 takes selective_scan_naive)."""
+    inputs, _ = make_inputs(1, 5, 8, 1, 4, seq=False)
+    inputs = {k: (v.to(DEVICE, torch.float64) if v is not None else None) for k, v in inputs.items()}
+    with pytest.raises(TypeError, match="float64"):
+        selective_scan(**inputs)
+
 def test_deterministic():
     inputs, seq_idx = make_inputs(2, 40, 16, 2, 8)
     gy = torch.randn(2, 40, 16).to(DEVICE)
