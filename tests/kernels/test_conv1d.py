@@ -182,7 +182,6 @@ def test_documents_at_block_edges(width, prefix):
     check(inp, seq_idx, TOL[torch.float32])
 
 
-
 def test_strided_bias():
     """A bias that is a view with a stride (a slice, an expanded scalar) is read as such, not as a
     contiguous vector."""
