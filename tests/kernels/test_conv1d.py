@@ -189,6 +189,7 @@ def test_strided_bias():
     inp["bias"] = torch.randn(16, device=DEVICE)[::2]
     check(inp, seq_idx, TOL[torch.float32])
 
+
 def test_deterministic():
     """Two backward passes give bitwise equal gradients (no float atomics)."""
     inp, seq_idx = make_inputs(2, 150, 100, 4, torch.bfloat16, seq=[100])
@@ -217,7 +218,6 @@ def test_torch_compile_fullgraph():
     assert_compiles_like_eager(f, {k: inp[k] for k in NAMES})
 
 
-
 @pytest.mark.parametrize("op", ["conv1d_silu_fwd", "conv1d_silu_bwd"])
 def test_fake_matches_real(op):
     """Each custom op passes torch.library.opcheck: its fake (what torch.compile plans with) gives the real
@@ -227,6 +227,7 @@ def test_fake_matches_real(op):
     if op == "conv1d_silu_bwd":
         args = (torch.randn_like(inp["x"]), *args)
     torch.library.opcheck(getattr(torch.ops.mambatrain, op), args)
+
 
 @pytest.mark.parametrize("width", [2, 3, 4])
 @pytest.mark.parametrize("bias,prefix,seq", [(True, True, [0, 4]), (False, False, [2, 9]), (True, False, None),

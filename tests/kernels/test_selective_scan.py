@@ -137,8 +137,6 @@ def leafs(inputs, dtype=None):
     return out
 
 
-
-
 def run(fn, inputs, seq_idx, softplus, gy, gh):
     y, hT = fn(**inputs, dt_softplus=softplus, seq_idx=seq_idx, return_final_state=True)
     grads = [gy.to(y.dtype)]
@@ -284,7 +282,6 @@ def test_return_types():
     assert torch.equal(y, y2) and hT.shape == (1, 8, 4) and hT.dtype == torch.float32
 
 
-
 def test_refuses_float64():
     """float64 would run in fp32 and come back as float64, quietly 1e-7 off: the kernels refuse it, as the
     other ops' do (float64 takes selective_scan_naive)."""
@@ -292,6 +289,7 @@ def test_refuses_float64():
     inputs = {k: (v.to(DEVICE, torch.float64) if v is not None else None) for k, v in inputs.items()}
     with pytest.raises(TypeError, match="float64"):
         selective_scan(**inputs)
+
 
 def test_deterministic():
     inputs, seq_idx = make_inputs(2, 40, 16, 2, 8)
