@@ -83,6 +83,8 @@ class MambaConfig:
     def validate(self, d_model: int, prefix: str = "model.mamba") -> None:
         for key in ("d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size"):
             _require(getattr(self, key) > 0, f"{prefix}.{key}", f"must be positive, got {getattr(self, key)}")
+        # YAML's true equals 1 to Python, so the Literal check would take it for Mamba-1.
+        _require(not isinstance(self.version, bool), f"{prefix}.version", f"must be 1 or 2, got {self.version}")
         _require(0 < self.dt_min <= self.dt_max, f"{prefix}.dt_min",
                  f"need 0 < dt_min <= dt_max, got dt_min={self.dt_min}, dt_max={self.dt_max}")
         _require(0 < self.a_init_min <= self.a_init_max, f"{prefix}.a_init_min",
@@ -646,6 +648,10 @@ class Recipe:
                      f"selective_copy of {data.selective_copy.num_tokens} tokens needs seq_len >= {needed}, "
                      f"got {data.seq_len}")
             _require(vocab >= 3, "model.vocab_size", "selective_copy needs vocab_size >= 3 (blank, marker, data)")
+        if "markov" in used:
+            _require(data.markov.branches < vocab, "data.markov.branches",
+                     f"must be below model.vocab_size ({vocab}) for the walk to have a graph to learn (its loss "
+                     f"floor is ln(branches)), got {data.markov.branches}")
         if "text" in used and data.text.tokenizer == "byte":
             _require(vocab >= BYTE_TOKENIZER_VOCAB, "model.vocab_size",
                      f"data.text.tokenizer: byte has {BYTE_TOKENIZER_VOCAB} ids (256 bytes + end-of-document), "
