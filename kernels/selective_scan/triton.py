@@ -913,5 +913,7 @@ def selective_scan(
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"selective_scan takes fp32, bf16 or fp16 x, got {x.dtype} "
                         "(float64 takes the PyTorch path: selective_scan_naive)")
+    if seq_idx is not None and seq_idx.shape != x.shape[:2]:  # the kernels would read past its end
+        raise ValueError(f"seq_idx must be (batch, length) = {tuple(x.shape[:2])}, got {tuple(seq_idx.shape)}")
     y, final_state, _ = _selective_scan_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx)
     return (y, final_state) if return_final_state else y

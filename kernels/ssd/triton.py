@@ -406,6 +406,8 @@ def ssd_scan(
         C = C.to(x.dtype)
     if z is not None and z.dtype != x.dtype:
         z = z.to(x.dtype)
+    if seq_idx is not None and seq_idx.shape != x.shape[:2]:  # the kernels would read past its end
+        raise ValueError(f"seq_idx must be (batch, length) = {tuple(x.shape[:2])}, got {tuple(seq_idx.shape)}")
     doc = document_ids(seq_idx) if seq_idx is not None else None
     out, final = torch.ops.mambatrain.ssd_scan_fwd(
         x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chunk_size)[:2]

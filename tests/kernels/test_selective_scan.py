@@ -291,6 +291,14 @@ def test_refuses_float64():
         selective_scan(**inputs)
 
 
+def test_refuses_seq_idx_of_another_length():
+    """A seq_idx shorter than the sequence would be read past its end by the kernels."""
+    inputs, seq_idx = make_inputs(1, 20, 8, 1, 4)
+    inputs = {k: (v.to(DEVICE) if v is not None else None) for k, v in inputs.items()}
+    with pytest.raises(ValueError, match="seq_idx must be"):
+        selective_scan(**inputs, seq_idx=seq_idx.to(DEVICE)[:, :10])
+
+
 def test_deterministic():
     inputs, seq_idx = make_inputs(2, 40, 16, 2, 8)
     gy = torch.randn(2, 40, 16).to(DEVICE)

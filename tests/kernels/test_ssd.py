@@ -266,3 +266,10 @@ def test_benchmark_shape():
     inp64 = {k: v.double() if v is not None else None for k, v in inp.items()}
     ref = run(ssd_chunked_torch, inp64, None, (grads[0].bfloat16().double(), grads[1].double()), chunk_size=64)
     check(run(ssd_scan, inp, None, grads, chunk_size=256), ref, TOL[torch.bfloat16])
+
+
+def test_refuses_seq_idx_of_another_length():
+    """A seq_idx shorter than the sequence would be read past its end by the kernels."""
+    inp, seq_idx = make_inputs(1, 20, 2, 1, 4, 8, torch.float32, seq=[5])
+    with pytest.raises(ValueError, match="seq_idx must be"):
+        ssd_scan(**inp, seq_idx=seq_idx[:, :10], chunk_size=64)
