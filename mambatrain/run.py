@@ -106,7 +106,8 @@ def build_trainer(recipe: Recipe, run_dir: Path, signals: PreemptionSignals | No
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=build_strategy(recipe),
         precision=_precision(recipe),
-        max_steps=t.max_steps, gradient_clip_val=t.gradient_clip or None,
+        # No gradient_clip_val: the module clips (trainer.gradient_clip) with the norm it logs, for every strategy.
+        max_steps=t.max_steps,
         accumulate_grad_batches=t.accumulate_grad_batches,
         val_check_interval=t.val_every_n_steps * t.accumulate_grad_batches, check_val_every_n_epoch=None,
         limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,

@@ -138,14 +138,22 @@ class LanguageModelModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad.detach() for p in self.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else None  # a few fused launches, not one per tensor
+        norm = gradient_norm(grads, self.trainer.strategy if self._sharded() else None)
         if norm is not None:
             self.log("train/grad_norm", norm)
-        self.guard.check(self, norm)  # drops every gradient (skips the step) when the loss or norm is NaN/Inf
+        skip = self.guard.check(self, norm)  # drops every gradient (skips the step) when the loss or norm is NaN/Inf
+        if not skip and norm is not None and self.recipe.trainer.gradient_clip > 0:
+            clip_gradients(grads, norm, self.recipe.trainer.gradient_clip)
+
+    def _sharded(self) -> bool:
+        return self._trainer is not None and self.recipe.trainer.strategy == "fsdp" and self.trainer.world_size > 1
 
     def configure_optimizers(self):
+        # Fused AdamW, except under fp16's gradient scaler: a fused step unscales the gradients itself, after the
+        # hook above has measured and clipped them (Lightning unscales them before it for an unfused one).
         optimizer, scheduler = build_optimizer(self.model, self.recipe.optimizer, self.recipe.scheduler,
-                                               self.recipe.trainer.max_steps)
+                                               self.recipe.trainer.max_steps,
+                                               fused=self.recipe.trainer.precision != "16-mixed")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # A Lightning checkpoint holds no RNG state by itself; a resumed run must draw the same numbers.
@@ -167,6 +175,25 @@ class LanguageModelModule(L.LightningModule):
         if self._rng_to_restore is not None:
             restore_rng_states(self._rng_to_restore)
             self._rng_to_restore = None
+
+
+def gradient_norm(grads: list[torch.Tensor], sharded_over=None) -> torch.Tensor | None:
+    """The L2 norm of all gradients, in a few fused launches (not one per tensor); ``sharded_over``: the strategy
+    whose ranks each hold a disjoint shard of the gradients (FSDP), whose squared norms add up."""
+    if not grads:
+        return None
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+    if sharded_over is not None:
+        norm = sharded_over.reduce(norm.square(), reduce_op="sum").sqrt()
+    return norm
+
+
+def clip_gradients(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> None:
+    """Scales the gradients so their norm is at most ``max_norm``, without a host sync.
+
+    Done here rather than by Lightning's ``gradient_clip_val``: Lightning refuses to clip for a fused optimizer under
+    mixed precision and for FSDP, and this reuses the norm the step logs and checks anyway."""
+    torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
 
 
 def perplexity(loss: float) -> float:

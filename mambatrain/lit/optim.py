@@ -33,11 +33,11 @@ def lr_factor(step: int, scheduler: SchedulerConfig, max_steps: int) -> float:
     return scheduler.min_lr_ratio + (1 - scheduler.min_lr_ratio) * cosine
 
 
-def build_optimizer(model: nn.Module, optimizer: OptimizerConfig, scheduler: SchedulerConfig, max_steps: int):
-    groups = parameter_groups(model, optimizer.weight_decay)
-    # On CUDA one fused kernel updates all parameters (as in scripts/bench_scaling.py) instead of the default's
-    # launches per tensor group. Lightning builds the optimizer after moving the model to its device.
-    fused = all(p.is_cuda for group in groups for p in group["params"])
+def build_optimizer(model: nn.Module, optimizer: OptimizerConfig, scheduler: SchedulerConfig, max_steps: int,
+                    fused: bool = True):
+    """AdamW and its schedule. ``fused``: one kernel updates every parameter (CUDA and CPU) instead of launches per
+    tensor group; the caller turns it off under a gradient scaler (a fused AdamW unscales inside its step)."""
+    groups = parameter_groups(model, weight_decay=optimizer.weight_decay)
     opt = torch.optim.AdamW(groups, lr=optimizer.lr, betas=(optimizer.beta1, optimizer.beta2), eps=optimizer.eps,
                             fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, scheduler, max_steps))
