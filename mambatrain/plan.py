@@ -192,7 +192,8 @@ def params_head(config: ModelConfig) -> int:
 def training_memory(config: ModelConfig, seq_len: int, batch_size: int, checkpoint_kinds: str = "",
                     loss_chunk_size: int = 8192, shards: int = 1,
                     sequence_window: int | None = None, fused_kernels: bool = True,
-                    fused_loss: bool = True, bf16_ssd_states: bool | None = None) -> dict[str, float]:
+                    fused_loss: bool = True, bf16_ssd_states: bool | None = None, cuda_graph: bool = False,
+                    accumulate_grad_batches: int = 1) -> dict[str, float]:
     """Predicted peak bytes on one device for a training step: weights, gradients, AdamW, activations.
 
     ``fused_kernels``: the GPU path, with the Triton causal conv1d + SiLU and RMSNorm kernels (the default);
@@ -204,6 +205,12 @@ def training_memory(config: ModelConfig, seq_len: int, batch_size: int, checkpoi
 
     With ``sequence_window`` shorter than ``seq_len`` the activations are one window's (``models.windowed``),
     plus what windows carry: small for Mamba, every position's keys and values for attention.
+
+    ``cuda_graph`` (trainer.cuda_graph): the peak is the capture's, where the graph's own gradient buffers (which
+    live for the whole run) are allocated while activations are still held; counted as 4 bytes a parameter, 4 more
+    with ``accumulate_grad_batches`` > 1, where ``.grad`` is a copy of them (models/graphed.py). Measured (H100,
+    130M models, 4k and 16k tokens, benchmarks/scaling_h100_graphs.json): graph peaks 4.8-7.1 bytes a parameter
+    above the eager ones.
     """
     with torch.device("meta"):
         from .models.lm import LanguageModel
@@ -215,6 +222,8 @@ def training_memory(config: ModelConfig, seq_len: int, batch_size: int, checkpoi
     # peak (the start of backward), but autocast's bf16 weight copies and the tied head's gradient do: 16 bytes
     # overstates that moment by less than 2 bytes a parameter. Windows accumulate gradients: 16 is exact there.
     states = 16 * params / shards
+    if cuda_graph:
+        states += FP32 * params * (2 if accumulate_grad_batches > 1 else 1)
     # The final norm's saved tensors and its output, which the loss's checkpoint keeps.
     kept, recompute = _norm_bytes(config.d_model, fused_kernels) + FP32 * config.d_model, 0.0
     for letter in config.pattern:
@@ -250,8 +259,11 @@ def describe_plan(recipe, gpu_memory_gib: float) -> tuple[str, bool]:
     with torch.device("meta"):
         counts = LanguageModel(model_config).parameter_counts()
     shards = trainer.devices * trainer.num_nodes if trainer.strategy == "fsdp" else 1
+    graphed = trainer.cuda_graph and trainer.accelerator != "cpu"  # ignored on the CPU
     memory = training_memory(model_config, data.seq_len, data.batch_size, trainer.activation_checkpointing,
-                             trainer.loss_chunk_size, shards, trainer.sequence_window)
+                             trainer.loss_chunk_size, shards, trainer.sequence_window,
+                             cuda_graph=graphed,
+                             accumulate_grad_batches=trainer.accumulate_grad_batches)
     gib = lambda b: f"{b / 2**30:8.2f} GiB"
     lines = [f"model {model_config.kind}, pattern {model_config.pattern}, "
              f"length {data.seq_len:,} x batch {data.batch_size} per device"]
@@ -265,7 +277,8 @@ def describe_plan(recipe, gpu_memory_gib: float) -> tuple[str, bool]:
         lines.append("  mode: one pass over the whole length" + ("" if trainer.sequence_window is None else
                      f" (shorter than trainer.sequence_window {trainer.sequence_window:,})"))
     lines.append(f"  weights + grads + AdamW   {gib(memory['weights_grads_optimizer'])}"
-                 + (f"  (sharded over {shards})" if shards > 1 else ""))
+                 + (f"  (sharded over {shards})" if shards > 1 else "")
+                 + ("  (+ the CUDA graph's gradient buffers)" if graphed else ""))
     lines.append(f"  saved activations         {gib(memory['activations'])}"
                  f"  (recomputed: {trainer.activation_checkpointing or 'none'})")
     lines.append(f"  block being recomputed    {gib(memory['recomputed_block'])}")
