@@ -221,9 +221,14 @@ def training_memory(config: ModelConfig, seq_len: int, batch_size: int, checkpoi
     # fp32 weights + fp32 gradients + two fp32 AdamW moments. In one pass the gradients do not exist yet at the
     # peak (the start of backward), but autocast's bf16 weight copies and the tied head's gradient do: 16 bytes
     # overstates that moment by less than 2 bytes a parameter. Windows accumulate gradients: 16 is exact there.
-    states = 16 * params / shards
+    # With checkpointed blocks in one pass the peak comes later, at the backward's first recomputation, with only
+    # the last blocks' gradients made (and a CUDA graph's gradient buffers, below, no further along): measured
+    # 7-8 bytes a parameter below the count of weights, gradients, moments and graph buffers (~370M models, H100).
+    checkpointed = any(letter in checkpoint_kinds for letter in config.pattern)
+    gradients_at_peak = windowed or not checkpointed or accumulate_grad_batches > 1
+    states = (16 if gradients_at_peak else 12) * params / shards
     if cuda_graph:
-        states += FP32 * params * (2 if accumulate_grad_batches > 1 else 1)
+        states += FP32 * params * (2 if accumulate_grad_batches > 1 else 1 if gradients_at_peak else 0)
     # The final norm's saved tensors and its output, which the loss's checkpoint keeps.
     kept, recompute = _norm_bytes(config.d_model, fused_kernels) + FP32 * config.d_model, 0.0
     for letter in config.pattern:

@@ -1,4 +1,4 @@
-"""Training step time, throughput, MFU and peak memory of ~130M models from 4k to 1M tokens on one GPU.
+"""Training step time, throughput, MFU and peak memory of ~130M (or ~370M) models from 4k to 1M tokens on one GPU.
 
     python scripts/bench_scaling.py                                  # the sweep: 3 models x 4k..1M (H100: <~9 min)
     python scripts/bench_scaling.py --loss-steps mamba2=20,hybrid=3  # loss per step at 1,048,576 tokens
@@ -6,14 +6,16 @@
     python scripts/bench_scaling.py --plot-only benchmarks/scaling-*.json   # PNG plots (CPU, needs matplotlib)
     python scripts/bench_scaling.py --device cpu --tiny              # dry run of everything at toy sizes
 
-Models (d_model 768, vocab 50,280 tied; ``plan`` counts their parameters, printed at the start):
+Models (--size 130m: d_model 768, vocab 50,280 tied; ``plan`` counts their parameters, printed at the start):
   mamba2       24 Mamba-2 blocks (expand 2, d_state 128, head_dim 64), no MLP: the mamba-130m layout;
   hybrid       24 blocks, model.attention_ratio 0.3 (7 attention, 17 Mamba-2), no MLP;
   transformer  12 blocks of attention (12 heads, RoPE) + SwiGLU MLP 2048: the Transformer++ of the Mamba paper
                at the same size (one attention + MLP block has the parameters of two Mamba blocks).
+--size 370m: d_model 1024, 48 Mamba-2 blocks (the mamba-370m layout), 48 hybrid blocks (14 attention),
+  24 Transformer blocks (16 heads, SwiGLU MLP 2816).
 A step is forward + backward + AdamW, bf16 autocast over fp32 weights (Lightning's "bf16-mixed"), batch 1,
 our model and chunked loss. A length runs in one pass, with the fewest block kinds checkpointed that make plan's
-peak fit (80% of the GPU), else with ``trainer.sequence_window`` (``models.windowed``: exact, one extra forward),
+peak fit (80% of the GPU, 75% with --cuda-graph), else with ``trainer.sequence_window`` (``models.windowed``: exact, one extra forward),
 checkpointing inside each window the fewest block kinds that fit, in the longest windows that fit. Each configuration: 1 warm-up
 step, then timed steps (CUDA events, median); a model stops at the first length that runs out of memory or whose
 step exceeds --max-step-s. MFU counts model FLOPs (``plan.training_flops_per_token``, without the recomputation).
@@ -54,11 +56,19 @@ MODELS = ["mamba2", "hybrid", "transformer"]
 LOSS_CHUNK = 8192
 
 
-def model_config(name: str, tiny: bool, ssm_chunk: int | None = None) -> ModelConfig:
-    d_model, layers, vocab = (64, 4, 256) if tiny else (768, 24, 50280)
+# (d_model, Mamba layers, attention heads, Transformer MLP width): the layouts of mamba-130m / mamba-370m, and the
+# Transformer++ of the Mamba paper at each size (half the layers, SwiGLU of about 8/3 d_model).
+SIZES = {"130m": (768, 24, 12, 2048), "370m": (1024, 48, 16, 2816)}
+
+
+def model_config(name: str, tiny: bool, ssm_chunk: int | None = None, size: str = "130m") -> ModelConfig:
+    d_model, layers, heads, d_mlp = SIZES[size]
+    vocab = 50280
+    if tiny:
+        d_model, layers, heads, d_mlp, vocab = 64, 4, 4, 128, 256
     mamba = MambaConfig(version=2, expand=2, d_state=16 if tiny else 128, head_dim=16 if tiny else 64,
                         chunk_size=ssm_chunk or (64 if tiny else MambaConfig().chunk_size))
-    attention = AttentionConfig(n_heads=4 if tiny else 12)
+    attention = AttentionConfig(n_heads=heads)
     if name == "mamba2":
         return ModelConfig(kind="mamba", d_model=d_model, n_layers=layers, vocab_size=vocab, mamba=mamba)
     if name == "hybrid":
@@ -66,7 +76,7 @@ def model_config(name: str, tiny: bool, ssm_chunk: int | None = None) -> ModelCo
                            mamba=mamba, attention=attention)
     if name == "transformer":
         return ModelConfig(kind="transformer", d_model=d_model, n_layers=layers // 2, vocab_size=vocab,
-                           d_mlp=128 if tiny else 2048, attention=attention)
+                           d_mlp=d_mlp, attention=attention)
     raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
 
@@ -187,11 +197,18 @@ def choose_mode(config: ModelConfig, length: int, window: int, budget: float | N
     return window, present("MA")
 
 
+def memory_budget(args, results: dict) -> float | None:
+    """Bytes plan's peak may take: 80% of the GPU, 75% with CUDA graphs, whose private pools cache apart from the
+    rest (the ~370M Mamba-2 at 256k reserved 80.1 GB for a 67.0 GB peak, and its 1M capture failed at 80%)."""
+    memory = results["environment"]["gpu_memory_bytes"]
+    return None if memory is None else (0.75 if args.cuda_graph else 0.8) * memory
+
+
 def sweep(args, device: torch.device, results: dict, out: Path) -> None:
-    budget = None if device.type != "cuda" else 0.8 * results["environment"]["gpu_memory_bytes"]
+    budget = memory_budget(args, results)
     peak = peak_flops(results["environment"]["gpu"])
     for name in args.models:
-        config = model_config(name, args.tiny, args.ssm_chunk)
+        config = model_config(name, args.tiny, args.ssm_chunk, args.size)
         trainer = Trainer(config, device)
         # One short eager step first, so that AdamW's moments exist before any length's peak is measured. With
         # --cuda-graph the peak is the capture's (replays allocate nothing), and the first length's capture would
@@ -204,7 +221,8 @@ def sweep(args, device: torch.device, results: dict, out: Path) -> None:
             trainer.model.checkpoint_kinds = set(kinds)
             predicted = training_memory(config, length, 1, kinds, LOSS_CHUNK, sequence_window=window,
                                         cuda_graph=args.cuda_graph)
-            row = {"model": name, "length": length, "sequence_window": window, "activation_checkpointing": kinds,
+            row = {"model": name, "size": args.size, "length": length, "sequence_window": window,
+                   "activation_checkpointing": kinds,
                    "ssm_chunk": config.mamba.chunk_size if config.kind != "transformer" else None,
                    "fused_kernels": device.type == "cuda",  # Triton conv1d + SiLU and norms (plan.training_memory)
                    "fused_loss": device.type == "cuda",  # Triton linear + cross-entropy
@@ -268,7 +286,7 @@ def profile(args, device: torch.device, results: dict) -> None:
     GPU kernels with the most self time and their total, and the host's 25 costliest ops."""
     results["profiles"] = []
     for name in args.models:
-        config = model_config(name, args.tiny, args.ssm_chunk)
+        config = model_config(name, args.tiny, args.ssm_chunk, args.size)
         trainer = Trainer(config, device)
         ids = torch.randint(0, config.vocab_size, (1, args.profile_length), device=device)
         window = None if args.profile_length <= args.window else args.window
@@ -321,10 +339,10 @@ def loss_curves(args, device: torch.device, results: dict, out: Path) -> None:
     """Train each named model for its step count at --loss-length on --task (markov or MQAR), one new sequence a step."""
     for spec in args.loss_steps.split(","):
         name, _, steps = spec.partition("=")
-        config = model_config(name, args.tiny, args.ssm_chunk)
+        config = model_config(name, args.tiny, args.ssm_chunk, args.size)
         trainer = Trainer(config, device, lr=args.lr)
         length = args.loss_length
-        budget = None if device.type != "cuda" else 0.8 * results["environment"]["gpu_memory_bytes"]
+        budget = memory_budget(args, results)
         window, kinds = choose_mode(config, length, args.window, budget)
         trainer.model.checkpoint_kinds = set(kinds)
         run = {"model": name, "length": length, "sequence_window": window, "activation_checkpointing": kinds,
@@ -436,6 +454,8 @@ def main(argv=None) -> None:
                         help="sweep: the loss's forward and backward replayed from CUDA graphs, as trainer.cuda_graph does")
     parser.add_argument("--ssm-chunk", type=int, choices=[64, 128, 256], default=None,
                         help="chunk size of the Mamba-2 scan (default: the recipes' default; 64 with --tiny)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="130m",
+                        help="parameter budget of the three models (see above)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="toy sizes, for a CPU dry run")
     parser.add_argument("--out", default=None, help="JSON file or folder (default $OUT, else benchmarks/)")
@@ -466,7 +486,7 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"{results['environment']}\nwriting {out}")
     for name in dict.fromkeys(args.models + [s.partition("=")[0] for s in (args.loss_steps or "").split(",") if s]):
-        config = model_config(name, args.tiny, args.ssm_chunk)
+        config = model_config(name, args.tiny, args.ssm_chunk, args.size)
         print(f"{name:<12}{config.pattern}  {training_memory(config, 1, 1)['parameters'] / 1e6:.1f}M parameters")
     if args.loss_steps:
         loss_curves(args, device, results, out)

@@ -44,8 +44,9 @@ def _leaked(row: dict) -> bool:
 
 
 def _config(row: dict):
-    """The row's model as bench_scaling built it; rows from before the chunk was recorded ran at 256."""
-    return _script("bench_scaling").model_config(row["model"], tiny=False, ssm_chunk=row.get("ssm_chunk") or 256)
+    """The row's model as bench_scaling built it; rows from before the chunk (size) was recorded ran at 256 (130m)."""
+    return _script("bench_scaling").model_config(row["model"], tiny=False, ssm_chunk=row.get("ssm_chunk") or 256,
+                                                 size=row.get("size", "130m"))
 
 
 def _scaling_prediction(row: dict) -> float:
