@@ -98,10 +98,25 @@ class GraphedLoss:
             torch.cuda.make_graphed_callables(self.module, static, num_warmup_iters=self.warmup,
                                               allow_unused_input=True)
         except RuntimeError as error:
+            if _ran_out_of_memory(error):
+                # CUDA then reports the aborted capture ("capturing stream has unjoined work"), not the cause.
+                raise RuntimeError("trainer.cuda_graph: the GPU ran out of memory while capturing the training step "
+                                   "(the graph's memory pool holds the step's activations apart from the allocator's "
+                                   "cache); use a shorter trainer.sequence_window, checkpoint more block kinds "
+                                   "(trainer.activation_checkpointing) or set trainer.cuda_graph: false") from error
             raise RuntimeError(f"trainer.cuda_graph: capturing the training step failed ({error}); train without "
                                "it (trainer.cuda_graph: false) and report the model and data that caused this") from error
         if self.accumulate_gradients:
             copy_first_gradients(self.module.model.parameters())
+
+
+def _ran_out_of_memory(error: BaseException | None) -> bool:
+    """Whether an out-of-memory error is in the chain of exceptions that led to ``error``."""
+    while error is not None:
+        if isinstance(error, torch.OutOfMemoryError):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def copy_first_gradients(parameters: Iterable[nn.Parameter]) -> list:

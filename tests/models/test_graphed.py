@@ -35,6 +35,21 @@ def test_cpu_batches_run_eagerly():
     assert graphed._signature is None  # nothing captured
 
 
+def test_out_of_memory_during_capture_is_named(monkeypatch):
+    """CUDA reports an out-of-memory abort of a capture as 'capturing stream has unjoined work': the error must
+    say memory, and what to change."""
+    def capture_that_runs_out(*args, **kwargs):
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 786.00 MiB.")
+        except torch.OutOfMemoryError:
+            raise RuntimeError("CUDA error: capturing stream has unjoined work")
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", capture_that_runs_out)
+    graphed = GraphedLoss(_model("mamba"), _loss(None))
+    with pytest.raises(RuntimeError, match="ran out of memory while capturing.*trainer.sequence_window"):
+        graphed._capture((torch.zeros(1, 8, dtype=torch.long),) * 2)
+
+
 def _loss_and_grads(model, loss_fn):
     """(loss, parameter gradients) of one forward + backward; the autograd graph is gone on return (a live eager
     graph during a capture would make the captured backward wait on the default stream: see models/graphed.py)."""
