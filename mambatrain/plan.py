@@ -206,11 +206,10 @@ def training_memory(config: ModelConfig, seq_len: int, batch_size: int, checkpoi
     With ``sequence_window`` shorter than ``seq_len`` the activations are one window's (``models.windowed``),
     plus what windows carry: small for Mamba, every position's keys and values for attention.
 
-    ``cuda_graph`` (trainer.cuda_graph): the peak is the capture's, where the graph's own gradient buffers (which
-    live for the whole run) are allocated while activations are still held; counted as 4 bytes a parameter, 4 more
-    with ``accumulate_grad_batches`` > 1, where ``.grad`` is a copy of them (models/graphed.py). Measured (H100,
-    130M models, 4k and 16k tokens, benchmarks/scaling_h100_graphs.json): graph peaks 4.8-7.1 bytes a parameter
-    above the eager ones.
+    ``cuda_graph`` (trainer.cuda_graph): the peak is the graph capture's, measured 4.8-7.1 bytes a parameter above
+    the eager peak for the 130M models at 4k and 16k tokens (H100, benchmarks/scaling_h100_graphs.json); counted as
+    4. Likely cause: torch's make_graphed_callables keeps its warm-up pass's gradients referenced through the
+    capture (a ``del`` of a loop variable); not yet measured apart.
     """
     with torch.device("meta"):
         from .models.lm import LanguageModel
@@ -222,13 +221,13 @@ def training_memory(config: ModelConfig, seq_len: int, batch_size: int, checkpoi
     # peak (the start of backward), but autocast's bf16 weight copies and the tied head's gradient do: 16 bytes
     # overstates that moment by less than 2 bytes a parameter. Windows accumulate gradients: 16 is exact there.
     # With checkpointed blocks in one pass the peak comes later, at the backward's first recomputation, with only
-    # the last blocks' gradients made (and a CUDA graph's gradient buffers, below, no further along): measured
-    # 7-8 bytes a parameter below the count of weights, gradients, moments and graph buffers (~370M models, H100).
+    # the last blocks' gradients made: measured 7-8 bytes a parameter below 16 + the CUDA graph's 4 below (~370M
+    # models, H100, all with graphs), so neither is counted there.
     checkpointed = any(letter in checkpoint_kinds for letter in config.pattern)
     gradients_at_peak = windowed or not checkpointed or accumulate_grad_batches > 1
     states = (16 if gradients_at_peak else 12) * params / shards
     if cuda_graph:
-        states += FP32 * params * (2 if accumulate_grad_batches > 1 else 1 if gradients_at_peak else 0)
+        states += FP32 * params * gradients_at_peak
     # The final norm's saved tensors and its output, which the loss's checkpoint keeps.
     kept, recompute = _norm_bytes(config.d_model, fused_kernels) + FP32 * config.d_model, 0.0
     for letter in config.pattern:
