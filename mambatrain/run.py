@@ -148,11 +148,15 @@ def _quiet_known_warnings() -> None:
 
 
 def check_accelerator(recipe: Recipe) -> None:
-    """GPU settings on a machine whose torch sees no GPU: refused here, before anything is built or written
-    (Lightning would refuse them with a traceback once the data and the model exist)."""
-    if torch.cuda.is_available():
-        return
+    """GPU settings on a machine whose torch sees no GPU, or more GPUs than it sees: refused here, before anything
+    is built or written (Lightning would refuse them with a traceback once the data and the model exist)."""
     t = recipe.trainer
+    if torch.cuda.is_available():
+        visible = torch.cuda.device_count()
+        if t.accelerator != "cpu" and t.devices > visible:
+            raise RecipeError(f"trainer.devices: {t.devices}, but torch sees {visible} GPU(s) on this machine; set "
+                              f"trainer.devices to {visible} or fewer (or check CUDA_VISIBLE_DEVICES)")
+        return
     if t.accelerator == "gpu":
         raise RecipeError("trainer.accelerator: gpu, but torch sees no CUDA device on this machine; use auto or cpu "
                           "here (or check the driver and CUDA_VISIBLE_DEVICES)")

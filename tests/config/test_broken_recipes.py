@@ -274,3 +274,14 @@ def test_gpu_settings_on_a_machine_without_one_fail_before_the_run_starts(tmp_pa
     with pytest.raises(RecipeError, match=f"^{key}: .*no CUDA device"):
         fit(recipe)
     assert not list(tmp_path.iterdir())  # not even a run directory
+
+
+def test_more_devices_than_visible_gpus_fail_before_the_run_starts(tmp_path, monkeypatch):
+    from mambatrain.run import fit
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    recipe = load.load_recipe(values=_recipe({"trainer.devices": 2, "trainer.strategy": "ddp",
+                                              "logging.root_dir": str(tmp_path)}))
+    with pytest.raises(RecipeError, match=r"^trainer.devices: 2, but torch sees 1 GPU\(s\)"):
+        fit(recipe)
+    assert not list(tmp_path.iterdir())
