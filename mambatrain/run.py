@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -185,12 +186,24 @@ def fit(recipe: Recipe, resume: str | None = None) -> dict[str, float]:
 
 
 def _fit_in(run_dir: Path, checkpoint: Path | None, recipe: Recipe) -> dict[str, float]:
+    fresh = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     if global_rank() == 0:
         (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-    # Installed before anything slow, so that a signal during start-up is kept for the first step boundary.
-    with PreemptionSignals() as signals:
-        metrics = _train(run_dir, checkpoint, recipe, signals)
+    try:
+        # Installed before anything slow, so that a signal during start-up is kept for the first step boundary.
+        with PreemptionSignals() as signals:
+            metrics = _train(run_dir, checkpoint, recipe, signals)
+    except RecipeError:
+        # A recipe the data refused (a missing column, an empty source): the version folder it made holds
+        # nothing to resume, and left behind it would shift the next run's version number.
+        if fresh and global_rank() == 0 and not any((run_dir / "checkpoints").glob("*")):
+            shutil.rmtree(run_dir, ignore_errors=True)
+            try:
+                run_dir.parent.rmdir()  # the run name's folder, when this was its only version
+            except OSError:
+                pass
+        raise
     # After a normal end only: after an error another rank may still be in a collective, and tearing NCCL
     # down alone can hang where the error would have ended the process.
     release_process_group()

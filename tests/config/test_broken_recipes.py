@@ -285,3 +285,15 @@ def test_more_devices_than_visible_gpus_fail_before_the_run_starts(tmp_path, mon
     with pytest.raises(RecipeError, match=r"^trainer.devices: 2, but torch sees 1 GPU\(s\)"):
         fit(recipe)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_recipe_the_data_refuses_leaves_no_run_folder(tmp_path):
+    """Some checks need the data itself (here: the text column), so they fail after the run folder was made."""
+    from mambatrain.run import fit
+    (tmp_path / "train.jsonl").write_text('{"body": "hello world"}\n{"body": "more text"}\n')
+    recipe = load.load_recipe(values=_recipe({
+        "data": {**TEXT, "text": {"sources": [{"path": str(tmp_path / "train.jsonl")}]}}, "model.vocab_size": 300,
+        "logging.root_dir": str(tmp_path / "runs")}))
+    with pytest.raises(RecipeError, match="^data.text.sources.0..text_field: no column 'text'"):
+        fit(recipe)
+    assert not list((tmp_path / "runs").glob("*/*"))
