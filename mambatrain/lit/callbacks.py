@@ -16,8 +16,8 @@ class ThroughputMonitor(L.Callback):
     train/peak_reserved_gib (what the process holds: the allocator's cache and CUDA graph pools too, whose
     replays the allocated figure does not see; nearer to what runs out).
 
-    Times whole windows of steps and synchronises the GPU only at window edges, so
-    measuring does not slow training down.
+    Times whole windows of steps and synchronises the GPU only at window edges (and around validation, which the
+    windows leave out), so measuring does not slow training down.
     """
 
     def __init__(self, tokens_per_batch: int, flops_per_token: float, log_every_n_steps: int):
@@ -26,6 +26,7 @@ class ThroughputMonitor(L.Callback):
         self.every = log_every_n_steps
         self._window_start: float | None = None
         self._window_tokens = 0
+        self._validation_start: float | None = None
         self._peak: float | None = None
 
     @classmethod
@@ -50,6 +51,18 @@ class ThroughputMonitor(L.Callback):
             self._sync(pl_module)
             self._window_start = time.perf_counter()
             self._window_tokens = 0
+
+    # Validation inside a window (val_every_n_steps not a multiple of log_every_n_steps) is not training time.
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self._window_start is not None:
+            self._sync(pl_module)
+            self._validation_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._window_start is not None and self._validation_start is not None:
+            self._sync(pl_module)
+            self._window_start += time.perf_counter() - self._validation_start
+        self._validation_start = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._window_tokens += self.tokens_per_batch
