@@ -18,7 +18,8 @@ def chunk_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: 
     logits = hidden @ weight.t().to(hidden.dtype)  # (rows, vocab)
     # float32 at least (bf16 logits lose the loss's precision); float64 stays float64 for exactness tests
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    # any integer labels, as the Triton op takes (cross_entropy itself wants int64)
+    return F.cross_entropy(logits, labels.long(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def linear_cross_entropy_naive(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

@@ -83,6 +83,14 @@ def test_leading_dims_and_bf16_weight():
     assert_close(run(linear_cross_entropy, inp, 7), reference(inp, 7), TOL[torch.bfloat16])
 
 
+def test_int32_labels_in_both():
+    """Any integer labels, in the kernel and its reference alike."""
+    inp = make_inputs(17, 16, 257, torch.float32)
+    narrow = {**inp, "labels": inp["labels"].int()}
+    assert_close(run(linear_cross_entropy, narrow, 5), reference(inp, 5), TOL[torch.float32])
+    assert_close(run(linear_cross_entropy_naive, narrow, 5), reference(inp, 5), TOL[torch.float32])
+
+
 def test_all_ignored():
     """Every label -100: loss and both gradients exactly zero (not NaN)."""
     inp = make_inputs(17, 16, 257, torch.float32, ignored=1.0)
