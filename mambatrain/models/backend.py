@@ -16,6 +16,9 @@ import torch
 log = logging.getLogger(__name__)
 _announced: set[tuple[str, str]] = set()
 
+# What every kernel takes; float64 (exactness tests, float64 models) stays on the PyTorch code.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 
 def use_triton(backend: str, x: torch.Tensor, op: str, setting: str,
                dtypes: tuple[torch.dtype, ...] | None = None) -> bool:

@@ -18,11 +18,9 @@ from torch.utils.checkpoint import checkpoint
 
 from mambatrain_kernels.cross_entropy import IGNORE_INDEX, chunk_cross_entropy_sum
 
-from .backend import use_triton
+from .backend import KERNEL_DTYPES, use_triton
 
 __all__ = ["IGNORE_INDEX", "chunked_cross_entropy", "chunked_cross_entropy_sum"]
-
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

@@ -15,11 +15,11 @@ from torch import nn
 from mambatrain_kernels.selective_scan import selective_scan_naive
 from mambatrain_kernels.ssd import ssd_chunked_torch
 
-from .backend import use_triton
+from .backend import KERNEL_DTYPES, use_triton
 
 
 def _use_triton(backend: str, x: torch.Tensor, op: str) -> bool:
-    return use_triton(backend, x, op, "model.mamba.backend")
+    return use_triton(backend, x, op, "model.mamba.backend", KERNEL_DTYPES)
 
 
 def selective_scan(backend: str, *args, **kwargs):

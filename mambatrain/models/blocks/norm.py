@@ -9,11 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backend import use_triton
+from ..backend import KERNEL_DTYPES, use_triton
 from .precision import upcast
-
-# what the kernels take; float64 (exactness tests) stays on the PyTorch code
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class RMSNorm(nn.Module):
