@@ -72,6 +72,7 @@ class RecipeDataModule(L.LightningDataModule):
         self.start_batch = 0
         self.first_sample: int | None = None  # synthetic: global number of the resumed run's first sample
         self.stream_states: list | None = None  # per stream of this rank: position after its last trained batch
+        self._train_tokens: int | None = None  # prepared: tokens of the train split (checkpoints record it)
         if check:
             check_data(recipe)
         data = recipe.data
@@ -198,7 +199,14 @@ class RecipeDataModule(L.LightningDataModule):
             state["num_streams"] = max(self.recipe.data.num_workers, 1)
             state["row_streams"] = self.recipe.trainer.carry_state
             state["source"] = self.recipe.data.source
+            if self.recipe.data.source == "prepared":  # positions are token offsets into exactly these shards
+                state["prepared_tokens"] = self._prepared_tokens()
         return state
+
+    def _prepared_tokens(self) -> int:
+        if self._train_tokens is None:
+            self._train_tokens = TokenStore(self.recipe.data.prepared.path, "train").n_tokens
+        return self._train_tokens
 
     def load_state_dict(self, state: dict) -> None:
         self.start_batch = int(state["batches_consumed"])
@@ -215,6 +223,13 @@ class RecipeDataModule(L.LightningDataModule):
             raise RecipeError(f"data.source: the checkpoint holds the position of {saved} streams, which {source} "
                               f"streams cannot continue; resume with data.source: {saved}, or start a new run from "
                               f"its weights (finetune.init_from)")
+        saved_tokens = state.get("prepared_tokens")  # older checkpoints do not say
+        if source == "prepared" and saved_tokens is not None and saved_tokens != self._prepared_tokens():
+            raise RecipeError(f"data.prepared.path: the checkpoint's data position is in a train split of "
+                              f"{saved_tokens:,} tokens, but {self.recipe.data.prepared.path} holds "
+                              f"{self._prepared_tokens():,}: the shards changed since (prepared again, or another "
+                              f"folder); resume on the shards it trained on, or start a new run from its weights "
+                              f"(finetune.init_from)")
         carry = self.recipe.trainer.carry_state
         if state.get("row_streams", False) != carry:
             raise RecipeError(f"trainer.carry_state: the checkpoint was written with carry_state: "

@@ -93,6 +93,23 @@ def test_resuming_a_text_position_on_prepared_data_is_refused(tmp_path):
             other.load_state_dict(state)
 
 
+def test_resuming_on_shards_prepared_again_is_refused(tmp_path):
+    """A prepared position is a token offset: on other shards it would silently point at other documents."""
+    write_corpus(tmp_path / "corpus", n_files=1, docs_per_file=20)
+    prepare(recipe(tmp_path, "prepared"))
+    dm = RecipeDataModule(recipe(tmp_path, "prepared"))
+    dm.trainer = fake_trainer(0)
+    state = dm.state_dict()
+    write_corpus(tmp_path / "corpus", n_files=1, docs_per_file=25)  # more documents, prepared again
+    prepare(recipe(tmp_path, "prepared"))
+    other = RecipeDataModule(recipe(tmp_path, "prepared"))
+    other.trainer = fake_trainer(0)
+    with pytest.raises(RecipeError, match="^data.prepared.path: the checkpoint's data position is in a train split of "):
+        other.load_state_dict(state)
+    del state["prepared_tokens"]  # a checkpoint from before the check: trusted, as before
+    other.load_state_dict(state)
+
+
 def test_missing_tokenizer_fails_before_training(tmp_path):
     write_corpus(tmp_path / "corpus", n_files=1, docs_per_file=3)
     with pytest.raises(RecipeError, match="data.text.tokenizer: .*nope not found"):
