@@ -209,7 +209,8 @@ def training_memory(config: ModelConfig, seq_len: int, batch_size: int, checkpoi
     ``cuda_graph`` (trainer.cuda_graph): the peak is the graph capture's, measured 4.8-7.1 bytes a parameter above
     the eager peak for the 130M models at 4k and 16k tokens (H100, benchmarks/scaling_h100_graphs.json); counted as
     4. Likely cause: torch's make_graphed_callables keeps its warm-up pass's gradients referenced through the
-    capture (a ``del`` of a loop variable); not yet measured apart.
+    capture (a ``del`` of a loop variable); not yet measured apart. ``accumulate_grad_batches`` > 1: the gradients
+    of the earlier micro-batches exist at every later one's peak.
     """
     with torch.device("meta"):
         from .models.lm import LanguageModel
@@ -282,7 +283,7 @@ def describe_plan(recipe, gpu_memory_gib: float) -> tuple[str, bool]:
                      f" (shorter than trainer.sequence_window {trainer.sequence_window:,})"))
     lines.append(f"  weights + grads + AdamW   {gib(memory['weights_grads_optimizer'])}"
                  + (f"  (sharded over {shards})" if shards > 1 else "")
-                 + ("  (+ the CUDA graph's gradient buffers)" if graphed else ""))
+                 + ("  (as the CUDA graph's capture holds them)" if graphed else ""))
     lines.append(f"  saved activations         {gib(memory['activations'])}"
                  f"  (recomputed: {trainer.activation_checkpointing or 'none'})")
     lines.append(f"  block being recomputed    {gib(memory['recomputed_block'])}")

@@ -54,7 +54,8 @@ def _scaling_prediction(row: dict) -> float:
     return training_memory(config, row["length"], 1, row.get("activation_checkpointing", ""), LOSS_CHUNK,
                            sequence_window=row["sequence_window"],
                            fused_kernels=row.get("fused_kernels", False), fused_loss=row.get("fused_loss", False),
-                           bf16_ssd_states=row.get("ssd_states") == "bf16", cuda_graph=row.get("cuda_graph", False))["peak"]
+                           bf16_ssd_states=row.get("ssd_states") == "bf16",
+                           cuda_graph=row.get("cuda_graph", False))["peak"]
 
 
 @pytest.mark.parametrize("row", MEASURED, ids=lambda r: f"{r['model']}-{r['length']}-{r['mode'].replace(' ', '_')}")

@@ -18,5 +18,6 @@ def test_forcing_the_kernels_on_float64_names_the_setting(monkeypatch):
              "selective scan": lambda: scan.selective_scan("triton", x),
              "conv1d + silu": lambda: scan.conv1d_silu("triton", x, conv, None, None)}
     for op, call in calls.items():
-        with pytest.raises(TypeError, match=re.escape(f"model.mamba.backend is 'triton' but the {op} input is torch.float64")):
+        message = f"model.mamba.backend is 'triton' but the {op} input is torch.float64"
+        with pytest.raises(TypeError, match=re.escape(message)):
             call()
