@@ -17,8 +17,8 @@ A step is forward + backward + AdamW, bf16 autocast over fp32 weights (Lightning
 our model and chunked loss. A length runs in one pass, with the fewest block kinds checkpointed that make plan's
 peak fit (80% of the GPU, 75% with --cuda-graph), else with ``trainer.sequence_window`` (``models.windowed``:
 exact, one extra forward), checkpointing inside each window the fewest block kinds that fit, in the longest windows
-that fit. Each configuration: 1 warm-up step, then timed steps (CUDA events, median); a model stops at the first length that runs out of memory or whose
-step exceeds --max-step-s. MFU counts model FLOPs (``plan.training_flops_per_token``, without the recomputation).
+that fit. Each configuration: 1 warm-up step, then timed steps (CUDA events, median); a model stops at the first
+length that runs out of memory or whose step exceeds --max-step-s. MFU counts model FLOPs (``plan.training_flops_per_token``, without the recomputation).
 The JSON (--out, default $OUT or benchmarks/) is rewritten after every configuration, so a killed run keeps what
 it measured; it holds the GPU, commit, date, versions, and plan's predicted peak beside the measured one.
 """
