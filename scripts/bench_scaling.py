@@ -13,14 +13,15 @@ Models (--size 130m: d_model 768, vocab 50,280 tied; ``plan`` counts their param
                at the same size (one attention + MLP block has the parameters of two Mamba blocks).
 --size 370m: d_model 1024, 48 Mamba-2 blocks (the mamba-370m layout), 48 hybrid blocks (14 attention),
   24 Transformer blocks (16 heads, SwiGLU MLP 2816).
-A step is forward + backward + AdamW, bf16 autocast over fp32 weights (Lightning's "bf16-mixed"), batch 1,
-our model and chunked loss. A length runs in one pass, with the fewest block kinds checkpointed that make plan's
-peak fit (80% of the GPU, 75% with --cuda-graph), else with ``trainer.sequence_window`` (``models.windowed``:
-exact, one extra forward), checkpointing inside each window the fewest block kinds that fit, in the longest windows
-that fit. Each configuration: 1 warm-up step, then timed steps (CUDA events, median); a model stops at the first
-length that runs out of memory or whose step exceeds --max-step-s. MFU counts model FLOPs (``plan.training_flops_per_token``, without the recomputation).
-The JSON (--out, default $OUT or benchmarks/) is rewritten after every configuration, so a killed run keeps what
-it measured; it holds the GPU, commit, date, versions, and plan's predicted peak beside the measured one.
+A step is forward + backward + AdamW, bf16 autocast over fp32 weights (Lightning's "bf16-mixed"), batch 1, our model
+and chunked loss. A length runs in one pass, with the fewest block kinds checkpointed that make plan's peak fit (80%
+of the GPU, 75% with --cuda-graph), else with ``trainer.sequence_window`` (``models.windowed``: exact, one extra
+forward), checkpointing inside each window the fewest block kinds that fit, in the longest windows that fit. Each
+configuration: 1 warm-up step, then timed steps (CUDA events, median); a model stops at the first length that runs
+out of memory or whose step exceeds --max-step-s. MFU counts model FLOPs (``plan.training_flops_per_token``, without
+the recomputation). The JSON (--out, default $OUT or benchmarks/) is rewritten after every configuration, so a
+killed run keeps what it measured; it holds the GPU, commit, date, versions, and plan's predicted peak beside the
+measured one.
 """
 
 from __future__ import annotations
