@@ -52,3 +52,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def fit_with_callback(recipe, callback, monkeypatch) -> None:
+    """``mambatrain.run.fit(recipe)`` with ``callback`` first among the trainer's callbacks (so that it sees the
+    gradients before the module's own hooks change them)."""
+    from mambatrain import run
+
+    build = run.build_trainer
+
+    def with_callback(*args, **kwargs):
+        built = build(*args, **kwargs)
+        built.callbacks.insert(0, callback)
+        return built
+
+    monkeypatch.setattr(run, "build_trainer", with_callback)
+    try:
+        run.fit(recipe)
+    finally:
+        monkeypatch.setattr(run, "build_trainer", build)
+

@@ -7,8 +7,9 @@ import lightning as L
 import pytest
 import torch
 
-from mambatrain import run
 from mambatrain.config.load import load_recipe
+
+from conftest import fit_with_callback
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,16 +35,8 @@ def fit_steps(root, monkeypatch, batch_size, **trainer):
     recipe = load_recipe(values={**TINY, "data": {**TINY["data"], "batch_size": batch_size},
                                  "trainer": {**TINY["trainer"], **trainer},
                                  "logging": {"root_dir": str(root), "run_name": "acc"}})
-    gradients, build = Gradients(), run.build_trainer
-
-    def with_gradients(*args, **kwargs):
-        built = build(*args, **kwargs)
-        built.callbacks.insert(0, gradients)
-        return built
-
-    monkeypatch.setattr(run, "build_trainer", with_gradients)
-    run.fit(recipe)
-    monkeypatch.undo()
+    gradients = Gradients()
+    fit_with_callback(recipe, gradients, monkeypatch)
     with open(root / "acc" / "version_0" / "logs" / "metrics.csv") as f:
         losses = {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
     return gradients.steps, losses

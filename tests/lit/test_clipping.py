@@ -5,9 +5,10 @@ import lightning as L
 import pytest
 import torch
 
-from mambatrain import run
 from mambatrain.config.load import load_recipe
 from mambatrain.lit.module import clip_gradients, gradient_norm
+
+from conftest import fit_with_callback
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,15 +39,9 @@ def test_fit_clips_the_gradients_it_steps_with(tmp_path, monkeypatch, precision)
     recipe = load_recipe(values={**TINY, "trainer": {**TINY["trainer"], "precision": precision,
                                                      "gradient_clip": 1e-3},
                                  "logging": {"root_dir": str(tmp_path), "run_name": "clip"}})
-    seen, build = StepGradients(), run.build_trainer
-
-    def with_callback(*args, **kwargs):
-        built = build(*args, **kwargs)
-        built.callbacks.insert(0, seen)
-        return built
-
-    monkeypatch.setattr(run, "build_trainer", with_callback)
-    run.fit(recipe)  # crashed at the first step under bf16-mixed while Lightning clipped for a fused AdamW
+    seen = StepGradients()
+    # crashed at the first step under bf16-mixed while Lightning clipped for a fused AdamW
+    fit_with_callback(recipe, seen, monkeypatch)
     assert seen.fused
     assert len(seen.norms) == 3
     assert all(norm == pytest.approx(1e-3, rel=1e-3) for norm in seen.norms)  # an untrained model's norm is >> 1e-3
