@@ -250,8 +250,7 @@ def ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_st
     strides = (*x.stride(), *dout.stride(), *_strides4(z), *B.stride(), *C.stride())
     has_d = dict(HAS_D=D is not None, D_2D=D is not None and D.dim() == 2)
     if FUSED_BWD and NB == 1:
-        # head-dimension slices of 32: the fused kernel holds both kernels' tiles at once
-        fused = {**{key: value for key, value in common.items() if key != "BT"}, "BV": min(common["BV"], 32)}
+        fused = {key: value for key, value in common.items() if key not in ("BT", "BV")}  # BV: autotuned
         ssd_chunk_bwd_kernel[grid_group](
             x, dout, zp, ypre, B, C, D if D is not None else A, dtp, dA_cs[0], dA_cs[-1], docp, states, dstates,
             dx, dz if z is not None else dx, dB_out, dC_out, ddt_x, vsum, dsum, K_part, R_part, K_pair, T_pair,

@@ -19,11 +19,12 @@ from .triton_fwd import decay_block, dot
 
 @triton.autotune(
     configs=configs(
-        [{"num_warps": w, "num_stages": s} for w in (4, 8, 16) for s in (1, 2)],
-        {"num_warps": 4},
-        {"num_warps": 8, "num_stages": 1},
+        # BV: the slice of the head dimension per step (the kernel holds both kernels' tiles at once)
+        [{"BV": bv, "num_warps": w, "num_stages": s} for bv in (16, 32) for w in (8, 16) for s in (1, 2)],
+        {"BV": 16, "num_warps": 4},
+        {"BV": 32, "num_warps": 8, "num_stages": 1},
     ),
-    key=["P", "N", "L", "BV", "HPS", "HAS_Z", "T_BUCKET"],
+    key=["P", "N", "L", "HPS", "HAS_Z", "T_BUCKET"],
 )
 @triton.jit
 def ssd_chunk_bwd_kernel(
@@ -55,11 +56,10 @@ def ssd_chunk_bwd_kernel(
         b_doc_prev = tl.load(doc + i_b.to(tl.int64) * T + tl.maximum(t0 - 1, 0))
         b_doc_end = tl.load(doc + o_d0 + i_last)
         m_ts = m_ts & (b_doc[:, None] == b_doc[None, :])
-    # [L, BN]
-    b_B = tl.load(B + i_b.to(tl.int64) * s_Bb + t0.to(tl.int64) * s_Bt + i_g * s_Bg + o_t[:, None] * s_Bt
-                  + o_n[None, :] * s_Bn, mask=m_tn, other=0.)
-    b_C = tl.load(C + i_b.to(tl.int64) * s_Cb + t0.to(tl.int64) * s_Ct + i_g * s_Cg + o_t[:, None] * s_Ct
-                  + o_n[None, :] * s_Cn, mask=m_tn, other=0.)
+    # [L, BN] pointers of B and C: the tiles are loaded where they are used (L2 hits after the first head), not
+    # held over the head loop, which would keep them in several register layouts at once
+    p_B = B + i_b.to(tl.int64) * s_Bb + t0.to(tl.int64) * s_Bt + i_g * s_Bg + o_t[:, None] * s_Bt + o_n[None, :] * s_Bn
+    p_C = C + i_b.to(tl.int64) * s_Cb + t0.to(tl.int64) * s_Ct + i_g * s_Cg + o_t[:, None] * s_Ct + o_n[None, :] * s_Cn
     b_dc = tl.zeros([L, BN], dtype=tl.float32)
     b_db = tl.zeros([L, BN], dtype=tl.float32)
     b_ds = tl.zeros([L, L], dtype=tl.float32)
@@ -86,6 +86,8 @@ def ssd_chunk_bwd_kernel(
             b_r = tl.where(b_doc == b_doc_end, b_r, 0.)
         # [L, L] S = C B^T in fp32, again per head (fewer registers held over the head loop; the forward's bf16 S
         # made bf16 dA ~1.5% off, see ssd_dcb_bwd_kernel)
+        b_B = tl.load(p_B, mask=m_tn, other=0.)
+        b_C = tl.load(p_C, mask=m_tn, other=0.)
         b_S = dot(b_C, tl.trans(b_B), PRECISION)
         # [L(t), L(s)] exp(a_t - a_s) on the causal, same-document pairs; W = S * decay
         b_decay = decay_block(b_a, b_l, b_a, b_l, b_a_end, b_l_end, m_ts, False, False, PRECISE)
@@ -162,6 +164,8 @@ def ssd_chunk_bwd_kernel(
         tl.store(K_pair + o_p * L + o_t, tl.zeros([L], dtype=tl.float32))
         tl.store(T_pair + o_p, tl.sum(tl.sum(b_q, axis=0), axis=0))
     # dC_t += sum_s dS_ts B_s, dB_s += sum_t dS_ts C_t (dS rounded as the pair stores it)
+    b_B = tl.load(p_B, mask=m_tn, other=0.)
+    b_C = tl.load(p_C, mask=m_tn, other=0.)
     b_dsc = b_ds.to(b_B.dtype)
     b_dc += dot(b_dsc, b_B, PRECISION)
     b_db += dot(tl.trans(b_dsc), b_C, PRECISION)
