@@ -114,14 +114,25 @@ class NonFiniteGuard:
             bad_parameter = first_nonfinite_gradient(module.model)
             for param in module.parameters():
                 param.grad = None  # AdamW skips parameters without a gradient: no update, no moment change
-            log.warning("step %d: non-finite loss or gradient, optimizer step skipped (%d in a row, %d in all)",
-                        trainer.global_step + 1, self.consecutive, self.skipped)
+            log.warning("step %d: %s, optimizer step skipped (%d in a row, %d in all)", trainer.global_step + 1,
+                        self._what_was_bad(micro, bad_parameter), self.consecutive, self.skipped)
         else:
             self.consecutive = 0
         module.log("train/skipped_steps", float(self.skipped))
         if skip and self.consecutive >= self.max_consecutive:
             raise NonFiniteStop(self._stop_message(module, micro, bad_parameter))
         return skip
+
+    @staticmethod
+    def _what_was_bad(micro: list, bad_parameter: str | None) -> str:
+        bad = [i for i, (_, finite) in enumerate(micro) if not bool(finite)]
+        if bad:
+            which = ", ".join(str(i + 1) for i in bad)
+            return (f"non-finite loss in micro-batch{'es' if len(bad) > 1 else ''} {which} of {len(micro)}"
+                    if len(micro) > 1 else "non-finite loss")
+        if bad_parameter is not None:
+            return f"non-finite gradient (first: {bad_parameter})"
+        return "non-finite loss or gradient on another rank"
 
     def _stop_message(self, module: L.LightningModule, micro: list, bad_parameter: str | None) -> str:
         trainer = module.trainer

@@ -149,3 +149,18 @@ def test_ssm_parameters_and_scan_inputs_stay_float32_under_autocast(monkeypatch,
     assert seen["x"] == torch.bfloat16  # the activations do run in bf16 ...
     assert seen["A"] == seen["D"] == seen["dt_bias"] == torch.float32  # ... the SSM's decay and step size do not
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_the_skip_warning_says_what_was_bad(caplog):
+    guard, module = NonFiniteGuard(max_consecutive=3), FakeModule(other_rank_bad=False)
+    for loss in (1.0, float("nan"), 2.0):
+        guard.observe(torch.tensor(loss), batch={})
+    with caplog.at_level("WARNING", logger="mambatrain"):
+        assert guard.check(module, torch.tensor(2.0))
+    assert "step 1: non-finite loss in micro-batch 2 of 3, optimizer step skipped" in caplog.text
+    module.model.weight.grad = torch.full((2, 2), float("inf"))
+    guard.observe(torch.tensor(1.0), batch={})
+    with caplog.at_level("WARNING", logger="mambatrain"):
+        assert guard.check(module, torch.tensor(float("inf")))
+    assert "non-finite gradient (first: weight)" in caplog.text
+
