@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mambatrain import run
 from mambatrain.config.load import load_recipe
 from mambatrain.lit.guards import NonFiniteGuard, NonFiniteStop, first_nonfinite_output, ssm_statistics
 from mambatrain.models import scan
 from mambatrain.models.lm import LanguageModel
+
+from conftest import fit_with_callback
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,17 +48,9 @@ class Poison(L.Callback):
 
 def test_nonfinite_steps_are_skipped_counted_then_stop_the_run(tmp_path, monkeypatch):
     poison = Poison(poisoned={1, 3, 4})
-    build = run.build_trainer
-
-    def with_poison(*args, **kwargs):
-        trainer = build(*args, **kwargs)
-        trainer.callbacks.insert(0, poison)
-        return trainer
-
-    monkeypatch.setattr(run, "build_trainer", with_poison)
     recipe = load_recipe(values={**TINY, "logging": {"root_dir": str(tmp_path), "run_name": "nan"}})
     with pytest.raises(NonFiniteStop) as stopped:
-        run.fit(recipe)
+        fit_with_callback(recipe, poison, monkeypatch)
 
     # Step 1 (0-based) was skipped: nothing changed, not even AdamW's step counts. Step 2 trained again.
     before, after, later = poison.snapshots[1], poison.snapshots[2], poison.snapshots[3]
