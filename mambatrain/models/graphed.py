@@ -94,9 +94,9 @@ class GraphedLoss:
         log.info("trainer.cuda_graph: capturing the forward and backward of batches shaped %s "
                  "(%d eager warm-up pass%s first)", [tuple(a.shape) for a in args], self.warmup,
                  "" if self.warmup == 1 else "es")
+        self._warm_up(static)
         try:
-            torch.cuda.make_graphed_callables(self.module, static, num_warmup_iters=self.warmup,
-                                              allow_unused_input=True)
+            torch.cuda.make_graphed_callables(self.module, static, num_warmup_iters=0, allow_unused_input=True)
         except RuntimeError as error:
             if _ran_out_of_memory(error):
                 # CUDA then reports the aborted capture ("capturing stream has unjoined work"), not the cause.
@@ -108,6 +108,23 @@ class GraphedLoss:
                                "it (trainer.cuda_graph: false) and report the model and data that caused this") from error
         if self.accumulate_gradients:
             copy_first_gradients(self.module.model.parameters())
+
+    def _warm_up(self, static: tuple[torch.Tensor, ...]) -> None:
+        """The eager passes before the capture (kernels compile and autotune), on a side stream as
+        make_graphed_callables runs its own, but with nothing of them left alive when the capture starts.
+
+        Its own warm-up keeps its last pass's loss and gradients referenced through the capture: their 4 bytes
+        per parameter are then held at the capture's peak, and the loss's autograd graph keeps the parameters'
+        gradient accumulators made on the warm-up stream, which the captured backward would reuse.
+        """
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        torch.cuda.synchronize()
+        with torch.cuda.stream(torch.cuda.Stream()):
+            for _ in range(self.warmup):
+                loss = self.module(*static)
+                torch.autograd.grad(loss, params, allow_unused=True)
+                del loss
+        torch.cuda.synchronize()
 
 
 def _ran_out_of_memory(error: BaseException | None) -> bool:

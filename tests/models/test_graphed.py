@@ -45,6 +45,7 @@ def test_out_of_memory_during_capture_is_named(monkeypatch):
             raise RuntimeError("CUDA error: capturing stream has unjoined work")
 
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", capture_that_runs_out)
+    monkeypatch.setattr(GraphedLoss, "_warm_up", lambda self, static: None)
     graphed = GraphedLoss(_model("mamba"), _loss(None))
     with pytest.raises(RuntimeError, match="ran out of memory while capturing.*trainer.sequence_window"):
         graphed._capture((torch.zeros(1, 8, dtype=torch.long),) * 2)
