@@ -192,7 +192,7 @@ def params_head(config: ModelConfig) -> int:
 def training_memory(config: ModelConfig, seq_len: int, batch_size: int, checkpoint_kinds: str = "",
                     loss_chunk_size: int = 8192, shards: int = 1,
                     sequence_window: int | None = None, fused_kernels: bool = True,
-                    fused_loss: bool = True, bf16_ssd_states: bool | None = None, cuda_graph: bool = False,
+                    fused_loss: bool = True, bf16_ssd_states: bool | None = None,
                     accumulate_grad_batches: int = 1) -> dict[str, float]:
     """Predicted peak bytes on one device for a training step: weights, gradients, AdamW, activations.
 
@@ -206,11 +206,9 @@ def training_memory(config: ModelConfig, seq_len: int, batch_size: int, checkpoi
     With ``sequence_window`` shorter than ``seq_len`` the activations are one window's (``models.windowed``),
     plus what windows carry: small for Mamba, every position's keys and values for attention.
 
-    ``cuda_graph`` (trainer.cuda_graph): the peak is the graph capture's, measured 4.8-7.1 bytes a parameter above
-    the eager peak for the 130M models at 4k and 16k tokens (H100, benchmarks/scaling_h100_graphs.json); counted as
-    4. Likely cause: torch's make_graphed_callables keeps its warm-up pass's gradients referenced through the
-    capture (a ``del`` of a loop variable); not yet measured apart. ``accumulate_grad_batches`` > 1: the gradients
-    of the earlier micro-batches exist at every later one's peak.
+    trainer.cuda_graph adds nothing: the capture's peak was measured 0.8-1.6 bytes a parameter above the eager one
+    (130M Mamba-2 at 4k and 16k tokens, H200, benchmarks/scaling_h100_graphs.json). ``accumulate_grad_batches``
+    > 1: the gradients of the earlier micro-batches exist at every later one's peak.
     """
     with torch.device("meta"):
         from .models.lm import LanguageModel
@@ -222,13 +220,11 @@ def training_memory(config: ModelConfig, seq_len: int, batch_size: int, checkpoi
     # peak (the start of backward), but autocast's bf16 weight copies and the tied head's gradient do: 16 bytes
     # overstates that moment by less than 2 bytes a parameter. Windows accumulate gradients: 16 is exact there.
     # With checkpointed blocks in one pass the peak comes later, at the backward's first recomputation, with only
-    # the last blocks' gradients made: measured 7-8 bytes a parameter below 16 + the CUDA graph's 4 below (~370M
-    # models, H100, all with graphs), so neither is counted there.
+    # the last blocks' gradients made: measured 12-13 bytes a parameter there (~370M models, H100, with CUDA graphs
+    # whose warm-up still held 4 bytes a parameter of gradients), so the gradients are not counted.
     checkpointed = any(letter in checkpoint_kinds for letter in config.pattern)
     gradients_at_peak = windowed or not checkpointed or accumulate_grad_batches > 1
     states = (16 if gradients_at_peak else 12) * params / shards
-    if cuda_graph:
-        states += FP32 * params * gradients_at_peak
     # The final norm's saved tensors and its output, which the loss's checkpoint keeps.
     kept, recompute = _norm_bytes(config.d_model, fused_kernels) + FP32 * config.d_model, 0.0
     for letter in config.pattern:
@@ -264,10 +260,8 @@ def describe_plan(recipe, gpu_memory_gib: float) -> tuple[str, bool]:
     with torch.device("meta"):
         counts = LanguageModel(model_config).parameter_counts()
     shards = trainer.devices * trainer.num_nodes if trainer.strategy == "fsdp" else 1
-    graphed = trainer.cuda_graph and trainer.accelerator != "cpu"  # ignored on the CPU
     memory = training_memory(model_config, data.seq_len, data.batch_size, trainer.activation_checkpointing,
                              trainer.loss_chunk_size, shards, trainer.sequence_window,
-                             cuda_graph=graphed,
                              accumulate_grad_batches=trainer.accumulate_grad_batches)
     gib = lambda b: f"{b / 2**30:8.2f} GiB"
     lines = [f"model {model_config.kind}, pattern {model_config.pattern}, "
@@ -282,8 +276,7 @@ def describe_plan(recipe, gpu_memory_gib: float) -> tuple[str, bool]:
         lines.append("  mode: one pass over the whole length" + ("" if trainer.sequence_window is None else
                      f" (shorter than trainer.sequence_window {trainer.sequence_window:,})"))
     lines.append(f"  weights + grads + AdamW   {gib(memory['weights_grads_optimizer'])}"
-                 + (f"  (sharded over {shards})" if shards > 1 else "")
-                 + ("  (as the CUDA graph's capture holds them)" if graphed else ""))
+                 + (f"  (sharded over {shards})" if shards > 1 else ""))
     lines.append(f"  saved activations         {gib(memory['activations'])}"
                  f"  (recomputed: {trainer.activation_checkpointing or 'none'})")
     lines.append(f"  block being recomputed    {gib(memory['recomputed_block'])}")

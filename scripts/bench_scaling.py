@@ -165,8 +165,7 @@ def timed_step(trainer: Trainer, ids, labels, window) -> tuple[float, float, flo
     return seconds, loss, seconds
 
 
-def choose_mode(config: ModelConfig, length: int, window: int, budget: float | None,
-                cuda_graph: bool = False) -> tuple[int | None, str]:
+def choose_mode(config: ModelConfig, length: int, window: int, budget: float | None) -> tuple[int | None, str]:
     """(sequence window or None for one pass, block kinds to checkpoint).
 
     Each checkpointed kind costs one more forward of those blocks, and windows one more forward of every block
@@ -186,13 +185,12 @@ def choose_mode(config: ModelConfig, length: int, window: int, budget: float | N
         return "".join(kind for kind in kinds if kind in config.pattern)
 
     for kinds in dict.fromkeys(map(present, ("", "M", "A", "MA"))):  # Mamba first: its recomputation is linear
-        if training_memory(config, length, 1, kinds, LOSS_CHUNK, cuda_graph=cuda_graph)["peak"] <= budget:
+        if training_memory(config, length, 1, kinds, LOSS_CHUNK)["peak"] <= budget:
             return None, kinds
     windows = [window << k for k in range(32) if window << k < length]
     for kinds in dict.fromkeys(map(present, ("", "A", "MA"))):
         fitting = [w for w in windows
-                   if training_memory(config, length, 1, kinds, LOSS_CHUNK, sequence_window=w,
-                                      cuda_graph=cuda_graph)["peak"] <= budget]
+                   if training_memory(config, length, 1, kinds, LOSS_CHUNK, sequence_window=w)["peak"] <= budget]
         if fitting:
             return max(fitting), kinds
     return window, present("MA")
@@ -218,10 +216,9 @@ def sweep(args, device: torch.device, results: dict, out: Path) -> None:
         short = torch.randint(0, config.vocab_size, (1, 256), device=device)
         trainer.step(short, short, None)
         for length in args.lengths:
-            window, kinds = choose_mode(config, length, args.window, budget, args.cuda_graph)
+            window, kinds = choose_mode(config, length, args.window, budget)
             trainer.model.checkpoint_kinds = set(kinds)
-            predicted = training_memory(config, length, 1, kinds, LOSS_CHUNK, sequence_window=window,
-                                        cuda_graph=args.cuda_graph)
+            predicted = training_memory(config, length, 1, kinds, LOSS_CHUNK, sequence_window=window)
             row = {"model": name, "size": args.size, "length": length, "sequence_window": window,
                    "activation_checkpointing": kinds,
                    "ssm_chunk": config.mamba.chunk_size if config.kind != "transformer" else None,

@@ -54,8 +54,7 @@ def _scaling_prediction(row: dict) -> float:
     return training_memory(config, row["length"], 1, row.get("activation_checkpointing", ""), LOSS_CHUNK,
                            sequence_window=row["sequence_window"],
                            fused_kernels=row.get("fused_kernels", False), fused_loss=row.get("fused_loss", False),
-                           bf16_ssd_states=row.get("ssd_states") == "bf16",
-                           cuda_graph=row.get("cuda_graph", False))["peak"]
+                           bf16_ssd_states=row.get("ssd_states") == "bf16")["peak"]
 
 
 @pytest.mark.parametrize("row", MEASURED, ids=lambda r: f"{r['model']}-{r['length']}-{r['mode'].replace(' ', '_')}")
@@ -74,10 +73,19 @@ def _without_moments(row: dict) -> float:
     return 8 * row["parameters"] if row.get("first_capture") else 0.0
 
 
+def _held_warmup_gradients(row: dict) -> float:
+    """A warmup_gradients_held row's capture ran while torch's make_graphed_callables still referenced its warm-up
+    pass's gradients (before 9267945): 4 bytes a parameter more wherever gradients exist at the peak, i.e. unless
+    checkpointed blocks in one pass put the peak before them (plan.training_memory)."""
+    checkpointed = any(kind in _config(row).pattern for kind in row["activation_checkpointing"])
+    gradients_at_peak = row["mode"] == "windowed" or not checkpointed
+    return 4 * row["parameters"] if row.get("warmup_gradients_held") and gradients_at_peak else 0.0
+
+
 @pytest.mark.parametrize("row", [r for r in SWEEPS if "peak_bytes" in r],
                          ids=lambda r: f"{r['commit']}-{r['model']}-{r['length']}-{'graph' if r['cuda_graph'] else 'eager'}")
 def test_later_sweeps_peak_within_15_percent(row):
-    predicted = _scaling_prediction(row) - _without_moments(row)
+    predicted = _scaling_prediction(row) - _without_moments(row) + _held_warmup_gradients(row)
     assert abs(predicted / row["peak_bytes"] - 1) <= TOLERANCE
 
 
