@@ -25,7 +25,7 @@ from .distributed.strategy import (
     RUN_DIR_ENV, build_strategy, data_parallel_size, global_batch, global_rank, release_process_group,
 )
 from .eval.callback import LongContextEval
-from .lit.callbacks import ThroughputMonitor
+from .lit.callbacks import ThroughputMonitor, ValidateAtLastStep
 from .lit.guards import SSMStatistics
 from .lit.module import LanguageModelModule
 from .plan import training_flops_per_token
@@ -117,6 +117,7 @@ def build_trainer(recipe: Recipe, run_dir: Path, signals: PreemptionSignals | No
         logger=build_logger(recipe, run_dir), default_root_dir=str(run_dir),
         callbacks=[ThroughputMonitor.from_recipe(recipe), SSMStatistics(t.log_every_n_steps), TQDMProgressBar(),
                    *LongContextEval.from_recipe(recipe, run_dir),
+                   *([ValidateAtLastStep()] if t.strategy == "fsdp" else []),
                    checkpoints],  # last: a preemption exit comes after the other callbacks have logged the step
         # Atomic, fsynced, marked checkpoint files; StepCheckpoint replaces Lightning's ModelCheckpoint.
         plugins=[AtomicCheckpointIO()], enable_checkpointing=False,
@@ -230,7 +231,10 @@ def _train(run_dir: Path, checkpoint: Path | None, recipe: Recipe, signals: Pree
         _quiet_known_warnings()
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None)
         trainer.save_checkpoint(run_dir / "checkpoints" / LAST)
-        results = trainer.validate(module, datamodule=datamodule, verbose=False)
+        if recipe.trainer.strategy == "fsdp":  # validated inside fit, at the last step (ValidateAtLastStep)
+            results = [{k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}]
+        else:
+            results = trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     if metrics:
         summary = ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in sorted(metrics.items()))

@@ -83,3 +83,17 @@ class ThroughputMonitor(L.Callback):
             pl_module.log("train/peak_reserved_gib", torch.cuda.max_memory_reserved(device) / 2**30,
                           rank_zero_only=True)
         self._window_start = None
+
+
+class ValidateAtLastStep(L.Callback):
+    """Has Lightning validate once more after the last optimizer step, inside fit (by asking it to stop there:
+    a stop request triggers a validation).
+
+    Under FSDP the run's final validation must happen there: a ``trainer.validate`` after fit runs the model
+    without the root FSDP unit that fit wrapped it in, and the parameters that unit owns (the embedding, the
+    final norm) are still flat shards ("'weight' must be 2-D", Lightning-AI/pytorch-lightning#19015).
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
