@@ -138,27 +138,6 @@ def load_dy(dout, z, o_row, o_v, m, s_ot, s_op, s_zt, s_zp, HAS_Z: tl.constexpr)
     return b_dy
 
 
-@triton.jit
-def carried_state_dc(p_o0, p_z0, p_h0, b_Ci, b_a_i, o_i, m_i, o_n, m_n, b_same_doc, p_dsum, s_ot, s_op, s_zt, s_zp,
-                     P: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr,
-                     HAS_Z: tl.constexpr, HAS_DOC: tl.constexpr, PRECISION: tl.constexpr):
-    """One head's dC_i through the state carried into the chunk, (exp(a_i) dy_i) h_prev, [BT, BN]; stores
-    dy_t . (what the carried state gives y_t) at ``p_dsum``: its gradient reaches every a_u, u <= t."""
-    b_g = tl.where(m_i, tl.exp(b_a_i), 0.)
-    if HAS_DOC:
-        b_g = tl.where(b_same_doc, b_g, 0.)
-    b_dch = tl.zeros([BT, BN], dtype=tl.float32)
-    for i_v in range((P + BV - 1) // BV):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_v = o_v < P
-        b_dy = load_dy(p_o0, p_z0, o_i, o_v, m_i[:, None] & m_v[None, :], s_ot, s_op, s_zt, s_zp, HAS_Z)
-        # [BV, BN]
-        b_h = tl.load(p_h0 + o_v[:, None] * N + o_n[None, :], mask=m_v[:, None] & m_n[None, :], other=0.)
-        b_dch += dot((b_dy * b_g[:, None]).to(b_Ci.dtype), b_h.to(b_Ci.dtype), PRECISION)
-    tl.store(p_dsum + o_i, tl.sum(b_dch * b_Ci.to(tl.float32), axis=1), mask=m_i)
-    return b_dch
-
-
 @triton.autotune(
     configs=configs(
         # 4 warps spill at d_state 128 (fine for small states)
@@ -202,23 +181,29 @@ def ssd_dcb_bwd_kernel(
     # [BT, BN]
     b_Ci = tl.load(C + i_b.to(tl.int64) * s_Cb + t0.to(tl.int64) * s_Ct + i_g * s_Cg + o_i[:, None] * s_Ct
                    + o_n[None, :] * s_Cn, mask=m_i[:, None] & m_n[None, :], other=0.)
-    b_same_doc = m_i
-    if HAS_DOC:
-        b_same_doc = b_doc_i == b_doc_prev
-    # dC_i through the carried state, summed over heads. With one time block per chunk, each head's share is
-    # taken in the head loop below, next to the head's other use of dy (its dout and z still in L2: after a
-    # loop over all heads they came from DRAM again); with several, here (the pair loop would repeat it).
+    # dC_i through the carried state: sum over heads of (exp(a_i) dy_i) h_prev
     b_dc = tl.zeros([BT, BN], dtype=tl.float32)
-    if NB > 1:
-        for i_hh in range(HPS):
-            i_h = i_h0 + i_hh
-            o_a0 = (i_b * H + i_h).to(tl.int64) * T + t0
-            b_dc += carried_state_dc(
-                dout + i_b.to(tl.int64) * s_ob + t0.to(tl.int64) * s_ot + i_h * s_oh,
-                z + i_b.to(tl.int64) * s_zb + t0.to(tl.int64) * s_zt + i_h * s_zh,
-                states + ((i_b * H + i_h).to(tl.int64) * NT + i_c) * (P * N), b_Ci,
-                tl.load(dA_cs + o_a0 + o_i, mask=m_i, other=0.), o_i, m_i, o_n, m_n, b_same_doc, dsum + o_a0,
-                s_ot, s_op, s_zt, s_zp, P, N, BT, BN, BV, HAS_Z, HAS_DOC, PRECISION)
+    for i_hh in range(HPS):
+        i_h = i_h0 + i_hh
+        o_a0 = (i_b * H + i_h).to(tl.int64) * T + t0
+        b_g = tl.exp(tl.load(dA_cs + o_a0 + o_i, mask=m_i, other=0.))
+        b_g = tl.where(m_i, b_g, 0.)
+        if HAS_DOC:
+            b_g = tl.where(b_doc_i == b_doc_prev, b_g, 0.)
+        p_o0 = dout + i_b.to(tl.int64) * s_ob + t0.to(tl.int64) * s_ot + i_h * s_oh
+        p_z0 = z + i_b.to(tl.int64) * s_zb + t0.to(tl.int64) * s_zt + i_h * s_zh
+        p_h0 = states + ((i_b * H + i_h).to(tl.int64) * NT + i_c) * (P * N)
+        b_dch = tl.zeros([BT, BN], dtype=tl.float32)
+        for i_v in range(NV):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_v = o_v < P
+            b_dy = load_dy(p_o0, p_z0, o_i, o_v, m_i[:, None] & m_v[None, :], s_ot, s_op, s_zt, s_zp, HAS_Z)
+            # [BV, BN]
+            b_h = tl.load(p_h0 + o_v[:, None] * N + o_n[None, :], mask=m_v[:, None] & m_n[None, :], other=0.)
+            b_dch += dot((b_dy * b_g[:, None]).to(b_Ci.dtype), b_h.to(b_Ci.dtype), PRECISION)
+        b_dc += b_dch
+        # dy_t . (what the carried state gives y_t): its gradient reaches every a_u, u <= t
+        tl.store(dsum + o_a0 + o_i, tl.sum(b_dch * b_Ci.to(tl.float32), axis=1), mask=m_i)
     for i_j in range(0, i_i + 1):
         o_j = i_j * BT + tl.arange(0, BT)
         m_j = t0 + o_j < T
@@ -285,10 +270,6 @@ def ssd_dcb_bwd_kernel(
             tl.store(R_part + o_p * BT + tl.arange(0, BT), b_rv)
             tl.store(K_pair + o_p * BT + tl.arange(0, BT), b_kv)
             tl.store(T_pair + o_p, tl.sum(b_col, axis=0))
-            if NB == 1:
-                b_dc += carried_state_dc(p_o0, p_z0, states + ((i_b * H + i_h).to(tl.int64) * NT + i_c) * (P * N),
-                                         b_Ci, b_a_i, o_i, m_i, o_n, m_n, b_same_doc, dsum + o_a0,
-                                         s_ot, s_op, s_zt, s_zp, P, N, BT, BN, BV, HAS_Z, HAS_DOC, PRECISION)
         b_ds = b_ds.to(b_B.dtype)
         tl.store(p_dS0 + o_i[:, None] * L + o_j[None, :], b_ds)
         b_dc += dot(b_ds, b_B, PRECISION)
