@@ -392,7 +392,6 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "triton": triton.__version__,
         "autotune": os.environ.get("MAMBATRAIN_AUTOTUNE", "1"),
-        "ssd_fused_bwd": os.environ.get("MAMBATRAIN_SSD_FUSED_BWD", "0"),  # the experimental fused backward
         "ssd_shape": SSD_SHAPE, "selective_shape": SEL_SHAPE, "batch": 1, "dtype": "bfloat16",
     }
     report["ceilings"] = ceilings()

@@ -295,15 +295,13 @@ def report(launch, cfg) -> dict:
 
 SSD_KERNELS = dict(cumsum="ssd_chunk_cumsum_fwd_kernel", bmm="ssd_bmm_fwd_kernel", state_fwd="ssd_state_fwd_kernel",
                    chain="ssd_chain_kernel", output="ssd_output_fwd_kernel", state_bwd="ssd_state_bwd_kernel",
-                   dcb="ssd_dcb_bwd_kernel", dx="ssd_dx_bwd_kernel", ddt="ssd_ddt_bwd_kernel",
-                   fused="ssd_chunk_bwd_kernel")
+                   dcb="ssd_dcb_bwd_kernel", dx="ssd_dx_bwd_kernel", ddt="ssd_ddt_bwd_kernel")
 H100_SMS = 132
 
 
-def ssd_launches(chunk: int, length=1 << 20, heads=24, head_dim=64, d_state=128, groups=1, fused=False):
+def ssd_launches(chunk: int, length=1 << 20, heads=24, head_dim=64, d_state=128, groups=1):
     """One forward and one backward of ``ssd_scan`` at the benchmark shape (bf16, dt_softplus, dt_bias, D, no z),
-    recorded from the real launchers; the head split is the one an H100's 132 SMs would get. ``fused``: the
-    backward takes the fused intra-chunk kernel where the chunk allows (MAMBATRAIN_SSD_FUSED_BWD)."""
+    recorded from the real launchers; the head split is the one an H100's 132 SMs would get."""
     sdt = _import_kernels("ssd")
     meta = dict(device="meta")
     bf16 = torch.bfloat16
@@ -311,15 +309,15 @@ def ssd_launches(chunk: int, length=1 << 20, heads=24, head_dim=64, d_state=128,
     dt = torch.empty(1, length, heads, dtype=bf16, **meta)
     B, C = (torch.empty(1, length, groups, d_state, dtype=bf16, **meta) for _ in range(2))
     A, D, bias = (torch.empty(heads, **meta) for _ in range(3))
-    saved, saved_fused = sdt._sm_count, sdt.FUSED_BWD
-    sdt._sm_count, sdt.FUSED_BWD = (lambda device: H100_SMS), fused
+    saved = sdt._sm_count
+    sdt._sm_count = lambda device: H100_SMS
     try:
         with capture(sdt, list(SSD_KERNELS.values())) as launches:
             out, final, ypre, states, dtp, dA_cs, S = sdt.ssd_fwd(x, dt, A, B, C, D, None, bias, True, None, None,
                                                                 chunk)
             sdt.ssd_bwd(dout, None, x, dt, A, B, C, D, None, bias, True, None, None, chunk, x, states, dtp, dA_cs, S)
     finally:
-        sdt._sm_count, sdt.FUSED_BWD = saved, saved_fused
+        sdt._sm_count = saved
     return launches
 
 
@@ -374,8 +372,7 @@ def _report_each(launches, only, tag, report_fn, print_fn, hist) -> list[dict]:
 
 def ssd_main(a, only) -> list[dict]:
     wanted = {SSD_KERNELS[k] for k in (a.kernel or SSD_KERNELS)}
-    launches = (dict(launch, chunk=chunk) for chunk in a.chunk
-                for launch in ssd_launches(chunk, a.length, fused="fused" in (a.kernel or ())))
+    launches = (dict(launch, chunk=chunk) for chunk in a.chunk for launch in ssd_launches(chunk, a.length))
     return _report_each(
         launches, only,
         lambda launch: ((launch["chunk"], launch["name"], launch["kwargs"].get("LOCAL"))

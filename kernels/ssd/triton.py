@@ -19,7 +19,6 @@ from torch import Tensor
 from ..settings import INTERPRET, new_buffer
 from .chunked import document_ids
 from .triton_bwd import ssd_dcb_bwd_kernel, ssd_ddt_bwd_kernel, ssd_dx_bwd_kernel, ssd_state_bwd_kernel
-from .triton_bwd_fused import ssd_chunk_bwd_kernel
 from .triton_fwd import (
     ssd_bmm_fwd_kernel,
     ssd_chunk_cumsum_fwd_kernel,
@@ -61,10 +60,6 @@ def _tiles(x: Tensor, B: Tensor, chunk_size: int) -> dict:
 # bf16/fp16 inputs: products of two fp32 operands on tensor cores as tf32 (fp32 inputs always
 # use exact fp32). MAMBATRAIN_TF32=0 makes them exact too, to tell tf32 rounding from other error.
 TF32 = os.environ.get("MAMBATRAIN_TF32", "1") == "1"
-
-# Chunks of one time block (chunk 64 at d_state <= 128) take the fused intra-chunk backward
-# (triton_bwd_fused.py) when set: experimental until a GPU has measured it against the pair it replaces.
-FUSED_BWD = os.environ.get("MAMBATRAIN_SSD_FUSED_BWD", "0") == "1"
 
 # Programs the sequential state kernels aim for: their chunk loop runs in
 # segments, in parallel (batch x heads x state tiles alone is ~100 programs at
@@ -228,6 +223,7 @@ def ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_st
 
     hpg = heads // groups
     nsplit = _num_splits(x, NT * NB * batch * groups, hpg)
+    dS = new_buffer(nsplit, batch, groups, NT, L, L, device=dev, dtype=x.dtype)
     # one split: write the final dtype directly; several: fp32 partials summed below
     part = f32 if nsplit > 1 else None
     dB_out = new_buffer(nsplit, batch, length, groups, d_state, device=dev, dtype=part or B.dtype)
@@ -241,32 +237,24 @@ def ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_st
     R_part = new_buffer(batch, heads, NT, npair, BT, device=dev, dtype=f32)
     K_pair = new_buffer(*R_part.shape, device=dev, dtype=f32)
     T_pair = new_buffer(batch, heads, NT, npair, device=dev, dtype=f32)
+    ssd_dcb_bwd_kernel[grid_group](
+        x, dout, zp, B, C, dtp, dA_cs[0], dA_cs[-1], docp, states, dS, dC_out, dsum, R_part, K_pair, T_pair,
+        length, NT, _bucket(NT), batch * groups, *x.stride(), *dout.stride(), *_strides4(z), *B.stride(), *C.stride(),
+        **common,
+    )
+
     dx = new_buffer(batch, length, heads, head_dim, device=dev, dtype=x.dtype)
     dz = new_buffer(*dx.shape, device=dev, dtype=x.dtype) if z is not None else dx.new_empty(0)
     ddt_x = new_buffer(batch, heads, length, device=dev, dtype=f32)
     vsum = new_buffer(*ddt_x.shape, device=dev, dtype=f32)
     K_part = new_buffer(batch, heads, NT, NB, device=dev, dtype=f32)
     dD_part = new_buffer(batch, NT, NB, heads, head_dim, device=dev, dtype=f32) if D is not None else dsum
-    strides = (*x.stride(), *dout.stride(), *_strides4(z), *B.stride(), *C.stride())
-    has_d = dict(HAS_D=D is not None, D_2D=D is not None and D.dim() == 2)
-    if FUSED_BWD and NB == 1:
-        fused = {key: value for key, value in common.items() if key not in ("BT", "BV")}  # BV: autotuned
-        ssd_chunk_bwd_kernel[grid_group](
-            x, dout, zp, ypre, B, C, D if D is not None else A, dtp, dA_cs[0], dA_cs[-1], docp, states, dstates,
-            dx, dz if z is not None else dx, dB_out, dC_out, ddt_x, vsum, dsum, K_part, R_part, K_pair, T_pair,
-            dD_part, length, NT, _bucket(NT), batch * groups, *strides, **has_d, **fused,
-        )
-    else:
-        dS = new_buffer(nsplit, batch, groups, NT, L, L, device=dev, dtype=x.dtype)
-        ssd_dcb_bwd_kernel[grid_group](
-            x, dout, zp, B, C, dtp, dA_cs[0], dA_cs[-1], docp, states, dS, dC_out, dsum, R_part, K_pair, T_pair,
-            length, NT, _bucket(NT), batch * groups, *strides, **common,
-        )
-        ssd_dx_bwd_kernel[grid_group](
-            x, dout, zp, ypre, B, C, S, dS, D if D is not None else A, dtp, dA_cs[0], dA_cs[-1], docp, dstates,
-            dx, dz if z is not None else dx, dB_out, ddt_x, vsum, K_part, dD_part,
-            length, NT, _bucket(NT), batch * groups, *strides, **has_d, **common,
-        )
+    ssd_dx_bwd_kernel[grid_group](
+        x, dout, zp, ypre, B, C, S, dS, D if D is not None else A, dtp, dA_cs[0], dA_cs[-1], docp, dstates,
+        dx, dz if z is not None else dx, dB_out, ddt_x, vsum, K_part, dD_part,
+        length, NT, _bucket(NT), batch * groups, *x.stride(), *dout.stride(), *_strides4(z), *B.stride(), *C.stride(),
+        HAS_D=D is not None, D_2D=D is not None and D.dim() == 2, **common,
+    )
 
     ddt = new_buffer(batch, length, heads, device=dev, dtype=dt.dtype)
     dA_part = new_buffer(batch, NT, heads, device=dev, dtype=f32)

@@ -164,26 +164,6 @@ def test_matches_naive(case):
     check(run(ssd_chunked_torch, inp, seq_idx, grads, chunk_size=chunk), ref, TOL[dtype])
 
 
-# Chunks of one time block (64): the fused intra-chunk backward (MAMBATRAIN_SSD_FUSED_BWD, experimental)
-FUSED_CASES = [c for c in CASES if c[6] == 64] + [
-    (1, 300, 4, 1, 16, 16, 64, torch.float32, dict(D="2d", init=False, seq=[70, 130])),
-    (2, 130, 4, 2, 16, 32, 64, torch.bfloat16, dict(z=False, D=None)),
-    # the benchmark's head_dim and d_state: two slices of the head dimension per head
-    (1, 150, 2, 1, 64, 128, 64, torch.float32, dict(D="2d", seq=[100])),
-]
-
-
-@pytest.mark.parametrize("case", FUSED_CASES, ids=[_id(c) for c in FUSED_CASES])
-def test_fused_chunk_backward_matches_naive(case, monkeypatch):
-    from mambatrain_kernels.ssd import triton as ssd_triton
-
-    monkeypatch.setattr(ssd_triton, "FUSED_BWD", True)
-    batch, length, heads, groups, head_dim, d_state, chunk, dtype, opts = case
-    inp, seq_idx = make_inputs(batch, length, heads, groups, head_dim, d_state, dtype, **opts)
-    grads, ref = reference(inp, seq_idx)
-    check(run(ssd_scan, inp, seq_idx, grads, chunk_size=chunk), ref, TOL[dtype])
-
-
 def test_output_only_and_no_options():
     """No final state asked for (no gradient flows into it), no optional input at all."""
     inp, _ = make_inputs(1, 70, 2, 1, 16, 16, torch.float32, z=False, D=None, softplus=False, init=False)
@@ -255,37 +235,6 @@ def test_every_autotune_config(dtype):
     finally:
         for k, s in zip(kernels, spaces):
             k.configs = s
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles each autotune config for the GPU at hand")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_fused_every_autotune_config(dtype, monkeypatch):
-    """The fused intra-chunk backward (chunk 64, head_dim 64, d_state 128), each of its configs in turn."""
-    from mambatrain_kernels.settings import AUTOTUNE
-    from mambatrain_kernels.ssd import triton as ssd_triton
-    from mambatrain_kernels.ssd import triton_bwd_fused
-    from triton.runtime.errors import OutOfResources
-
-    if not AUTOTUNE:
-        pytest.skip("MAMBATRAIN_AUTOTUNE=0: the autotune space is the default config alone")
-    monkeypatch.setattr(ssd_triton, "FUSED_BWD", True)
-    kernel = triton_bwd_fused.ssd_chunk_bwd_kernel
-    space = kernel.configs
-    inp, seq_idx = make_inputs(2, 1000, 4, 2, 64, 128, dtype, seq=[300, 512], strided=True)
-    grads, ref = reference(inp, seq_idx)
-    checked = 0
-    try:
-        for config in space:
-            kernel.configs = [config]
-            try:
-                out = run(ssd_scan, inp, seq_idx, grads, chunk_size=64)
-            except OutOfResources:
-                continue
-            check(out, ref, TOL[dtype])
-            checked += 1
-        assert checked > 0
-    finally:
-        kernel.configs = space
 
 
 @pytest.mark.parametrize("tiles", [(64, 32), (64, 64)])
