@@ -26,6 +26,38 @@ if typing.TYPE_CHECKING:
 REQUIRED_SECTIONS = ("model", "data")
 
 
+class RecipeYAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with the numbers of YAML 1.2 (what a reader of the recipe expects): ``010`` is ten
+    (YAML 1.1 reads octal 8), ``08`` a number (1.1: text), ``1e-3`` a float (1.1 wants ``1.0e-3``), ``0o17`` and
+    ``0x1f`` octal and hex; ``1:30`` stays text (1.1: 90, base 60) and underscores are not digits."""
+
+
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+RecipeYAMLLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeYAMLLoader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                                       list("-+0123456789"))
+RecipeYAMLLoader.add_implicit_resolver(
+    _FLOAT, re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                       r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+.0123456789"))
+
+
+def _yaml_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    bases = {"0o": 8, "0x": 16}
+    return int(text[2:], bases[text[:2]]) if text[:2] in bases else int(text, 10)
+
+
+RecipeYAMLLoader.add_constructor(_INT, _yaml_int)
+
+
+def load_yaml(text: str) -> Any:
+    """A recipe's YAML (a file, or one override's value) read with YAML 1.2's numbers."""
+    return yaml.load(text, Loader=RecipeYAMLLoader)
+
+
 def recipe_parser(prog: str = "mambatrain fit", with_docs: bool = False) -> ArgumentParser:
     """The jsonargparse parser of every recipe key, as ``--section.key`` options.
 
@@ -165,7 +197,7 @@ def _override_value(raw: str) -> Any:
     """An override's value read as YAML (``10``, ``null``, ``[256, 1024]``); what YAML cannot read is the text
     typed (``@night``), which the type check then accepts or refuses by its key."""
     try:
-        return yaml.safe_load(raw) if raw != "" else ""
+        return load_yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
         return raw
 
@@ -206,8 +238,8 @@ def read_recipe_file(path: str | Path) -> dict:
         raise RecipeError(f"{path}: recipe file not found")
     text = path.read_text()
     try:
-        raw = yaml.safe_load(text)
-        duplicate = _duplicate_key(yaml.compose(text, Loader=yaml.SafeLoader))
+        raw = load_yaml(text)
+        duplicate = _duplicate_key(yaml.compose(text, Loader=RecipeYAMLLoader))
     except yaml.YAMLError as error:
         raise RecipeError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
     if duplicate:

@@ -129,6 +129,19 @@ def test_override_that_is_not_yaml_is_text(tmp_path):
     assert message.startswith("eval.passkey_lengths: expected list"), message
 
 
+def test_numbers_read_as_yaml_1_2(tmp_path):
+    """PyYAML speaks YAML 1.1, where 010 is octal 8 and 1e-3 is text: recipes read numbers as YAML 1.2 does."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text("model: {kind: mamba, d_model: 64, n_layers: 2, vocab_size: 64, mamba: {head_dim: 16}}\n"
+                    "data: {seq_len: 064}\noptimizer: {lr: 1e-3, weight_decay: 1E-1}\ntrainer: {max_steps: 010}\n")
+    recipe = load_recipe(path, ["--trainer.log_every_n_steps", "08", "--trainer.seed", "0x10"])
+    assert (recipe.data.seq_len, recipe.trainer.max_steps) == (64, 10)
+    assert (recipe.optimizer.lr, recipe.optimizer.weight_decay) == (1e-3, 0.1)
+    assert (recipe.trainer.log_every_n_steps, recipe.trainer.seed) == (8, 16)
+    # sexagesimal 1:30 (YAML 1.1: the int 90) stays the text typed
+    assert load_recipe(path, ["--logging.run_name", "1:30"]).logging.run_name == "1:30"
+
+
 @pytest.mark.parametrize("text,message", [
     # PyYAML keeps the last of two equal keys: a second trainer: section would silently drop the first one's keys.
     ("model: {kind: mamba}\ndata: {}\ntrainer:\n  max_steps: 10\ntrainer:\n  seed: 7\n",
