@@ -29,6 +29,16 @@ sys.modules["mambatrain_kernels"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sys.modules["mambatrain_kernels"])
 RECIPES = REPO / "recipes"
 
+# A two-layer Mamba-2 on the Markov source: a few steps take a second on the CPU.
+TINY_MAMBA = {
+    "model": {"kind": "mamba", "d_model": 32, "n_layers": 2, "vocab_size": 32,
+              "mamba": {"d_state": 8, "head_dim": 8, "chunk_size": 64}},
+    "data": {"source": "markov", "seq_len": 32, "batch_size": 2},
+    "scheduler": {"warmup_steps": 1},
+    "trainer": {"max_steps": 3, "checkpoint_every_n_steps": 100, "val_every_n_steps": 100, "log_every_n_steps": 1,
+                "limit_val_batches": 1},
+}
+
 
 @pytest.fixture
 def quickstart_recipe() -> Path:

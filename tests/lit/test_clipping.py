@@ -8,18 +8,9 @@ import torch
 from mambatrain.config.load import load_recipe
 from mambatrain.lit.module import clip_gradients, gradient_norm
 
-from conftest import fit_with_callback
+from conftest import TINY_MAMBA, fit_with_callback
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-TINY = {
-    "model": {"kind": "mamba", "d_model": 32, "n_layers": 2, "vocab_size": 32,
-              "mamba": {"d_state": 8, "head_dim": 8, "chunk_size": 64}},
-    "data": {"source": "markov", "seq_len": 32, "batch_size": 2},
-    "scheduler": {"warmup_steps": 1},
-    "trainer": {"max_steps": 3, "checkpoint_every_n_steps": 100, "val_every_n_steps": 100, "log_every_n_steps": 1,
-                "limit_val_batches": 1},
-}
 
 
 class StepGradients(L.Callback):
@@ -36,8 +27,8 @@ class StepGradients(L.Callback):
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_fit_clips_the_gradients_it_steps_with(tmp_path, monkeypatch, precision):
-    recipe = load_recipe(values={**TINY, "trainer": {**TINY["trainer"], "precision": precision,
-                                                     "gradient_clip": 1e-3},
+    trainer = {**TINY_MAMBA["trainer"], "precision": precision, "gradient_clip": 1e-3}
+    recipe = load_recipe(values={**TINY_MAMBA, "trainer": trainer,
                                  "logging": {"root_dir": str(tmp_path), "run_name": "clip"}})
     seen = StepGradients()
     # crashed at the first step under bf16-mixed while Lightning clipped for a fused AdamW
