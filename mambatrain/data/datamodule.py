@@ -69,7 +69,8 @@ class RecipeDataModule(L.LightningDataModule):
     def __init__(self, recipe: Recipe, check: bool = True):
         super().__init__()
         self.recipe = recipe
-        self.start_batch = 0
+        self.start_batch = 0  # micro-batches this rank had trained on when the run (re)started
+        self.start_step = 0  # optimizer steps then
         self.first_sample: int | None = None  # synthetic: global number of the resumed run's first sample
         self.stream_states: list | None = None  # per stream of this rank: position after its last trained batch
         self._train_tokens: int | None = None  # prepared: tokens of the train split (checkpoints record it)
@@ -142,7 +143,7 @@ class RecipeDataModule(L.LightningDataModule):
             dataset = StreamBatches(open_stream, data.batch_size, rank, world, data.num_workers, self.stream_states,
                                     first_stream=self.start_batch % streams)
             return self._loader(dataset)
-        left = max(self.recipe.trainer.max_steps * self._batches_per_step() - self.start_batch, 0)
+        left = max((self.recipe.trainer.max_steps - self.start_step) * self._batches_per_step(), 0)
         return self._loader(SyntheticBatches(self._sample_fn(data.source, validation=False), left, data.batch_size,
                                              rank, world, first_sample=self._first_sample()), UnsizedOrder(left))
 
@@ -185,10 +186,11 @@ class RecipeDataModule(L.LightningDataModule):
     def state_dict(self) -> dict:
         # Checkpoints are written at optimizer-step boundaries, so this counts exactly the batches trained on
         # (Lightning's prefetched next batch is not counted).
+        # The steps before a resume count with the accumulation they ran with (a resumed run may change it).
         step = self.trainer.global_step if self.trainer is not None else 0
-        batches = step * self._batches_per_step()
+        batches = self.start_batch + (step - self.start_step) * self._batches_per_step()
         world = self._rank_world()[1]
-        state = {"batches_consumed": batches, "data_parallel_ranks": world}
+        state = {"batches_consumed": batches, "global_step": step, "data_parallel_ranks": world}
         if self.recipe.data.source not in STREAMING:
             trained = (batches - self.start_batch) * self.recipe.data.batch_size * world
             state["samples_consumed"] = self._first_sample() + trained
@@ -210,6 +212,8 @@ class RecipeDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict) -> None:
         self.start_batch = int(state["batches_consumed"])
+        # older checkpoints do not record the step: taken to have run with this run's accumulation
+        self.start_step = int(state.get("global_step", self.start_batch // self._batches_per_step()))
         if self.recipe.data.source not in STREAMING:
             self._load_sample_count(state)
             return

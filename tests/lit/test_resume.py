@@ -93,6 +93,24 @@ def test_resume_matches_uninterrupted_run(straight, tmp_path, step):
     assert abs(straight_metrics["val/loss"] - resumed["val/loss"]) < 1e-6
 
 
+def test_resume_with_another_accumulation_keeps_the_data_position(straight, tmp_path):
+    """Steps before the resume count with the checkpoint's accumulation, later ones with the resumed run's: 2 x 4
+    samples a step becomes 1 x 8, and the run goes on with the same samples (and weights, to rounding)."""
+    straight_dir, _ = straight
+    resumed_dir = tmp_path / "tiny" / "version_0"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    kept = resumed_dir / "checkpoints" / "step2.ckpt"
+    shutil.copy(straight_dir / "checkpoints" / "step0000002.ckpt", kept)
+    recipe = tiny_recipe(tmp_path, accumulate_grad_batches=1)
+    recipe.data.batch_size = 8
+    fit(recipe, resume=str(kept))
+    data = torch.load(resumed_dir / "checkpoints" / "last.ckpt", weights_only=False)["RecipeDataModule"]
+    assert (data["global_step"], data["batches_consumed"], data["samples_consumed"]) == (6, 2 * 2 + 4, 6 * 8)
+    straight_weights = final_weights(straight_dir)
+    for name, weight in final_weights(resumed_dir).items():
+        torch.testing.assert_close(weight, straight_weights[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 class SignalAtBatch(L.Callback):
     """Sends this process a signal as micro-batch ``batch_idx`` ends: the first half of an accumulated step."""
 
