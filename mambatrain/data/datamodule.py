@@ -92,6 +92,11 @@ class RecipeDataModule(L.LightningDataModule):
     def _batches_per_step(self) -> int:
         return self.recipe.trainer.accumulate_grad_batches
 
+    def batches_consumed(self, step: int) -> int:
+        """Micro-batches this rank has trained on after optimizer step ``step``: the steps before a resume count
+        with the accumulation they ran with (a resumed run may change it)."""
+        return self.start_batch + (step - self.start_step) * self._batches_per_step()
+
     def _rank_world(self) -> tuple[int, int]:
         """This rank's data-parallel rank and their number: the ranks of one context-parallel group (consecutive
         ranks, trainer.context_parallel of them) read the same batches, each training on its slice of the length."""
@@ -186,9 +191,8 @@ class RecipeDataModule(L.LightningDataModule):
     def state_dict(self) -> dict:
         # Checkpoints are written at optimizer-step boundaries, so this counts exactly the batches trained on
         # (Lightning's prefetched next batch is not counted).
-        # The steps before a resume count with the accumulation they ran with (a resumed run may change it).
         step = self.trainer.global_step if self.trainer is not None else 0
-        batches = self.start_batch + (step - self.start_step) * self._batches_per_step()
+        batches = self.batches_consumed(step)
         world = self._rank_world()[1]
         state = {"batches_consumed": batches, "global_step": step, "data_parallel_ranks": world}
         if self.recipe.data.source not in STREAMING:

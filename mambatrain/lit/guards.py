@@ -141,7 +141,9 @@ class NonFiniteGuard:
         bad_loss = False in finite
         index = finite.index(False) if bad_loss else len(micro) - 1
         # Micro-batches consumed before this one: the datamodule's data position, as a resume would count it.
-        consumed = trainer.global_step * trainer.accumulate_grad_batches + index
+        datamodule = trainer.datamodule
+        consumed = index + (datamodule.batches_consumed(trainer.global_step) if hasattr(datamodule, "batches_consumed")
+                            else trainer.global_step * trainer.accumulate_grad_batches)
         origin = self.locate(module, micro[index][0]) if micro else "no micro-batch was recorded"
         if bad_parameter is not None and not origin.startswith("first non-finite output"):
             origin += f"; first non-finite gradient: {bad_parameter}"
