@@ -10,6 +10,7 @@ from conftest import TINY_MAMBA, fit_with_callback
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
 class ValidationSteps(ValidateAtLastStep):
     """ValidateAtLastStep, recording the optimizer step of every validation inside fit."""
 
