@@ -198,7 +198,7 @@ def choose_mode(config: ModelConfig, length: int, window: int, budget: float | N
 
 def memory_budget(args, results: dict) -> float | None:
     """Bytes plan's peak may take: 80% of the GPU, 75% with CUDA graphs, whose private pools cache apart from the
-    rest (the ~370M Mamba-2 at 256k reserved 80.1 GB for a 67.0 GB peak, and its 1M capture failed at 80%)."""
+    rest (the ~370M Mamba-2 at 256k reserved 80.1 GB for a 67.0 GB peak)."""
     memory = results["environment"]["gpu_memory_bytes"]
     return None if memory is None else (0.75 if args.cuda_graph else 0.8) * memory
 
