@@ -8,10 +8,12 @@ What it does, in order:
 2. Checks each Triton kernel against its PyTorch reference on the GPU: outputs and every gradient at an
    odd length, and the forward output and final state at 1M tokens (reference computed window by window).
 3. Times forward and forward+backward (bf16, batch 1) at 4k ... 1M tokens for
-   - SSD (Mamba-2): 24 heads x 64, d_state 128, chunk 256: ours, mamba_ssm's `mamba_chunk_scan_combined`
-     (if its source is on MAMBA_SSM_SRC), fla's `chunk_simple_gla` (if installed), causal SDPA at the same width;
+   - SSD (Mamba-2): 24 heads x 64, d_state 128: ours in chunks of 64 (the recipes' setting), mamba_ssm's
+     `mamba_chunk_scan_combined` in chunks of 256 (its default; if its source is on MAMBA_SSM_SRC), fla's
+     `chunk_simple_gla` (if installed), causal SDPA at the same width;
    - selective scan (Mamba-1): 1536 channels, d_state 16: ours.
-   Reports ms (median of CUDA-event timings), tokens/s, achieved GB/s against the bytes floor, peak memory.
+   Reports ms (median of CUDA-event timings), tokens/s, achieved GB/s against the bytes floor, peak memory,
+   and the CPU time one forward+backward call takes to issue (at short lengths the GPU waits on it).
 4. Writes JSON (GPU name, commit, date, versions) and prints a table.
 """
 
@@ -21,7 +23,9 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -38,7 +42,8 @@ from gpu_timing import peak_extra_gib, timed
 from provenance import commit
 
 LENGTHS = [4096, 16384, 65536, 262144, 1048576]
-SSD_SHAPE = dict(heads=24, head_dim=64, d_state=128, groups=1, chunk=256)
+SSD_SHAPE = dict(heads=24, head_dim=64, d_state=128, groups=1, chunk=64)
+PEER = dict(chunk=256)  # mamba_ssm's default chunk, and the one of its anchors in shared/GPU-NOTES.md
 SEL_SHAPE = dict(channels=1536, d_state=16, groups=1)
 EXP_PER_S = 3.9e12  # measured exponential throughput of an H100 (shared/GPU-NOTES.md); Mamba-1's floor
 
@@ -156,7 +161,7 @@ def check_ssd(odd_length: int, long_length: int, mamba=None) -> dict:
         if mamba is not None:  # the same comparison for the peer: what precision its users get
             key = f"mamba_ssm_odd_length_{odd_length}_{str(dtype).split('.')[-1]}"
             try:
-                y, final = mamba(x, dt, A, B, C, SSD_SHAPE["chunk"], D=D, dt_bias=dt_bias, dt_softplus=True,
+                y, final = mamba(x, dt, A, B, C, PEER["chunk"], D=D, dt_bias=dt_bias, dt_softplus=True,
                                  initial_states=h0, return_final_states=True)
                 grads = torch.autograd.grad((y, final), inputs, (dy.to(y.dtype), dfinal.to(final.dtype)))
                 errors = {"y": rel_err(y, y_ref), "final_state": rel_err(final, final_ref)}
@@ -265,12 +270,26 @@ def fwd_bwd_runner(forward, inputs):
     return run
 
 
+def host_ms(run, repeats: int = 20) -> float:
+    """Median CPU milliseconds to issue ``run`` onto an idle GPU: when a call's kernels take less, the GPU waits."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
 def time_ours(row: dict, ours, inputs, total_bytes: float, budget: float) -> None:
     """Forward, forward+backward, peak memory, achieved bandwidth and tokens/s of one of our kernels."""
     with torch.no_grad():
         row["ours_fwd_ms"] = timed(ours, budget)
     run = fwd_bwd_runner(ours, inputs)
     row["ours_fwdbwd_ms"] = timed(run, budget)
+    if row["length"] <= 65536:
+        row["ours_host_ms"] = host_ms(run)
     row["ours_peak_GiB"] = peak_extra_gib(run)
     row["ours_fwdbwd_GBps"] = total_bytes / row["ours_fwdbwd_ms"] / 1e6
     row["ours_tokens_per_s"] = row["length"] / row["ours_fwdbwd_ms"] * 1e3
@@ -292,7 +311,7 @@ def bench_ssd_row(length: int, peers: dict) -> dict:
     mamba = peers.get("mamba_ssm")
     if mamba is not None:
         def theirs():
-            return mamba(x, dt, A, B, C, chunk, D=D, dt_bias=dt_bias, dt_softplus=True)
+            return mamba(x, dt, A, B, C, PEER["chunk"], D=D, dt_bias=dt_bias, dt_softplus=True)
         try:
             with torch.no_grad():
                 row["mamba_ssm_fwd_ms"] = timed(theirs, budget)
@@ -382,9 +401,12 @@ def main() -> None:
     parser.add_argument("--no-peers", action="store_true", help="time ours and SDPA only (peers autotune for minutes)")
     parser.add_argument("--long-check", type=int, default=1048576, help="length of the long forward check")
     parser.add_argument("--ssd-chunk", type=int, default=SSD_SHAPE["chunk"], choices=[64, 128, 256],
-                        help="chunk size of the SSD scans (ours and mamba_ssm's)")
+                        help="chunk size of our SSD scan")
+    parser.add_argument("--peer-chunk", type=int, default=PEER["chunk"], choices=[64, 128, 256],
+                        help="chunk size of mamba_ssm's SSD scan")
     args = parser.parse_args()
     SSD_SHAPE["chunk"] = args.ssd_chunk
+    PEER["chunk"] = args.peer_chunk
 
     torch.manual_seed(0)
     report = {
@@ -392,14 +414,15 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "triton": triton.__version__,
         "autotune": os.environ.get("MAMBATRAIN_AUTOTUNE", "1"),
-        "ssd_shape": SSD_SHAPE, "selective_shape": SEL_SHAPE, "batch": 1, "dtype": "bfloat16",
+        "ssd_shape": SSD_SHAPE, "mamba_ssm_chunk": PEER["chunk"], "selective_shape": SEL_SHAPE,
+        "batch": 1, "dtype": "bfloat16",
     }
     report["ceilings"] = ceilings()
     print(json.dumps({k: report[k] for k in ("gpu", "commit", "torch", "triton", "ceilings")}))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    name = "bench_scan.json" if args.ssd_chunk == 256 else f"bench_scan_chunk{args.ssd_chunk}.json"
+    name = "bench_scan.json" if args.ssd_chunk == 64 else f"bench_scan_chunk{args.ssd_chunk}.json"
 
     def save():
         (out / name).write_text(json.dumps(report, indent=1))
@@ -418,7 +441,7 @@ def main() -> None:
             save()
         if peers.get("mamba_ssm") is not None:  # its first call autotunes for over a minute: keep that out of timings
             x, dt, A, B, C, D, dt_bias = ssd_inputs(8192, requires_grad=True)
-            fwd_bwd_runner(lambda: peers["mamba_ssm"](x, dt, A, B, C, SSD_SHAPE["chunk"], D=D, dt_bias=dt_bias,
+            fwd_bwd_runner(lambda: peers["mamba_ssm"](x, dt, A, B, C, PEER["chunk"], D=D, dt_bias=dt_bias,
                                                       dt_softplus=True), [x, dt, A, B, C, D, dt_bias])()
         report["ssd"] = []
         for length in args.lengths:
@@ -438,8 +461,9 @@ def main() -> None:
             save()
 
     if report.get("ssd"):
-        print_table(f"SSD (Mamba-2) fwd+bwd, bf16, batch 1, 24x64 heads, d_state 128, chunk {SSD_SHAPE['chunk']} (ms)", report["ssd"],
-                    ["length", "floor_fwdbwd_ms", "ours_fwd_ms", "ours_fwdbwd_ms", "mamba_ssm_fwdbwd_ms",
+        print_table(f"SSD (Mamba-2) fwd+bwd, bf16, batch 1, 24x64 heads, d_state 128, chunk {SSD_SHAPE['chunk']} "
+                    f"(mamba_ssm {PEER['chunk']}) (ms)", report["ssd"],
+                    ["length", "floor_fwdbwd_ms", "ours_fwd_ms", "ours_fwdbwd_ms", "ours_host_ms", "mamba_ssm_fwdbwd_ms",
                      "fla_fwdbwd_ms", "sdpa_cudnn_fwdbwd_ms", "ours_peak_GiB"])
     if report.get("selective"):
         print_table("Selective scan (Mamba-1) fwd+bwd, bf16, batch 1, 1536 channels, d_state 16 (ms)",

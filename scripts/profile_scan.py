@@ -5,13 +5,17 @@ of the launch-shape knobs that set how many programs the sequential parts get.
 
 Writes profile_scan.json: for SSD (24 heads x 64, d_state 128, chunk --ssd-chunk) and the selective scan (1536
 channels, d_state 16), bf16, batch 1: the kernels of one forward+backward with their summed CUDA time, and
-fwd+bwd milliseconds for each value of ssd.triton.STATE_PROGRAMS and selective_scan.triton.BWD_PROGRAMS.
+fwd+bwd milliseconds for each value of ssd.triton.STATE_PROGRAMS and selective_scan.triton.BWD_PROGRAMS, and the
+CPU side of one call: the milliseconds it takes to issue, and the Python functions that take them (cProfile).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import os
 import sys
 from collections import defaultdict
@@ -20,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scan import SSD_SHAPE, fwd_bwd_runner, sel_inputs, ssd_inputs, timed  # noqa: E402
+from bench_scan import SSD_SHAPE, fwd_bwd_runner, host_ms, sel_inputs, ssd_inputs, timed  # noqa: E402
 from provenance import commit  # noqa: E402
 
 from mambatrain_kernels.selective_scan import triton as sel_triton  # noqa: E402
@@ -39,6 +43,23 @@ def kernel_times(run) -> list[dict]:
         if event.device_type == torch.autograd.DeviceType.CUDA:
             totals[event.name] += event.device_time_total / 1e3  # ms
     return [{"kernel": k, "ms": round(v, 3)} for k, v in sorted(totals.items(), key=lambda kv: -kv[1])]
+
+
+def host_side(run, top: int = 30) -> dict:
+    """Milliseconds ``run`` takes to issue, and the functions (cProfile, by own time) that take them."""
+    run()
+    result = {"host_ms": host_ms(run)}
+    profiler = cProfile.Profile()
+    torch.cuda.synchronize()
+    profiler.enable()
+    for _ in range(10):
+        run()
+    profiler.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    result["cprofile_10_calls"] = text.getvalue().splitlines()
+    return result
 
 
 def sweep(module, knob: str, values: list[int], run) -> dict:
@@ -85,6 +106,7 @@ def profile_ssd(args, report: dict) -> None:
                                                      chunk_size=args.ssd_chunk), inputs)
     report["ssd_sweep"] = sweep(ssd_triton, "STATE_PROGRAMS", args.state_programs, ssd)
     report["ssd_kernels"] = kernel_times(ssd)
+    report["ssd_host"] = host_side(ssd)
 
 
 def profile_selective(args, report: dict) -> None:
@@ -93,6 +115,7 @@ def profile_selective(args, report: dict) -> None:
                                                            dt_softplus=True), inputs)
     report["selective_sweep"] = sweep(sel_triton, "BWD_PROGRAMS", args.bwd_programs, sel)
     report["selective_kernels"] = kernel_times(sel)
+    report["selective_host"] = host_side(sel)
     report["selective_configs"] = {name: str(getattr(sel_triton, name).best_config)
                                    for name in ("_fwd_kernel", "_bwd_carry_kernel", "_bwd_kernel")
                                    if getattr(getattr(sel_triton, name), "best_config", None) is not None}
