@@ -45,9 +45,13 @@ class _LossModule(nn.Module):
     def __init__(self, model: nn.Module, loss_fn: LossFn):
         super().__init__()
         self.model, self.loss_fn = model, loss_fn
+        self.captured: list[torch.Tensor] | None = None  # the losses of the capture, while it runs
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, seq_idx: torch.Tensor | None = None):
-        return self.loss_fn(self.model, input_ids, labels, seq_idx)
+        loss = self.loss_fn(self.model, input_ids, labels, seq_idx)
+        if self.captured is not None:
+            self.captured.append(loss)
+        return loss
 
 
 class GraphedLoss:
@@ -95,6 +99,7 @@ class GraphedLoss:
                  "(%d eager warm-up pass%s first)", [tuple(a.shape) for a in args], self.warmup,
                  "" if self.warmup == 1 else "es")
         self._warm_up(static)
+        self.module.captured = []
         try:
             torch.cuda.make_graphed_callables(self.module, static, num_warmup_iters=0, allow_unused_input=True)
         except RuntimeError as error:
@@ -106,6 +111,14 @@ class GraphedLoss:
                                    "(trainer.activation_checkpointing) or set trainer.cuda_graph: false") from error
             raise RuntimeError(f"trainer.cuda_graph: capturing the training step failed ({error}); train without "
                                "it (trainer.cuda_graph: false) and report the model and data that caused this") from error
+        finally:
+            captured, self.module.captured = self.module.captured, None
+        # make_graphed_callables keeps the captured loss, and through its autograd graph the parameters'
+        # gradient accumulators, made on the capture's stream: every replay's backward would then add into
+        # .grad across streams (torch warns, and synchronizes). Replays need neither the loss's history nor
+        # those accumulators; without them each backward makes its own on its stream.
+        for loss in captured:
+            loss.detach_()
         if self.accumulate_gradients:
             copy_first_gradients(self.module.model.parameters())
 

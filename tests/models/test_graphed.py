@@ -1,5 +1,7 @@
 """trainer.cuda_graph: the loss and gradients replayed from CUDA graphs equal the eager ones, step after step."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -95,6 +97,21 @@ def test_other_shapes_run_eagerly(caplog):
     shorter = ids[:, :200]
     torch.testing.assert_close(graphed(shorter, shorter), _loss(None)(model, shorter, shorter, None))
     assert "runs eagerly" in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_replays_accumulate_gradients_on_their_own_stream():
+    """Nothing of the capture keeps the parameters' gradient accumulators made on its stream, so a replay's
+    backward adds into .grad on its own stream, without torch's cross-stream warning (and synchronization)."""
+    model = _model("mamba").cuda()
+    graphed = GraphedLoss(model, _loss(None))
+    ids = torch.randint(0, VOCAB, (1, LENGTH), device="cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            graphed(ids, ids).backward()
+        torch.cuda.synchronize()
+    assert not [w for w in caught if "stream does not match" in str(w.message)]
 
 
 class _FixedBufferGradient(torch.autograd.Function):
