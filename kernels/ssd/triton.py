@@ -347,9 +347,8 @@ def _backward(ctx, dout, dfinal, *_unused):
     x, dt, A, B, C, D, z, dt_bias, initial_state, doc, ypre, states, dtp, dA_cs, S = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(x)
-    backward = _ssd_scan_bwd if torch.compiler.is_compiling() else ssd_bwd  # see _SSDScan
-    grads = backward(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, ctx.dt_softplus, initial_state, doc,
-                     ctx.chunk_size, ypre if z is not None else x, states, dtp, dA_cs, S)
+    grads = _ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, ctx.dt_softplus, initial_state, doc,
+                          ctx.chunk_size, ypre if z is not None else x, states, dtp, dA_cs, S)
     dx, ddt, dA, dB, dC, dD, dz, dbias, dinit = grads
     return (dx, ddt, dA, dB, dC,
             dD if D is not None else None,
@@ -361,22 +360,6 @@ def _backward(ctx, dout, dfinal, *_unused):
 
 
 torch.library.register_autograd("mambatrain::ssd_scan_fwd", _backward, setup_context=_setup_context)
-
-
-class _SSDScan(torch.autograd.Function):
-    """The custom op's forward and backward for eager calls, without its dispatch: at 16k tokens one
-    forward+backward took the host ~2.9 ms to issue for ~1.1 ms of kernels on an H100, the custom-op wrapper
-    (alias checks, dispatcher, autograd redispatch) a large share of it. torch.compile traces the custom op."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = ssd_fwd(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output[0], output[1]
-
-    @staticmethod
-    def backward(ctx, dout, dfinal):
-        return _backward(ctx, dout, dfinal)
 
 
 # ----------------------------------------------------------------------------- public function
@@ -426,9 +409,6 @@ def ssd_scan(
     if seq_idx is not None and seq_idx.shape != x.shape[:2]:  # the kernels would read past its end
         raise ValueError(f"seq_idx must be (batch, length) = {tuple(x.shape[:2])}, got {tuple(seq_idx.shape)}")
     doc = document_ids(seq_idx) if seq_idx is not None else None
-    inputs = (x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chunk_size)
-    if torch.compiler.is_compiling():
-        out, final = torch.ops.mambatrain.ssd_scan_fwd(*inputs)[:2]
-    else:
-        out, final = _SSDScan.apply(*inputs)
+    out, final = torch.ops.mambatrain.ssd_scan_fwd(
+        x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chunk_size)[:2]
     return (out, final) if return_final_state else out
