@@ -15,13 +15,14 @@ import argparse
 import cProfile
 import io
 import json
-import pstats
 import os
+import pstats
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scan import SSD_SHAPE, fwd_bwd_runner, host_ms, sel_inputs, ssd_inputs, timed  # noqa: E402
@@ -29,6 +30,8 @@ from provenance import commit  # noqa: E402
 
 from mambatrain_kernels.selective_scan import triton as sel_triton  # noqa: E402
 from mambatrain_kernels.ssd import triton as ssd_triton  # noqa: E402
+from mambatrain_kernels.ssd import triton_bwd as ssd_triton_bwd  # noqa: E402
+from mambatrain_kernels.ssd import triton_fwd as ssd_triton_fwd  # noqa: E402
 
 
 def kernel_times(run) -> list[dict]:
@@ -60,6 +63,13 @@ def host_side(run, top: int = 30) -> dict:
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
     result["cprofile_10_calls"] = text.getvalue().splitlines()
     return result
+
+
+def best_configs(*modules) -> dict:
+    """The config each autotuned kernel of ``modules`` ran last (its pick for the last shape): what the
+    MAMBATRAIN_AUTOTUNE=0 defaults should be."""
+    return {name: str(kernel.best_config) for module in modules for name, kernel in vars(module).items()
+            if isinstance(kernel, triton.runtime.autotuner.Autotuner) and getattr(kernel, "best_config", None)}
 
 
 def sweep(module, knob: str, values: list[int], run) -> dict:
@@ -106,6 +116,7 @@ def profile_ssd(args, report: dict) -> None:
                                                      chunk_size=args.ssd_chunk), inputs)
     report["ssd_sweep"] = sweep(ssd_triton, "STATE_PROGRAMS", args.state_programs, ssd)
     report["ssd_kernels"] = kernel_times(ssd)
+    report["ssd_configs"] = best_configs(ssd_triton_fwd, ssd_triton_bwd)
     report["ssd_host"] = host_side(ssd)
 
 
@@ -116,9 +127,7 @@ def profile_selective(args, report: dict) -> None:
     report["selective_sweep"] = sweep(sel_triton, "BWD_PROGRAMS", args.bwd_programs, sel)
     report["selective_kernels"] = kernel_times(sel)
     report["selective_host"] = host_side(sel)
-    report["selective_configs"] = {name: str(getattr(sel_triton, name).best_config)
-                                   for name in ("_fwd_kernel", "_bwd_carry_kernel", "_bwd_kernel")
-                                   if getattr(getattr(sel_triton, name), "best_config", None) is not None}
+    report["selective_configs"] = best_configs(sel_triton)
 
 
 if __name__ == "__main__":
