@@ -465,8 +465,8 @@ def main() -> None:
     if report.get("ssd"):
         print_table(f"SSD (Mamba-2) fwd+bwd, bf16, batch 1, 24x64 heads, d_state 128, chunk {SSD_SHAPE['chunk']} "
                     f"(mamba_ssm {PEER['chunk']}) (ms)", report["ssd"],
-                    ["length", "floor_fwdbwd_ms", "ours_fwd_ms", "ours_fwdbwd_ms", "ours_host_ms", "mamba_ssm_fwdbwd_ms",
-                     "fla_fwdbwd_ms", "sdpa_cudnn_fwdbwd_ms", "ours_peak_GiB"])
+                    ["length", "floor_fwdbwd_ms", "ours_fwd_ms", "ours_fwdbwd_ms", "ours_host_ms",
+                     "mamba_ssm_fwdbwd_ms", "fla_fwdbwd_ms", "sdpa_cudnn_fwdbwd_ms", "ours_peak_GiB"])
     if report.get("selective"):
         print_table("Selective scan (Mamba-1) fwd+bwd, bf16, batch 1, 1536 channels, d_state 16 (ms)",
                     report["selective"], ["length", "floor_fwdbwd_ms", "ours_fwd_ms", "ours_fwdbwd_ms",
