@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..settings import INTERPRET, configs, new_buffer
+from ..settings import INTERPRET, cdiv, configs, new_buffer, next_power_of_2
 
 
 _FWD_SPACE = [dict(BT=64, BC=128, num_warps=4), dict(BT=32, BC=256, num_warps=4), dict(BT=128, BC=128, num_warps=8)]
@@ -226,14 +226,14 @@ def _strides(t: Tensor | None) -> tuple[int, int]:
 def _chunks(rows: int, batch: int, channels: int) -> tuple[int, int]:
     """(rows per chunk, chunks) of the backward: about BWD_PROGRAMS programs, chunks a multiple of CHUNK_ALIGN."""
     assert all(CHUNK_ALIGN % c.kwargs["BT"] == 0 for c in BWD_CONFIGS), "CHUNK_ALIGN must be a multiple of every BT"
-    per_row = max(1, BWD_PROGRAMS // (batch * triton.cdiv(channels, 128)))
-    chunk = triton.cdiv(triton.cdiv(rows, per_row), CHUNK_ALIGN) * CHUNK_ALIGN
-    return chunk, triton.cdiv(rows, chunk)
+    per_row = max(1, BWD_PROGRAMS // (batch * cdiv(channels, 128)))
+    chunk = cdiv(cdiv(rows, per_row), CHUNK_ALIGN) * CHUNK_ALIGN
+    return chunk, cdiv(rows, chunk)
 
 
 def _halo(width: int) -> int:
     """Rows of dpre the backward computes past each block, a power of two: the block's last row reads W-1 more."""
-    return triton.next_power_of_2(max(width - 1, 1))
+    return next_power_of_2(max(width - 1, 1))
 
 
 def _align(*strides: int) -> int:
@@ -260,7 +260,7 @@ def conv1d_silu_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Ten
         return out
 
     def grid(meta):
-        return triton.cdiv(length, meta["BT"]), triton.cdiv(channels, meta["BC"]), batch
+        return cdiv(length, meta["BT"]), cdiv(channels, meta["BC"]), batch
 
     s_x = (*x.stride()[:2], *_strides(prefix))
     align = _align(*s_x)
@@ -286,7 +286,7 @@ def conv1d_silu_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None
     db_part = new_buffer(batch, nch, channels, device=dev) if bias is not None else dw_part
     if batch * rows * channels > 0:
         def grid(meta):
-            return nch, triton.cdiv(channels, meta["BC"]), batch
+            return nch, cdiv(channels, meta["BC"]), batch
 
         halo = _halo(width)
         scratch_rows = max(c.kwargs["BT"] for c in BWD_CONFIGS) + halo  # whichever config autotuning picks
@@ -297,7 +297,7 @@ def conv1d_silu_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None
             x, weight, bias, seq_idx, prefix, dout, dx, dprefix, dw_part, db_part, scratch,
             length, channels, chunk, nch, scratch_rows,
             *(s // align for s in s_x), *_strides(seq_idx), *weight.stride(), *(s // align for s in s_do),
-            ALIGN=align, WP=triton.next_power_of_2(width), HP=halo, **_flags(bias, seq_idx, prefix, width),
+            ALIGN=align, WP=next_power_of_2(width), HP=halo, **_flags(bias, seq_idx, prefix, width),
         )
     # deterministic reductions of the per-program partial sums
     # .to() returns a same-dtype tensor as it is, strides too: copy the transpose, as the fake promises

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..settings import INTERPRET, new_buffer
+from ..settings import INTERPRET, cdiv, new_buffer, next_power_of_2
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # A group is one tile of BN = next_power_of_2(group_size) channels: register
@@ -134,7 +134,7 @@ def _tiles(x: Tensor, z: Tensor | None, weight: Tensor, group_size: int) -> dict
         raise ValueError(f"group_size {group_size} must divide the last dim {dim}")
     if group_size > MAX_GROUP_SIZE:
         raise ValueError(f"group_size up to {MAX_GROUP_SIZE} is supported (one tile per group), got {group_size}")
-    BN = triton.next_power_of_2(group_size)
+    BN = next_power_of_2(group_size)
     BR = max(1, TILE // BN)
     return dict(G=dim // group_size, N=group_size, BN=BN, BR=BR,
                 num_warps=1 if INTERPRET else min(16, max(4, BR * BN // 512)))
@@ -156,7 +156,7 @@ def rms_norm_fwd(x: Tensor, z: Tensor | None, weight: Tensor, eps: float, group_
     x2, out2 = _rows(x, dim), out.view(-1, dim)
     z2 = _rows(z, dim) if z is not None else x2
     rows = x2.shape[0]
-    rms_norm_fwd_kernel[(triton.cdiv(rows, k["BR"]), k["G"])](
+    rms_norm_fwd_kernel[(cdiv(rows, k["BR"]), k["G"])](
         x2, z2, weight.contiguous(), out2, rstd,
         rows, eps, x2.stride(0), z2.stride(0), out2.stride(0),
         G=k["G"], N=k["N"], BR=k["BR"], BN=k["BN"], HAS_Z=z is not None, num_warps=k["num_warps"],
@@ -178,10 +178,10 @@ def rms_norm_bwd(dout: Tensor, x: Tensor, z: Tensor | None, weight: Tensor, rstd
     rows = x2.shape[0]
     # Several programs per SM, each walking a run of row blocks and keeping its dw partial in registers:
     # the partials buffer stays small (programs x dim fp32) and its sum by torch is deterministic.
-    blocks = triton.cdiv(rows, k["BR"])
-    programs = min(blocks, triton.cdiv(BWD_PROGRAMS_PER_SM * _sm_count(x.device), k["G"]))
-    per_program = triton.cdiv(blocks, programs)
-    programs = triton.cdiv(blocks, per_program)
+    blocks = cdiv(rows, k["BR"])
+    programs = min(blocks, cdiv(BWD_PROGRAMS_PER_SM * _sm_count(x.device), k["G"]))
+    per_program = cdiv(blocks, programs)
+    programs = cdiv(blocks, per_program)
     dw_part = new_buffer(programs, dim, device=x.device, dtype=torch.float32)
     rms_norm_bwd_kernel[(programs, k["G"])](
         x2, z2, weight.contiguous(), rstd, do2, dx2, dz2, dw_part,

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..settings import AUTOTUNE, INTERPRET, new_buffer
+from ..settings import AUTOTUNE, INTERPRET, cdiv, new_buffer, next_power_of_2
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -681,7 +681,7 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx):
     y = new_buffer(batch, length, channels, device=dev, dtype=x.dtype)
     hT = new_buffer(batch, channels, d_state, device=dev)
     _check_steps()
-    nseg = triton.cdiv(length, CHECKPOINT_STEPS)
+    nseg = cdiv(length, CHECKPOINT_STEPS)
     ckpt = new_buffer(batch, nseg, channels, d_state, device=dev)
     # pass 1's outputs (segment end states from zero, decay products); unused for one segment
     c_loc = new_buffer(batch, nseg, channels, d_state, device=dev) if nseg > 1 else ckpt
@@ -691,7 +691,7 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx):
     sB, sC = B.stride(), C.stride()
     s_seq = seq_idx.stride() if seq_idx is not None else (0, 0)
     s_z = z.stride() if z is not None else (0, 0, 0)
-    bn = triton.next_power_of_2(d_state)
+    bn = next_power_of_2(d_state)
     if any(_fits(c, bn, gsize, c.kwargs["BD"], True) for c in _FWD_CONFIGS):
         kernel = _fwd_kernel[lambda meta: (channels // meta["BD"], batch, nseg)]
     else:  # nothing fits (odd group sizes, tiny d_state): a plain launch
@@ -711,7 +711,7 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx):
         # pass 1 each segment's end state from zero and its decay product, pass 2 chains them
         kernel(*args, LOCAL=True, **flags)
         dn = channels * d_state
-        _chain_kernel[(triton.cdiv(dn, 1024), batch)](
+        _chain_kernel[(cdiv(dn, 1024), batch)](
             c_loc, P, h0, ckpt, hT, nseg, dn, HAS_IN=h0 is not None, REVERSE=False, BLOCK=1024,
         )  # hT is written again, by pass 3's last segment
     elif h0 is not None:
@@ -735,10 +735,10 @@ def _bwd(dout, dhT, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, s
     Dc = None if D is None else D.contiguous()
     bias = None if dt_bias is None else dt_bias.contiguous()
     dhT = None if dhT is None else dhT.float().contiguous()
-    bn = triton.next_power_of_2(d_state)
+    bn = next_power_of_2(d_state)
     bd = _bwd_block_d(gsize)
     nblk = channels // bd
-    nseg = triton.cdiv(length, CHECKPOINT_STEPS)
+    nseg = cdiv(length, CHECKPOINT_STEPS)
     nsub, ngrp = _bwd_grid(batch, gsize // bd, groups, nseg)
     nsb = nblk // nsub
     dx = new_buffer(batch, length, channels, device=dev, dtype=x.dtype)
@@ -780,7 +780,7 @@ def _bwd(dout, dhT, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, s
         # pass B: the carries between segments
         carry = new_buffer(batch, nseg, channels, d_state, device=dev)
         dn = channels * d_state
-        _chain_kernel[(triton.cdiv(dn, 1024), batch)](
+        _chain_kernel[(cdiv(dn, 1024), batch)](
             c_loc, P, dhT, carry, dh0, nseg, dn, HAS_IN=dhT is not None, REVERSE=True, BLOCK=1024,
         )
         # pass C: all gradients, segments in parallel

@@ -13,10 +13,9 @@ import os
 from typing import Optional
 
 import torch
-import triton
 from torch import Tensor
 
-from ..settings import INTERPRET, new_buffer
+from ..settings import INTERPRET, cdiv, new_buffer, next_power_of_2
 from .chunked import document_ids
 from .triton_bwd import ssd_dcb_bwd_kernel, ssd_ddt_bwd_kernel, ssd_dx_bwd_kernel, ssd_state_bwd_kernel
 from .triton_fwd import (
@@ -50,10 +49,10 @@ def _tiles(x: Tensor, B: Tensor, chunk_size: int) -> dict:
     # d_state is never tiled in the per-block kernels (it is a reduction or an
     # accumulator kept whole); a smaller time block keeps d_state 256 in registers.
     BT = 64 if d_state <= 128 else 32
-    BN = max(16, triton.next_power_of_2(d_state))
-    BV = max(16, triton.next_power_of_2(head_dim)) if head_dim <= 128 else 64
+    BN = max(16, next_power_of_2(d_state))
+    BV = max(16, next_power_of_2(head_dim)) if head_dim <= 128 else 64
     fp32 = x.dtype == torch.float32
-    return dict(L=L, NT=triton.cdiv(length, L), BT=BT, NB=L // BT, BN=BN, BV=BV,
+    return dict(L=L, NT=cdiv(length, L), BT=BT, NB=L // BT, BN=BN, BV=BV,
                 precision="ieee" if fp32 or not TF32 else "tf32", precise=fp32)
 
 
@@ -69,9 +68,9 @@ STATE_PROGRAMS = 1024
 
 def _segments(nt: int, batch_heads: int) -> tuple[int, int]:
     """(chunks per segment, segments) of the state kernels; 4 state tiles per head assumed."""
-    nseg = max(1, min(nt, triton.cdiv(STATE_PROGRAMS, 4 * batch_heads)))
-    seg = triton.cdiv(nt, nseg)
-    return seg, triton.cdiv(nt, seg)
+    nseg = max(1, min(nt, cdiv(STATE_PROGRAMS, 4 * batch_heads)))
+    seg = cdiv(nt, nseg)
+    return seg, cdiv(nt, seg)
 
 
 def _segmented(state_pass, h_in, has_in: bool, nseg: int, batch_heads: int, pn: int, reverse: bool, device):
@@ -88,7 +87,7 @@ def _segmented(state_pass, h_in, has_in: bool, nseg: int, batch_heads: int, pn: 
     seg_decay = new_buffer(batch_heads, nseg, device=device, dtype=torch.float32)
     state_pass(h_in, False, seg_local, seg_decay, True)
     starts = new_buffer(*seg_local.shape, device=device, dtype=torch.float32)
-    ssd_chain_kernel[(triton.cdiv(pn, 1024), batch_heads)](
+    ssd_chain_kernel[(cdiv(pn, 1024), batch_heads)](
         seg_local, seg_decay, h_in, starts, nseg, pn, HAS_IN=has_in, REVERSE=reverse, BLOCK=1024,
     )
     state_pass(starts, True, seg_local, seg_decay, False)
@@ -96,7 +95,7 @@ def _segmented(state_pass, h_in, has_in: bool, nseg: int, batch_heads: int, pn: 
 
 def _bucket(nt: int) -> int:
     """Autotuning key for the length (see ``triton_fwd.configs``)."""
-    return triton.next_power_of_2(nt)
+    return next_power_of_2(nt)
 
 
 def _s_dtype(x: Tensor) -> torch.dtype:
@@ -145,8 +144,8 @@ def ssd_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chun
     dtp = new_buffer(batch, heads, length, device=dev, dtype=f32)
     # (hi, lo) planes of the in-chunk cumsum; lo only for fp32 inputs (see the kernel)
     dA_cs = new_buffer(2 if k["precise"] else 1, batch, heads, length, device=dev, dtype=f32)
-    BH = min(32, triton.next_power_of_2(heads))
-    ssd_chunk_cumsum_fwd_kernel[(NT, batch, triton.cdiv(heads, BH))](
+    BH = min(32, next_power_of_2(heads))
+    ssd_chunk_cumsum_fwd_kernel[(NT, batch, cdiv(heads, BH))](
         dt, A, dt_bias if dt_bias is not None else A, dtp, dA_cs[0], dA_cs[-1],
         length, *dt.stride(), H=heads, L=L, BH=BH, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         PRECISE=k["precise"],
@@ -164,7 +163,7 @@ def ssd_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chun
     seg, nseg = _segments(NT, batch * heads)
 
     def grid_state(meta):
-        return (triton.cdiv(d_state, meta["BK"]), triton.cdiv(head_dim, meta["BV"]), batch * heads * nseg)
+        return (cdiv(d_state, meta["BK"]), cdiv(head_dim, meta["BV"]), batch * heads * nseg)
 
     def state_pass(h_in, has_in, seg_local, seg_decay, local):
         ssd_state_fwd_kernel[grid_state](
@@ -176,7 +175,7 @@ def ssd_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chun
     _segmented(state_pass, h0, initial_state is not None, nseg, batch * heads, head_dim * d_state, False, dev)
     out = new_buffer(batch, length, heads, head_dim, device=dev, dtype=x.dtype)
     ypre = new_buffer(*out.shape, device=dev, dtype=x.dtype) if z is not None else out.new_empty(0)
-    NV = triton.cdiv(head_dim, k["BV"])
+    NV = cdiv(head_dim, k["BV"])
     ssd_output_fwd_kernel[(NT * batch * heads * NV,)](
         x, z if z is not None else x, C, S, D if D is not None else A, dtp, dA_cs[0], dA_cs[-1], docp, states, out,
         ypre if z is not None else out,
@@ -203,13 +202,13 @@ def ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_st
     dh0 = new_buffer(batch, heads, head_dim, d_state, device=dev, dtype=f32)
     dhT = dfinal.float().contiguous() if dfinal is not None else dh0
     # a slot per 32 x 32 piece of the state (tiles are 32 or 64 wide; the kernel writes every slot)
-    kc_tiles = triton.cdiv(d_state, 32) * triton.cdiv(head_dim, 32)
+    kc_tiles = cdiv(d_state, 32) * cdiv(head_dim, 32)
     Kc_part = new_buffer(batch, heads, NT, kc_tiles, device=dev, dtype=f32)
 
     seg, nseg = _segments(NT, batch * heads)
 
     def grid_state(meta):
-        return (triton.cdiv(d_state, meta["BK"]), triton.cdiv(head_dim, meta["BV"]), batch * heads * nseg)
+        return (cdiv(d_state, meta["BK"]), cdiv(head_dim, meta["BV"]), batch * heads * nseg)
 
     def state_pass(dh_in, has_in, seg_local, seg_decay, local):
         ssd_state_bwd_kernel[grid_state](
@@ -259,8 +258,8 @@ def ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_st
     ddt = new_buffer(batch, length, heads, device=dev, dtype=dt.dtype)
     dA_part = new_buffer(batch, NT, heads, device=dev, dtype=f32)
     dbias_part = new_buffer(*dA_part.shape, device=dev, dtype=f32) if dt_bias is not None else dA_part
-    BH = min(32, triton.next_power_of_2(heads))
-    ssd_ddt_bwd_kernel[(NT, batch, triton.cdiv(heads, BH))](
+    BH = min(32, next_power_of_2(heads))
+    ssd_ddt_bwd_kernel[(NT, batch, cdiv(heads, BH))](
         dt, A, dt_bias if dt_bias is not None else A, dtp, ddt_x, dsum, vsum, K_part, Kc_part, R_part, K_pair,
         T_pair, ddt, dA_part, dbias_part, length, NT, *dt.stride(), H=heads, L=L, BT=BT, BH=BH, KC_TILES=kc_tiles,
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
