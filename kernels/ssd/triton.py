@@ -17,7 +17,13 @@ from torch import Tensor
 
 from ..settings import INTERPRET, cdiv, new_buffer, next_power_of_2
 from .chunked import document_ids
-from .triton_bwd import ssd_dcb_bwd_kernel, ssd_ddt_bwd_kernel, ssd_dx_bwd_kernel, ssd_state_bwd_kernel
+from .triton_bwd import (
+    ssd_dcb_bwd_kernel,
+    ssd_ddt_bwd_kernel,
+    ssd_dx_bwd_kernel,
+    ssd_dx_one_block_bwd_kernel,
+    ssd_state_bwd_kernel,
+)
 from .triton_fwd import (
     ssd_bmm_fwd_kernel,
     ssd_chunk_cumsum_fwd_kernel,
@@ -59,6 +65,12 @@ def _tiles(x: Tensor, B: Tensor, chunk_size: int) -> dict:
 # bf16/fp16 inputs: products of two fp32 operands on tensor cores as tf32 (fp32 inputs always
 # use exact fp32). MAMBATRAIN_TF32=0 makes them exact too, to tell tf32 rounding from other error.
 TF32 = os.environ.get("MAMBATRAIN_TF32", "1") == "1"
+
+# Chunks of one time block with one head-dimension tile (chunk 64 at d_state <= 128, head_dim <= 128) take
+# ssd_dx_one_block_bwd_kernel instead of the general ssd_dx_bwd_kernel. Off by default until a GPU has checked
+# every config of it and timed it against the general kernel (a lost branch with this restructuring measured
+# 1M chunk-64 forward+backward 60.0 -> 50.7 ms on an H100: benchmarks/ssd_offline_ab_h100.json).
+ONE_BLOCK_BWD = os.environ.get("MAMBATRAIN_SSD_ONE_BLOCK_BWD", "0") == "1"
 
 # Programs the sequential state kernels aim for: their chunk loop runs in
 # segments, in parallel (batch x heads x state tiles alone is ~100 programs at
@@ -248,12 +260,16 @@ def ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_st
     vsum = new_buffer(*ddt_x.shape, device=dev, dtype=f32)
     K_part = new_buffer(batch, heads, NT, NB, device=dev, dtype=f32)
     dD_part = new_buffer(batch, NT, NB, heads, head_dim, device=dev, dtype=f32) if D is not None else dsum
-    ssd_dx_bwd_kernel[grid_group](
-        x, dout, zp, ypre, B, C, S, dS, D if D is not None else A, dtp, dA_cs[0], dA_cs[-1], docp, dstates,
-        dx, dz if z is not None else dx, dB_out, ddt_x, vsum, K_part, dD_part,
-        length, NT, _bucket(NT), batch * groups, *x.stride(), *dout.stride(), *_strides4(z), *B.stride(), *C.stride(),
-        HAS_D=D is not None, D_2D=D is not None and D.dim() == 2, **common,
-    )
+    dx_args = (x, dout, zp, ypre, B, C, S, dS, D if D is not None else A, dtp, dA_cs[0], dA_cs[-1], docp, dstates,
+               dx, dz if z is not None else dx, dB_out, ddt_x, vsum, K_part, dD_part,
+               length, NT, _bucket(NT), batch * groups, *x.stride(), *dout.stride(), *_strides4(z), *B.stride(),
+               *C.stride())
+    if ONE_BLOCK_BWD and NB == 1 and head_dim <= k["BV"]:
+        one_block = {key: value for key, value in common.items() if key != "BT"}  # BT = L
+        ssd_dx_one_block_bwd_kernel[grid_group](*dx_args, HAS_D=D is not None, D_2D=D is not None and D.dim() == 2,
+                                                **one_block)
+    else:
+        ssd_dx_bwd_kernel[grid_group](*dx_args, HAS_D=D is not None, D_2D=D is not None and D.dim() == 2, **common)
 
     ddt = new_buffer(batch, length, heads, device=dev, dtype=dt.dtype)
     dA_part = new_buffer(batch, NT, heads, device=dev, dtype=f32)

@@ -10,7 +10,8 @@ Four launches:
    stored for the next kernel, and dC_i = sum_j dS_ij B_j + sum_h (dy_i h_prev);
    plus the pieces of the decay gradient that need dy_i. Summing over heads
    inside the program is what keeps dB and dC per group.
-3. ``ssd_dx_bwd_kernel``: per (chunk, column block j, group), heads in a loop:
+3. ``ssd_dx_bwd_kernel`` (or ``ssd_dx_one_block_bwd_kernel`` for one-block chunks, off by default):
+   per (chunk, column block j, group), heads in a loop:
    du_j = sum_i W_ij^T dy_i + (B_j decayed) dh^T per head, hence dx, dz, the dt
    terms and the D partials; then, summed over heads, dB_j = u_j dh + sum_i dS_ij^T C_i.
 4. ``ssd_ddt_bwd_kernel``: the gradient of the in-chunk cumulative sums becomes
@@ -424,6 +425,131 @@ def ssd_dx_bwd_kernel(
         b_C = tl.load(p_C0 + o_i[:, None] * s_Ct + o_n[None, :] * s_Cn, mask=m_i[:, None] & m_n[None, :], other=0.)
         b_db += dot(b_dSt, b_C, PRECISION)
     # (NSPLIT, batch, T, G, N)
+    o_bn = ((i_sp * (BGt // G) + i_b).to(tl.int64) * T + t0 + o_j[:, None]) * (G * N) + i_g * N + o_n[None, :]
+    tl.store(dB_out + o_bn, b_db.to(dB_out.dtype.element_ty), mask=m_jn)
+
+
+@triton.autotune(
+    configs=configs(
+        # num_stages > 1: the head loop is the innermost loop here, so the pipeliner fetches the next heads' tiles
+        # (4 warps spill ~220 B at d_state 128)
+        [{"num_warps": 8, "num_stages": 1}, {"num_warps": 8, "num_stages": 2}, {"num_warps": 8, "num_stages": 3}],
+        {"num_warps": 4},
+        {"num_warps": 8, "num_stages": 2},
+    ),
+    key=["P", "N", "L", "HPS", "HAS_Z", "T_BUCKET"],
+)
+@triton.jit
+def ssd_dx_one_block_bwd_kernel(
+    x, dout, z, ypre, B, C, S, dS, D, dtp, dA_cs, dA_lo, doc, dstates,
+    dx, dz, dB_out, ddt_x, vsum, K_part, dD_part,
+    T, NT, T_BUCKET, BGt, s_xb, s_xt, s_xh, s_xp, s_ob, s_ot, s_oh, s_op, s_zb, s_zt, s_zh, s_zp,
+    s_Bb, s_Bt, s_Bg, s_Bn, s_Cb, s_Ct, s_Cg, s_Cn,
+    H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, L: tl.constexpr,
+    BN: tl.constexpr, BV: tl.constexpr, NSPLIT: tl.constexpr, HPS: tl.constexpr,
+    HAS_D: tl.constexpr, D_2D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DOC: tl.constexpr,
+    PRECISE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``ssd_dx_bwd_kernel`` for chunks of one time block (L = BT) and one head-dimension tile (P <= BV).
+
+    The chunk is the diagonal block alone, so the head loop is the innermost loop: x, dout, z and the state
+    gradient are loaded once per head (the general kernel loads each of them twice; the
+    transpose is taken in registers here), and with num_stages > 1 Triton's pipeliner fetches the next head's
+    tiles while this one computes (offline sm_90a compile, scripts/sass_report.py --op ssd --kernel dx1: 8
+    warps, no spills at num_stages 1-2, global loads in the loop 32 -> 5 at 2). Results as
+    ``ssd_dx_bwd_kernel``'s; MAMBATRAIN_SSD_ONE_BLOCK_BWD=1 selects it.
+    """
+    i_pid = tl.program_id(0)
+    i_sp, i_r = i_pid % NSPLIT, i_pid // NSPLIT
+    i_bg, i_c = i_r % BGt, i_r // BGt
+    i_b, i_g = i_bg // G, i_bg % G
+    t0 = i_c * L
+    i_end = tl.minimum(t0 + L, T) - 1
+    o_j = tl.arange(0, L)
+    o_n = tl.arange(0, BN)
+    o_v = tl.arange(0, BV)
+    m_j, m_n, m_v = t0 + o_j < T, o_n < N, o_v < P
+    m_jn = m_j[:, None] & m_n[None, :]
+    m_jv = m_j[:, None] & m_v[None, :]
+    o_d0 = i_b.to(tl.int64) * T + t0
+    # [L(j), L(i)]: pairs i >= j of real steps, of one document
+    m_ji = (o_j[None, :] >= o_j[:, None]) & m_j[None, :] & m_j[:, None]
+    if HAS_DOC:
+        b_doc_j = tl.load(doc + o_d0 + o_j, mask=m_j, other=-1)
+        b_doc_end = tl.load(doc + o_d0 + (i_end - t0))
+        m_ji = m_ji & (b_doc_j[:, None] == b_doc_j[None, :])
+    p_B0 = B + i_b.to(tl.int64) * s_Bb + t0.to(tl.int64) * s_Bt + i_g * s_Bg
+    p_C0 = C + i_b.to(tl.int64) * s_Cb + t0.to(tl.int64) * s_Ct + i_g * s_Cg
+    p_S0 = S + (i_bg.to(tl.int64) * NT + i_c) * (L * L)
+    p_dS0 = dS + (((i_sp * (BGt // G) + i_b) * G + i_g).to(tl.int64) * NT + i_c) * (L * L)
+    b_db = tl.zeros([L, BN], dtype=tl.float32)
+    i_h0 = i_g * (H // G) + i_sp * HPS
+    for i_hh in range(HPS):
+        i_h = i_h0 + i_hh
+        i_bh = i_b * H + i_h
+        o_a0 = i_bh.to(tl.int64) * T + t0
+        b_a_j = tl.load(dA_cs + o_a0 + o_j, mask=m_j, other=0.)
+        b_dt_j = tl.load(dtp + o_a0 + o_j, mask=m_j, other=0.)
+        b_seg = tl.load(dA_cs + o_a0 + (i_end - t0)) - b_a_j
+        b_l_j = b_a_j
+        if PRECISE:
+            b_l_j = tl.load(dA_lo + o_a0 + o_j, mask=m_j, other=0.)
+            b_seg += tl.load(dA_lo + o_a0 + (i_end - t0)) - b_l_j
+        # decay of step s to the chunk end (its weight in the state passed on)
+        b_r = tl.where(m_j, tl.exp(b_seg), 0.)
+        if HAS_DOC:
+            b_r = tl.where(b_doc_j == b_doc_end, b_r, 0.)
+        o_x = x + i_b.to(tl.int64) * s_xb + (t0 + o_j[:, None]).to(tl.int64) * s_xt + i_h * s_xh + o_v[None, :] * s_xp
+        o_o = dout + i_b.to(tl.int64) * s_ob + (t0 + o_j[:, None]).to(tl.int64) * s_ot + i_h * s_oh \
+            + o_v[None, :] * s_op
+        o_out = ((i_b.to(tl.int64) * T + t0 + o_j[:, None]) * H + i_h) * P + o_v[None, :]
+        p_dh0 = dstates + (i_bh.to(tl.int64) * NT + i_c) * (P * N)
+        # [BN, BV] dh^T, transposed by the pointers (a tensor-core operand: rounded once, at the load)
+        b_dht = tl.load(p_dh0 + o_n[:, None] + o_v[None, :] * N, mask=m_n[:, None] & m_v[None, :],
+                        other=0.).to(B.dtype.element_ty)
+        b_xf = tl.load(o_x, mask=m_jv, other=0.).to(tl.float32)
+        b_do = tl.load(o_o, mask=m_jv, other=0.).to(tl.float32)
+        b_dy = b_do
+        if HAS_Z:
+            o_z = z + i_b.to(tl.int64) * s_zb + (t0 + o_j[:, None]).to(tl.int64) * s_zt + i_h * s_zh \
+                + o_v[None, :] * s_zp
+            b_z = tl.load(o_z, mask=m_jv, other=0.).to(tl.float32)
+            b_sig = tl.sigmoid(b_z)
+            b_dy = b_do * b_z * b_sig
+            b_yp = tl.load(ypre + o_out, mask=m_jv, other=0.).to(tl.float32)
+            tl.store(dz + o_out, (b_do * b_yp * b_sig * (1. + b_z * (1. - b_sig))).to(dz.dtype.element_ty),
+                     mask=m_jv)
+        b_B = tl.load(p_B0 + o_j[:, None] * s_Bt + o_n[None, :] * s_Bn, mask=m_jn, other=0.)
+        # [L, BV] gradient of u = dt x through the state passed on: r B_j dh^T, ...
+        b_du = dot((b_B * b_r[:, None]).to(B.dtype.element_ty), b_dht, PRECISION)
+        b_v = b_dt_j * tl.sum(b_xf * b_du, axis=1)
+        # ... and through the outputs of later steps in the chunk: W^T dy
+        # S_ij^T, transposed by the pointers. B and S are the group's, reloaded per head (from L1/L2): held over
+        # the loop they cost registers (spills at every config offline)
+        b_St = tl.load(p_S0 + o_j[None, :] * L + o_j[:, None])
+        b_Wt = b_St.to(tl.float32) * decay_block(b_a_j, b_l_j, b_a_j, b_l_j, b_a_j, b_l_j, m_ji, False, True, PRECISE)
+        b_du += dot(b_Wt.to(B.dtype.element_ty), b_dy.to(B.dtype.element_ty), PRECISION)
+        b_dx = b_dt_j[:, None] * b_du
+        if HAS_D:
+            if D_2D:
+                b_D = tl.load(D + i_h * P + o_v, mask=m_v, other=0.).to(tl.float32)[None, :]
+            else:
+                b_D = tl.load(D + i_h).to(tl.float32)
+            b_dx += b_D * b_dy
+            tl.store(dD_part + (i_b * NT + i_c).to(tl.int64) * (H * P) + i_h * P + o_v,
+                     tl.sum(b_dy * b_xf, axis=0), mask=m_v)
+        tl.store(dx + o_out, b_dx.to(dx.dtype.element_ty), mask=m_jv)
+        # per step: d(loss)/d(dt') through u = dt' x, and v_s (see ssd_dx_bwd_kernel)
+        tl.store(ddt_x + o_a0 + o_j, tl.sum(b_xf * b_du, axis=1), mask=m_j)
+        tl.store(vsum + o_a0 + o_j, b_v, mask=m_j)
+        tl.store(K_part + i_bh.to(tl.int64) * NT + i_c, tl.sum(b_v, axis=0))
+        # summed over heads: dB_j += (r dt x_j) dh, [BV, BN]
+        b_xr = (b_xf * (b_dt_j * b_r)[:, None]).to(B.dtype.element_ty)
+        b_db += dot(b_xr, tl.trans(b_dht), PRECISION)
+    # dB_j += sum_i dS_ij^T C_i
+    b_dSt = tl.load(p_dS0 + o_j[None, :] * L + o_j[:, None])
+    b_C = tl.load(p_C0 + o_j[:, None] * s_Ct + o_n[None, :] * s_Cn, mask=m_jn, other=0.)
+    b_db += dot(b_dSt, b_C, PRECISION)
     o_bn = ((i_sp * (BGt // G) + i_b).to(tl.int64) * T + t0 + o_j[:, None]) * (G * N) + i_g * N + o_n[None, :]
     tl.store(dB_out + o_bn, b_db.to(dB_out.dtype.element_ty), mask=m_jn)
 

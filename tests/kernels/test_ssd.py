@@ -203,18 +203,47 @@ def test_torch_compile_fullgraph():
     assert_compiles_like_eager(f, {k: inp[k] for k in NAMES})
 
 
+ONE_BLOCK_CASES = [c for c in CASES if c[6] == 64 and c[5] <= 128] + [
+    (2, 130, 4, 2, 64, 128, 64, torch.bfloat16, dict(D="2d", seq=[40, 100])),
+    (1, 200, 3, 1, 48, 72, 64, torch.float32, dict(z=False, strided=True)),
+]
+
+
+@pytest.mark.parametrize("case", ONE_BLOCK_CASES, ids=[_id(c) for c in ONE_BLOCK_CASES])
+def test_one_block_dx_kernel_matches_naive(case, monkeypatch):
+    """MAMBATRAIN_SSD_ONE_BLOCK_BWD=1: chunks of one time block take ssd_dx_one_block_bwd_kernel (the general
+    dx kernel must not run), with the same results."""
+    from mambatrain_kernels.ssd import triton as ssd_triton
+
+    class _Refused:
+        def __getitem__(self, grid):
+            raise AssertionError("the general dx kernel ran")
+
+    monkeypatch.setattr(ssd_triton, "ONE_BLOCK_BWD", True)
+    monkeypatch.setattr(ssd_triton, "ssd_dx_bwd_kernel", _Refused())
+    batch, length, heads, groups, head_dim, d_state, chunk, dtype, opts = case
+    inp, seq_idx = make_inputs(batch, length, heads, groups, head_dim, d_state, dtype, **opts)
+    grads, ref = reference(inp, seq_idx)
+    check(run(ssd_scan, inp, seq_idx, grads, chunk_size=chunk), ref, TOL[dtype])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles each autotune config for the GPU at hand")
+@pytest.mark.parametrize("one_block", [False, True], ids=["general", "one_block"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_every_autotune_config(dtype):
+def test_every_autotune_config(dtype, one_block, monkeypatch):
     """Autotuning picks one config per shape; every config must be right (Triton has miscompiled
-    some num_warps / num_stages of chunked kernels on Hopper). Full tile sizes: head_dim 64, d_state 128."""
+    some num_warps / num_stages of chunked kernels on Hopper). Full tile sizes: head_dim 64, d_state 128;
+    chunks of 256, or of 64 with the one-block dx kernel."""
     from mambatrain_kernels.settings import AUTOTUNE
+    from mambatrain_kernels.ssd import triton as ssd_triton
     from mambatrain_kernels.ssd import triton_bwd, triton_fwd
 
     if not AUTOTUNE:  # the kernels then hold their default config only (test_autotuned.py runs this with it on)
         pytest.skip("MAMBATRAIN_AUTOTUNE=0: the autotune space is the default config alone")
+    monkeypatch.setattr(ssd_triton, "ONE_BLOCK_BWD", one_block)
+    dx_kernel = triton_bwd.ssd_dx_one_block_bwd_kernel if one_block else triton_bwd.ssd_dx_bwd_kernel
     kernels = [triton_fwd.ssd_bmm_fwd_kernel, triton_fwd.ssd_state_fwd_kernel, triton_fwd.ssd_output_fwd_kernel,
-               triton_bwd.ssd_state_bwd_kernel, triton_bwd.ssd_dcb_bwd_kernel, triton_bwd.ssd_dx_bwd_kernel]
+               triton_bwd.ssd_state_bwd_kernel, triton_bwd.ssd_dcb_bwd_kernel, dx_kernel]
     spaces = [k.configs for k in kernels]
     inp, seq_idx = make_inputs(2, 1000, 4, 2, 64, 128, dtype, seq=[300, 512], strided=True)
     grads, ref = reference(inp, seq_idx)
@@ -226,7 +255,7 @@ def test_every_autotune_config(dtype):
             for k, s in zip(kernels, spaces):
                 k.configs = [s[r % len(s)]]
             try:
-                out = run(ssd_scan, inp, seq_idx, grads, chunk_size=256)
+                out = run(ssd_scan, inp, seq_idx, grads, chunk_size=64 if one_block else 256)
             except OutOfResources:  # autotuning skips configs that do not fit this GPU; so do we
                 continue
             check(out, ref, TOL[dtype])
