@@ -5,7 +5,8 @@ of the launch-shape knobs that set how many programs the sequential parts get.
 
 Writes profile_scan.json: for SSD (24 heads x 64, d_state 128, chunk --ssd-chunk) and the selective scan (1536
 channels, d_state 16), bf16, batch 1: the kernels of one forward+backward with their summed CUDA time, and
-fwd+bwd milliseconds for each value of ssd.triton.STATE_PROGRAMS and selective_scan.triton.BWD_PROGRAMS, and the
+fwd+bwd milliseconds for each value of ssd.triton.STATE_PROGRAMS, ONE_BLOCK_BWD and selective_scan.triton.BWD_PROGRAMS
+(in one process, on the same inputs; each knob is left at its fastest value), and the
 CPU side of one call: the milliseconds it takes to issue, and the Python functions that take them (cProfile).
 """
 
@@ -89,6 +90,8 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks"))
     parser.add_argument("--state-programs", type=int, nargs="*", default=[256, 1024, 4096])
     parser.add_argument("--bwd-programs", type=int, nargs="*", default=[256, 2048, 8192])
+    parser.add_argument("--one-block-bwd", type=int, nargs="*", default=[0, 1], choices=[0, 1],
+                        help="ssd.triton.ONE_BLOCK_BWD values to time (the one-block dx kernel at chunk 64)")
     parser.add_argument("--scans", nargs="+", choices=["ssd", "selective"], default=["ssd", "selective"])
     parser.add_argument("--ssd-chunk", type=int, default=SSD_SHAPE["chunk"], choices=[64, 128, 256])
     args = parser.parse_args()
@@ -115,6 +118,7 @@ def profile_ssd(args, report: dict) -> None:
     ssd = fwd_bwd_runner(lambda: ssd_triton.ssd_scan(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=True,
                                                      chunk_size=args.ssd_chunk), inputs)
     report["ssd_sweep"] = sweep(ssd_triton, "STATE_PROGRAMS", args.state_programs, ssd)
+    report["ssd_one_block_bwd_sweep"] = sweep(ssd_triton, "ONE_BLOCK_BWD", [bool(v) for v in args.one_block_bwd], ssd)
     report["ssd_kernels"] = kernel_times(ssd)
     report["ssd_configs"] = best_configs(ssd_triton_fwd, ssd_triton_bwd)
     report["ssd_host"] = host_side(ssd)
