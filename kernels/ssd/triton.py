@@ -71,6 +71,10 @@ TF32 = os.environ.get("MAMBATRAIN_TF32", "1") == "1"
 # every config of it and timed it against the general kernel (a lost branch with this restructuring measured
 # 1M chunk-64 forward+backward 60.0 -> 50.7 ms on an H100: benchmarks/ssd_offline_ab_h100.json).
 ONE_BLOCK_BWD = os.environ.get("MAMBATRAIN_SSD_ONE_BLOCK_BWD", "0") == "1"
+# ssd_dcb_bwd_kernel forms the diagonal block's straddling sums of the decay gradient from cumulative sums along
+# each row of Q instead of down its columns (the same sums in another order; the lost branch's version counted
+# 830 -> 575 instructions per head offline). Off by default until checked and timed on a GPU.
+DCB_ROW_SCAN = os.environ.get("MAMBATRAIN_SSD_DCB_ROW_SCAN", "0") == "1"
 
 # Programs the sequential state kernels aim for: their chunk loop runs in
 # segments, in parallel (batch x heads x state tiles alone is ~100 programs at
@@ -251,7 +255,7 @@ def ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_st
     ssd_dcb_bwd_kernel[grid_group](
         x, dout, zp, B, C, dtp, dA_cs[0], dA_cs[-1], docp, states, dS, dC_out, dsum, R_part, K_pair, T_pair,
         length, NT, _bucket(NT), batch * groups, *x.stride(), *dout.stride(), *_strides4(z), *B.stride(), *C.stride(),
-        **common,
+        ROW_SCAN=DCB_ROW_SCAN, **common,
     )
 
     dx = new_buffer(batch, length, heads, head_dim, device=dev, dtype=x.dtype)

@@ -156,6 +156,7 @@ def ssd_dcb_bwd_kernel(
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, L: tl.constexpr,
     BT: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, NSPLIT: tl.constexpr, HPS: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_DOC: tl.constexpr, PRECISE: tl.constexpr, PRECISION: tl.constexpr,
+    ROW_SCAN: tl.constexpr = False,
 ):
     NB: tl.constexpr = L // BT
     NV: tl.constexpr = (P + BV - 1) // BV
@@ -257,19 +258,27 @@ def ssd_dcb_bwd_kernel(
             # per block pair; ssd_ddt_bwd_kernel adds the pairs up.
             b_q = b_gd * b_S
             b_col = tl.sum(b_q, axis=0)
+            o_p = ((i_b * H + i_h).to(tl.int64) * NT + i_c) * NPAIR + i_pair
+            o_r = o_p * BT + tl.arange(0, BT)
             if i_j < i_i:
                 # to u in block i: all s straddle, rows t >= u; to u in block j: columns s < u
-                b_rv = tl.cumsum(tl.sum(b_q, axis=1), axis=0, reverse=True)
+                tl.store(R_part + o_r, tl.cumsum(tl.sum(b_q, axis=1), axis=0, reverse=True))
                 b_kv = tl.cumsum(b_col, axis=0) - b_col
             else:
-                # E[u, s] = sum_{t >= u} Q[t, s], summed over s < u
-                b_e = tl.cumsum(b_q, axis=0, reverse=True)
-                b_rv = tl.sum(tl.where(o_j[None, :] < o_i[:, None], b_e, 0.), axis=1)
+                if ROW_SCAN:
+                    # F[t, s'] = sum_{s <= s'} Q[t, s] along each row (cheaper than along the columns in the dot's
+                    # layout); sum_{t > s'} F[t, s'] is the straddling sum of u = s' + 1: stored one slot later
+                    b_f = tl.cumsum(b_q, axis=1)
+                    b_g = tl.sum(tl.where(o_i[:, None] > o_j[None, :], b_f, 0.), axis=0)
+                    tl.store(R_part + o_r + 1, b_g, mask=tl.arange(0, BT) < BT - 1)
+                    tl.store(R_part + o_p * BT, 0.)
+                else:
+                    # E[u, s] = sum_{t >= u} Q[t, s], summed over s < u
+                    b_e = tl.cumsum(b_q, axis=0, reverse=True)
+                    tl.store(R_part + o_r, tl.sum(tl.where(o_j[None, :] < o_i[:, None], b_e, 0.), axis=1))
                 b_kv = tl.zeros([BT], dtype=tl.float32)
             # (blocks strictly between j and i get the whole sum)
-            o_p = ((i_b * H + i_h).to(tl.int64) * NT + i_c) * NPAIR + i_pair
-            tl.store(R_part + o_p * BT + tl.arange(0, BT), b_rv)
-            tl.store(K_pair + o_p * BT + tl.arange(0, BT), b_kv)
+            tl.store(K_pair + o_r, b_kv)
             tl.store(T_pair + o_p, tl.sum(b_col, axis=0))
         b_ds = b_ds.to(b_B.dtype)
         tl.store(p_dS0 + o_i[:, None] * L + o_j[None, :], b_ds)

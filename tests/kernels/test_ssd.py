@@ -227,6 +227,21 @@ def test_one_block_dx_kernel_matches_naive(case, monkeypatch):
     check(run(ssd_scan, inp, seq_idx, grads, chunk_size=chunk), ref, TOL[dtype])
 
 
+ROW_SCAN_CASES = [c for c in CASES if c[0] * c[1] > 200]
+
+
+@pytest.mark.parametrize("case", ROW_SCAN_CASES, ids=[_id(c) for c in ROW_SCAN_CASES])
+def test_dcb_row_scan_matches_naive(case, monkeypatch):
+    """MAMBATRAIN_SSD_DCB_ROW_SCAN=1: the decay gradient's diagonal-block sums taken along the rows of Q."""
+    from mambatrain_kernels.ssd import triton as ssd_triton
+
+    monkeypatch.setattr(ssd_triton, "DCB_ROW_SCAN", True)
+    batch, length, heads, groups, head_dim, d_state, chunk, dtype, opts = case
+    inp, seq_idx = make_inputs(batch, length, heads, groups, head_dim, d_state, dtype, **opts)
+    grads, ref = reference(inp, seq_idx)
+    check(run(ssd_scan, inp, seq_idx, grads, chunk_size=chunk), ref, TOL[dtype])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles each autotune config for the GPU at hand")
 @pytest.mark.parametrize("one_block", [False, True], ids=["general", "one_block"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
