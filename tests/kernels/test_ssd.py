@@ -248,7 +248,7 @@ def test_dcb_row_scan_matches_naive(case, monkeypatch):
 def test_every_autotune_config(dtype, one_block, monkeypatch):
     """Autotuning picks one config per shape; every config must be right (Triton has miscompiled
     some num_warps / num_stages of chunked kernels on Hopper). Full tile sizes: head_dim 64, d_state 128;
-    chunks of 256, or of 64 with the one-block dx kernel."""
+    chunks of 256, or of 64 with the switched-off variants on (the one-block dx kernel, dcb's row scan)."""
     from mambatrain_kernels.settings import AUTOTUNE
     from mambatrain_kernels.ssd import triton as ssd_triton
     from mambatrain_kernels.ssd import triton_bwd, triton_fwd
@@ -256,6 +256,7 @@ def test_every_autotune_config(dtype, one_block, monkeypatch):
     if not AUTOTUNE:  # the kernels then hold their default config only (test_autotuned.py runs this with it on)
         pytest.skip("MAMBATRAIN_AUTOTUNE=0: the autotune space is the default config alone")
     monkeypatch.setattr(ssd_triton, "ONE_BLOCK_BWD", one_block)
+    monkeypatch.setattr(ssd_triton, "DCB_ROW_SCAN", one_block)
     dx_kernel = triton_bwd.ssd_dx_one_block_bwd_kernel if one_block else triton_bwd.ssd_dx_bwd_kernel
     kernels = [triton_fwd.ssd_bmm_fwd_kernel, triton_fwd.ssd_state_fwd_kernel, triton_fwd.ssd_output_fwd_kernel,
                triton_bwd.ssd_state_bwd_kernel, triton_bwd.ssd_dcb_bwd_kernel, dx_kernel]
