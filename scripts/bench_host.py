@@ -9,9 +9,8 @@ nothing, so what remains is Python, the launchers' arithmetic, buffer allocation
 autograd / custom-op machinery. Medians of interleaved repeats, in ms:
 
 - ``public``: ``ssd_scan`` + ``torch.autograd.grad``, as a model calls it (custom op, its registered autograd);
-- ``function``: the same forward and backward through a plain ``torch.autograd.Function`` (what the custom
-  op's dispatch costs on top of autograd; an eager path tried on an H100 measured no gain there, one sample:
-  benchmarks/host_and_graph_checks_h100.json);
+- ``function``: the same with ``ssd.triton.EAGER_FUNCTION`` on, through a plain ``torch.autograd.Function``
+  (what the custom op's dispatch costs on top of autograd);
 - ``launchers``: ``ssd_fwd`` + ``ssd_bwd`` called directly (no autograd, no custom-op dispatch).
 
 Triton's own launch path (argument binding, the autotuner's cache lookup) is not in these figures: it needs a GPU.
@@ -52,24 +51,6 @@ def _skip_launches() -> None:
                 setattr(module, name, _NoLaunch())
 
 
-class _PlainFunction(torch.autograd.Function):
-    """The custom op's forward and backward functions, without the custom ops (for the inputs timed here)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = ssd_triton.ssd_fwd(*inputs)
-        ssd_triton._setup_context(ctx, inputs, output)
-        return output[0], output[1]
-
-    @staticmethod
-    def backward(ctx, dout, dfinal):
-        x, dt, A, B, C, D, z, dt_bias, initial_state, doc, ypre, *saved = ctx.saved_tensors
-        grads = ssd_triton.ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, ctx.dt_softplus, initial_state, doc,
-                                   ctx.chunk_size, x if ypre is None else ypre, *saved)
-        dx, ddt, dA, dB, dC, dD, _dz, dbias, _dinit = grads
-        return dx, ddt, dA, dB, dC, dD, None, dbias, None, None, None, None  # no z, initial state, seq_idx here
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=16384)
@@ -90,8 +71,11 @@ def main() -> None:
         torch.autograd.grad(y, leaves, dout)
 
     def function():
-        y, _ = _PlainFunction.apply(x, dt, A, B, C, D, None, dt_bias, True, None, None, chunk)
-        torch.autograd.grad(y, leaves, dout)
+        ssd_triton.EAGER_FUNCTION = True
+        try:
+            public()
+        finally:
+            ssd_triton.EAGER_FUNCTION = False
 
     def launchers():
         with torch.no_grad():

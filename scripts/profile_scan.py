@@ -125,7 +125,10 @@ def profile_ssd(args, report: dict) -> None:
     report["ssd_dcb_row_scan_sweep"] = sweep(ssd_triton, "DCB_ROW_SCAN", [bool(v) for v in args.dcb_row_scan], ssd)
     report["ssd_kernels"] = kernel_times(ssd)
     report["ssd_configs"] = best_configs(ssd_triton_fwd, ssd_triton_bwd)
-    report["ssd_host"] = host_side(ssd)
+    for eager in (False, True):  # the custom op's dispatch, or the plain autograd.Function (EAGER_FUNCTION)
+        ssd_triton.EAGER_FUNCTION = eager
+        report["ssd_host_eager_function" if eager else "ssd_host"] = host_side(ssd)
+    ssd_triton.EAGER_FUNCTION = False
 
 
 def profile_selective(args, report: dict) -> None:

@@ -76,6 +76,12 @@ ONE_BLOCK_BWD = os.environ.get("MAMBATRAIN_SSD_ONE_BLOCK_BWD", "0") == "1"
 # 830 -> 575 instructions per head offline). Off by default until checked and timed on a GPU.
 DCB_ROW_SCAN = os.environ.get("MAMBATRAIN_SSD_DCB_ROW_SCAN", "0") == "1"
 
+# Eager calls through a plain torch.autograd.Function (_SSDScan) instead of the custom op's dispatch; torch.compile
+# traces the custom op either way. On a CPU with the launches stubbed out (scripts/bench_host.py) one forward +
+# backward issues ~0.16-0.19 ms faster that way; one A/B on an H100 measured it slower, one sample per arm
+# (benchmarks/host_and_graph_checks_h100.json). Off until profile_scan's in-process host timing settles it.
+EAGER_FUNCTION = os.environ.get("MAMBATRAIN_SSD_EAGER_FUNCTION", "0") == "1"
+
 # Programs the sequential state kernels aim for: their chunk loop runs in
 # segments, in parallel (batch x heads x state tiles alone is ~100 programs at
 # batch 1, leaving an H100 mostly idle).
@@ -366,8 +372,9 @@ def _backward(ctx, dout, dfinal, *_unused):
     x, dt, A, B, C, D, z, dt_bias, initial_state, doc, ypre, states, dtp, dA_cs, S = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(x)
-    grads = _ssd_scan_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, ctx.dt_softplus, initial_state, doc,
-                          ctx.chunk_size, ypre if z is not None else x, states, dtp, dA_cs, S)
+    backward = ssd_bwd if getattr(ctx, "eager", False) else _ssd_scan_bwd
+    grads = backward(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, ctx.dt_softplus, initial_state, doc,
+                     ctx.chunk_size, ypre if z is not None else x, states, dtp, dA_cs, S)
     dx, ddt, dA, dB, dC, dD, dz, dbias, dinit = grads
     return (dx, ddt, dA, dB, dC,
             dD if D is not None else None,
@@ -379,6 +386,21 @@ def _backward(ctx, dout, dfinal, *_unused):
 
 
 torch.library.register_autograd("mambatrain::ssd_scan_fwd", _backward, setup_context=_setup_context)
+
+
+class _SSDScan(torch.autograd.Function):
+    """The custom op's forward and backward without its dispatch, for eager calls (see EAGER_FUNCTION)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = ssd_fwd(*inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.eager = True
+        return output[0], output[1]
+
+    @staticmethod
+    def backward(ctx, dout, dfinal):
+        return _backward(ctx, dout, dfinal)
 
 
 # ----------------------------------------------------------------------------- public function
@@ -428,6 +450,9 @@ def ssd_scan(
     if seq_idx is not None and seq_idx.shape != x.shape[:2]:  # the kernels would read past its end
         raise ValueError(f"seq_idx must be (batch, length) = {tuple(x.shape[:2])}, got {tuple(seq_idx.shape)}")
     doc = document_ids(seq_idx) if seq_idx is not None else None
-    out, final = torch.ops.mambatrain.ssd_scan_fwd(
-        x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chunk_size)[:2]
+    inputs = (x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chunk_size)
+    if EAGER_FUNCTION and not torch.compiler.is_compiling():
+        out, final = _SSDScan.apply(*inputs)
+    else:
+        out, final = torch.ops.mambatrain.ssd_scan_fwd(*inputs)[:2]
     return (out, final) if return_final_state else out

@@ -191,8 +191,13 @@ def test_deterministic():
         assert torch.equal(first[2][k], second[2][k]), k
 
 
-def test_torch_compile_fullgraph():
-    """torch.compile traces through the custom op without graph breaks, forward and backward."""
+@pytest.mark.parametrize("eager_function", [False, True], ids=["custom_op", "eager_function"])
+def test_torch_compile_fullgraph(eager_function, monkeypatch):
+    """torch.compile traces through the custom op without graph breaks, forward and backward, and gives the
+    eager call's gradients (the eager call through the custom op, or through EAGER_FUNCTION's autograd.Function)."""
+    from mambatrain_kernels.ssd import triton as ssd_triton
+
+    monkeypatch.setattr(ssd_triton, "EAGER_FUNCTION", eager_function)
     inp, seq_idx = make_inputs(1, 40, 2, 1, 16, 16, torch.float32, seq=[20])
 
     def f(x, dt, A, B, C, D, z, dt_bias, initial_state):
@@ -221,6 +226,19 @@ def test_one_block_dx_kernel_matches_naive(case, monkeypatch):
 
     monkeypatch.setattr(ssd_triton, "ONE_BLOCK_BWD", True)
     monkeypatch.setattr(ssd_triton, "ssd_dx_bwd_kernel", _Refused())
+    batch, length, heads, groups, head_dim, d_state, chunk, dtype, opts = case
+    inp, seq_idx = make_inputs(batch, length, heads, groups, head_dim, d_state, dtype, **opts)
+    grads, ref = reference(inp, seq_idx)
+    check(run(ssd_scan, inp, seq_idx, grads, chunk_size=chunk), ref, TOL[dtype])
+
+
+@pytest.mark.parametrize("case", CASES[:2] + CASES[6:8], ids=[_id(c) for c in CASES[:2] + CASES[6:8]])
+def test_eager_function_matches_naive(case, monkeypatch):
+    """MAMBATRAIN_SSD_EAGER_FUNCTION=1: eager calls through the plain autograd.Function, same results."""
+    from mambatrain_kernels.ssd import triton as ssd_triton
+
+    monkeypatch.setattr(ssd_triton, "EAGER_FUNCTION", True)
+    monkeypatch.setattr(ssd_triton, "_ssd_scan_bwd", None)  # the backward's custom op must not run either
     batch, length, heads, groups, head_dim, d_state, chunk, dtype, opts = case
     inp, seq_idx = make_inputs(batch, length, heads, groups, head_dim, d_state, dtype, **opts)
     grads, ref = reference(inp, seq_idx)
