@@ -10,8 +10,9 @@ What it does, in order:
 3. Times forward and forward+backward (bf16, batch 1, x a slice of the in-projection's output as in the
    130M Mamba-2: 1792 of 3352 channels, width 4) from 4k to 1M tokens: the PyTorch path
    ``silu(causal_conv1d(...))`` under bf16 autocast (cuDNN's conv1d without documents, shifted sums with
-   them) and ours, each without and with seq_idx. Reports ms (median, CUDA events), GB/s against the bytes
-   floor (forward: read x, write y; backward: read x and dout, write dx) and the peak extra memory.
+   them) and ours (its backward also as the row walk, conv1d.triton.WALK_BWD), each without and with seq_idx.
+   Reports ms (median, CUDA events), GB/s against the bytes floor (forward: read x, write y; backward: read
+   x and dout, write dx) and the peak extra memory.
 4. Times a whole training step (forward, backward, AdamW) of the 130M Mamba-2 at --step-length tokens with
    the old and the new conv path, and sums its GPU kernels' times (torch.profiler).
 5. Writes bench_conv1d.json (GPU, commit, date, versions) and prints tables.
@@ -34,6 +35,7 @@ from mambatrain.config.schema import MambaConfig, ModelConfig
 from mambatrain.models import scan
 from mambatrain.models.lm import LanguageModel
 from mambatrain_kernels.conv1d import causal_conv1d_silu, causal_conv1d_silu_naive
+from mambatrain_kernels.conv1d import triton as conv1d_triton
 
 from gpu_timing import copy_bandwidth, peak_extra_gib, timed
 from provenance import commit
@@ -68,7 +70,8 @@ def documents(length: int, device) -> torch.Tensor:
 
 def check(device) -> dict:
     out = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for walk, dtype in ((False, torch.float32), (False, torch.bfloat16), (True, torch.float32), (True, torch.bfloat16)):
+        conv1d_triton.WALK_BWD = walk
         g = torch.Generator(device=device).manual_seed(0)
         x = torch.randn(2, 4099, 300, device=device, generator=g)[..., 7:207].to(dtype)
         inp = dict(x=x, weight=torch.randn(200, WIDTH, device=device, generator=g) / 2,
@@ -84,7 +87,9 @@ def check(device) -> dict:
             grads = torch.autograd.grad(y, list(leaves.values()), cast(gy))
             results.append((y, dict(zip(leaves, grads))))
         (y, gr), (y0, g0) = results
-        out[str(dtype)[6:]] = {"y": rel(y, y0), **{"d" + k: rel(gr[k], g0[k]) for k in g0}}
+        out[str(dtype)[6:] + ("_walk_backward" if walk else "")] = {"y": rel(y, y0),
+                                                                     **{"d" + k: rel(gr[k], g0[k]) for k in g0}}
+    conv1d_triton.WALK_BWD = False
     return out
 
 
@@ -109,11 +114,14 @@ def time_conv(length: int, device) -> list[dict]:
     rows = []
     for docs in (False, True):
         s = seq_idx if docs else None
+        ours = lambda: causal_conv1d_silu(x, conv.weight[:, 0], conv.bias, s)  # noqa: E731
         paths = {
-            "pytorch": lambda: F.silu(scan.causal_conv1d(x, conv, s)),
-            "triton": lambda: causal_conv1d_silu(x, conv.weight[:, 0], conv.bias, s),
+            "pytorch": (lambda: F.silu(scan.causal_conv1d(x, conv, s)), False),
+            "triton": (ours, False),
+            "triton_walk_backward": (ours, True),  # conv1d.triton.WALK_BWD (off by default)
         }
-        for name, f in paths.items():
+        for name, (f, walk) in paths.items():
+            conv1d_triton.WALK_BWD = walk
             def fwd():
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     return f()
@@ -131,6 +139,7 @@ def time_conv(length: int, device) -> list[dict]:
                 "peak_extra_GiB": peak_extra_gib(fwd_bwd),
             })
             print_row(rows[-1])
+    conv1d_triton.WALK_BWD = False
     return rows
 
 

@@ -387,12 +387,15 @@ def ssd_main(a, only) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------- conv1d
 
-CONV1D_KERNELS = dict(fwd="conv1d_silu_fwd_kernel", bwd="conv1d_silu_bwd_kernel")
+CONV1D_KERNELS = dict(fwd="conv1d_silu_fwd_kernel", bwd="conv1d_silu_bwd_kernel", walk="conv1d_silu_bwd_walk_kernel")
 
 
-def conv1d_launches(length: int, docs: bool = False, prefix: bool = False, channels=1792, proj_width=3352, width=4):
-    """One forward and one backward at the benchmark shape, recorded from the real launchers."""
+def conv1d_launches(length: int, docs: bool = False, prefix: bool = False, channels=1792, proj_width=3352, width=4,
+                    walk: bool = False):
+    """One forward and one backward at the benchmark shape, recorded from the real launchers (``walk``: the
+    launchers' WALK_BWD, the backward walking time row by row)."""
     ct = _import_kernels("conv1d")
+    ct.WALK_BWD = walk
     meta = dict(device="meta")
     proj = torch.empty(1, length, proj_width, dtype=torch.bfloat16, **meta)
     x = proj[..., 1536:1536 + channels]  # the xBC slice of the 130M Mamba-2's in-projection
@@ -415,7 +418,7 @@ def conv1d_report(launch, cfg) -> dict:
     named = dict(zip(names, launch["args"]))
     extra = {k_: named[k_] for k_ in ("CHUNK", "NCH") if k_ in named}
     return dict(kernel=launch["name"], length=launch["length"], **extra, **cfg.kwargs, num_warps=cfg.num_warps,
-                maxnreg=cfg.maxnreg, **analyse(k, cfg.num_warps, kw["BT"] * kw["BC"], _conv1d_walk))
+                maxnreg=cfg.maxnreg, **analyse(k, cfg.num_warps, kw.get("BT", 1) * kw["BC"], _conv1d_walk))
 
 
 def _conv1d_walk(loops):
@@ -439,8 +442,10 @@ def _print_conv1d_row(r, hist):
 
 def conv1d_main(a, only) -> list[dict]:
     wanted = {CONV1D_KERNELS[k] for k in (a.kernel or CONV1D_KERNELS)}
-    launches = (dict(launch, length=length) for length in a.lengths
-                for launch in conv1d_launches(length, a.docs, a.prefix))
+    # the launchers take one backward or the other: record them once per backward wanted
+    walks = [walk for walk, name in ((False, "bwd"), (True, "walk")) if CONV1D_KERNELS[name] in wanted] or [False]
+    launches = (dict(launch, length=length) for length in a.lengths for walk in walks
+                for launch in conv1d_launches(length, a.docs, a.prefix, walk=walk))
     # the kernels do not depend on the length (it is a runtime argument): one report per flag set
     return _report_each(
         launches, only,
@@ -459,7 +464,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--op", default="selective", choices=["selective", "ssd", "conv1d"])
     p.add_argument("--kernel", nargs="+", help="selective: fwd carry bwd (default bwd); ssd: "
-                   + " ".join(SSD_KERNELS) + " (default all); conv1d: fwd bwd (default both)")
+                   + " ".join(SSD_KERNELS) + " (default all); conv1d: fwd bwd walk (default all)")
     p.add_argument("--programs", type=int, nargs="+", default=[2048, 8192], help="BWD_PROGRAMS (sets NSUB)")
     p.add_argument("--chunk", type=int, nargs="+", default=[64, 128, 256], help="ssd chunk sizes")
     p.add_argument("--length", type=int, default=1 << 20, help="ssd tokens (batch 1)")

@@ -22,6 +22,7 @@ Vocabulary as in flash-linear-attention: ``i_`` program ids, ``o_`` offsets,
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -209,6 +210,202 @@ def conv1d_silu_bwd_kernel(
         tl.store(db_part + o_part * C + o_c, b_db, mask=m_c)
 
 
+# Backward by a walk over time (conv1d_silu_bwd_walk_kernel) instead of blocks through a scratch. Off by default
+# until a GPU has checked and timed it: a lost branch with this design compiled offline to 30.5 instructions per
+# element against 74.0, no spills against 432 B (the block kernel is ~5x off its bytes floor: 0.73 ms at 16k,
+# benchmarks/bench_conv1d_h100.json).
+WALK_BWD = os.environ.get("MAMBATRAIN_CONV1D_WALK_BWD", "0") == "1"
+WALK_MAX_WIDTH = 4  # the walk keeps W - 1 rows of each window in named registers
+_WALK_SPACE = [dict(BC=128, num_warps=1), dict(BC=256, num_warps=2), dict(BC=64, num_warps=1)]
+WALK_CONFIGS = configs(_WALK_SPACE, dict(BC=64, num_warps=1), _WALK_SPACE[0])
+
+
+@triton.jit
+def _row_x(x, prefix, i_b, s, o_c, m_c, T, s_xb, s_xt, s_pb, s_pt, W: tl.constexpr, HAS_PREFIX: tl.constexpr):
+    """Row s of xin, fp32 [BC]: x for 0 <= s < T, the prefix for -(W-1) <= s < 0, else 0."""
+    b_x = tl.load(x + i_b * s_xb + s * s_xt + o_c, mask=m_c & (s >= 0) & (s < T), other=0.).to(tl.float32)
+    if HAS_PREFIX:
+        b_x += tl.load(prefix + i_b * s_pb + (s + W - 1) * s_pt + o_c, mask=m_c & (s < 0) & (s >= 1 - W),
+                       other=0.).to(tl.float32)
+    return b_x
+
+
+@triton.jit
+def _row_doc(seq_idx, i_b, s, T, s_sb, s_st, W: tl.constexpr, HAS_PREFIX: tl.constexpr):
+    """Document id of row s of xin; -1 where there is no row (its input is 0 anyway)."""
+    q = s + W - 1 if HAS_PREFIX else s
+    return tl.load(seq_idx + i_b * s_sb + q * s_st, mask=(q >= 0) & (s < T), other=-1)
+
+
+@triton.jit
+def _tap(b_v, d_v, d_ref, HAS_SEQ: tl.constexpr):
+    """b_v where its row's document is d_ref's (always without documents)."""
+    if HAS_SEQ:
+        b_v = tl.where(d_v == d_ref, b_v, 0.)
+    return b_v
+
+
+@triton.jit
+def _walk_step(x, prefix, seq_idx, dout, dx, dprefix, i_b, t, S0, S1, o_c, m_c, T, C,
+               s_xb, s_xt, s_pb, s_pt, s_sb, s_st, s_db, s_dt,
+               w0, w1, w2, w3, b_bias, x0, b_do, x1, x2, x3, d1, d2, d3, g1, g2, g3, dw0, dw1, dw2, dw3, b_db,
+               W: tl.constexpr, P: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_PREFIX: tl.constexpr,
+               EDGE: tl.constexpr):
+    """One step t of the walk; returns the windows and sums moved on by one row.
+
+    EDGE: t may lie outside [0, T) or near the program's row range, so the step loads its own rows and masks
+    its sums; the steps in between (S0 + W - 1 <= t < S1) own every pair and take x0 = x[t], b_do = dout[t]
+    loaded by the step before (fp32).
+    """
+    if EDGE:
+        x0 = _row_x(x, prefix, i_b, t, o_c, m_c, T, s_xb, s_xt, s_pb, s_pt, W, HAS_PREFIX)
+        b_do = tl.load(dout + i_b * s_db + t * s_dt + o_c, mask=m_c & (t >= 0) & (t < T), other=0.).to(tl.float32)
+    d0 = -1
+    if HAS_SEQ:
+        d0 = _row_doc(seq_idx, i_b, t, T, s_sb, s_st, W, HAS_PREFIX)
+    # pre[t] and the document-cut taps (the same cut applies to the dweight pairs)
+    y1, y2, y3 = x1, x2, x3
+    if HAS_SEQ:
+        y1, y2, y3 = _tap(x1, d1, d0, HAS_SEQ), _tap(x2, d2, d0, HAS_SEQ), _tap(x3, d3, d0, HAS_SEQ)
+    pre = b_bias + w0 * x0
+    if W > 1:
+        pre += w1 * y1
+    if W > 2:
+        pre += w2 * y2
+    if W > 3:
+        pre += w3 * y3
+    # silu'(pre) with a fast reciprocal: the IEEE division is ~10 instructions
+    b_sig = tl.fdiv(1., 1. + tl.exp(-pre), ieee_rounding=False)
+    g0 = b_do * b_sig * (1. + pre * (1. - b_sig))  # 0 where t has no output
+    if EDGE:
+        b_db += tl.where(t < S1, g0, 0.)
+        dw0 += tl.where(t < S1, x0 * g0, 0.)
+        if W > 1:
+            dw1 += tl.where((t - 1 >= S0) & (t - 1 < S1), y1 * g0, 0.)
+        if W > 2:
+            dw2 += tl.where((t - 2 >= S0) & (t - 2 < S1), y2 * g0, 0.)
+        if W > 3:
+            dw3 += tl.where((t - 3 >= S0) & (t - 3 < S1), y3 * g0, 0.)
+    else:
+        b_db += g0
+        dw0 += x0 * g0
+        dw1 += y1 * g0
+        dw2 += y2 * g0
+        dw3 += y3 * g0
+    # row s = t-W+1: every dpre it feeds is known now
+    s = t - (W - 1)
+    if W == 1:
+        b_dx = w0 * g0
+    elif W == 2:
+        b_dx = w0 * g1 + w1 * _tap(g0, d0, d1, HAS_SEQ)
+    elif W == 3:
+        b_dx = w0 * g2 + w1 * _tap(g1, d1, d2, HAS_SEQ) + w2 * _tap(g0, d0, d2, HAS_SEQ)
+    else:
+        b_dx = w0 * g3 + w1 * _tap(g2, d2, d3, HAS_SEQ) + w2 * _tap(g1, d1, d3, HAS_SEQ) \
+            + w3 * _tap(g0, d0, d3, HAS_SEQ)
+    m_s = m_c & (s >= S0) & (s < S1) if EDGE else m_c
+    tl.store(dx + i_b * T * C + s * C + o_c, b_dx.to(dx.dtype.element_ty), mask=m_s & (s >= 0))
+    if HAS_PREFIX:
+        tl.store(dprefix + i_b * P * C + (s + P) * C + o_c, b_dx.to(dprefix.dtype.element_ty), mask=m_s & (s < 0))
+    return x0, x1, x2, d0, d1, d2, g0, g1, g2, dw0, dw1, dw2, dw3, b_db
+
+
+@triton.autotune(configs=WALK_CONFIGS, key=["C", "W", "HAS_BIAS", "HAS_SEQ", "HAS_PREFIX"])
+@triton.jit
+def conv1d_silu_bwd_walk_kernel(
+    x, weight, bias, seq_idx, prefix, dout, dx, dprefix, dw_part, db_part,
+    T, C, CHUNK, NCH,
+    s_xb, s_xt, s_pb, s_pt, s_sb, s_st, s_wc, s_ww, s_db, s_dt,
+    W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    ALIGN: tl.constexpr, BC: tl.constexpr,
+):
+    """``conv1d_silu_bwd_kernel``'s results (W <= 4), one program per (chunk of CHUNK input rows, channel block,
+    batch row), walking time one row at a time: the last W-1 rows of xin, of dpre and of their documents stay
+    in registers, so each row of x and dout is loaded once and no scratch or barrier is needed.
+
+    At step t: pre[t] from xin[t-W+1..t], dpre[t] = dout[t] silu'(pre[t]); the pairs (s, t), s = t-k, that the
+    program owns (S0 <= s < S1) add xin[s] dpre[t] to dweight[W-1-k]; row s = t-W+1 has all its dpre[s..t]
+    and gets dxin[s] = sum_k weight[W-1-k] dpre[s+k]. The walk runs W-1 steps past its rows for that; its
+    first and last W-1 steps are the masked kind (``_walk_step``'s EDGE).
+    """
+    P: tl.constexpr = W - 1 if HAS_PREFIX else 0  # prefix rows
+    s_xb, s_xt, s_pb, s_pt = s_xb * ALIGN, s_xt * ALIGN, s_pb * ALIGN, s_pt * ALIGN  # see _align
+    s_db, s_dt = s_db * ALIGN, s_dt * ALIGN
+    i_ch, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b64 = i_b.to(tl.int64)
+    o_c = i_c * BC + tl.arange(0, BC)
+    m_c = o_c < C
+    o_part = i_b64 * NCH + i_ch
+    zero = tl.zeros([BC], dtype=tl.float32)
+    # w_k: the weight of xin[t-k] in pre[t] (weight[:, W-1-k])
+    w0 = tl.load(weight + o_c * s_wc + (W - 1) * s_ww, mask=m_c, other=0.).to(tl.float32)
+    w1, w2, w3 = zero, zero, zero
+    if W > 1:
+        w1 = tl.load(weight + o_c * s_wc + (W - 2) * s_ww, mask=m_c, other=0.).to(tl.float32)
+    if W > 2:
+        w2 = tl.load(weight + o_c * s_wc + (W - 3) * s_ww, mask=m_c, other=0.).to(tl.float32)
+    if W > 3:
+        w3 = tl.load(weight + o_c * s_wc + (W - 4) * s_ww, mask=m_c, other=0.).to(tl.float32)
+    b_bias = zero
+    if HAS_BIAS:
+        b_bias = tl.load(bias + o_c, mask=m_c, other=0.).to(tl.float32)
+    S0 = i_ch.to(tl.int64) * CHUNK - P  # the program's rows of xin: S0 <= s < S1
+    S1 = tl.minimum(S0 + CHUNK, T)
+    # the windows: xin, documents and dpre of rows t-1, t-2, t-3 (dpre before S0 only reaches rows before S0)
+    x1, x2, x3 = zero, zero, zero
+    d1, d2, d3 = -1, -1, -1
+    if W > 1:
+        x1 = _row_x(x, prefix, i_b64, S0 - 1, o_c, m_c, T, s_xb, s_xt, s_pb, s_pt, W, HAS_PREFIX)
+    if W > 2:
+        x2 = _row_x(x, prefix, i_b64, S0 - 2, o_c, m_c, T, s_xb, s_xt, s_pb, s_pt, W, HAS_PREFIX)
+    if W > 3:
+        x3 = _row_x(x, prefix, i_b64, S0 - 3, o_c, m_c, T, s_xb, s_xt, s_pb, s_pt, W, HAS_PREFIX)
+    if HAS_SEQ:
+        d1 = _row_doc(seq_idx, i_b64, S0 - 1, T, s_sb, s_st, W, HAS_PREFIX)
+        d2 = _row_doc(seq_idx, i_b64, S0 - 2, T, s_sb, s_st, W, HAS_PREFIX)
+        d3 = _row_doc(seq_idx, i_b64, S0 - 3, T, s_sb, s_st, W, HAS_PREFIX)
+    g1, g2, g3 = zero, zero, zero
+    dw0, dw1, dw2, dw3, b_db = zero, zero, zero, zero, zero
+    # steps S0 <= t < S0 + W - 1 (rows before S0 in the window), then the inner steps, then S1 <= t < S1 + W - 1
+    inner = tl.minimum(S0 + W - 1, S1)
+    for t in range(S0, inner):
+        x1, x2, x3, d1, d2, d3, g1, g2, g3, dw0, dw1, dw2, dw3, b_db = _walk_step(
+            x, prefix, seq_idx, dout, dx, dprefix, i_b64, t, S0, S1, o_c, m_c, T, C,
+            s_xb, s_xt, s_pb, s_pt, s_sb, s_st, s_db, s_dt,
+            w0, w1, w2, w3, b_bias, zero, zero, x1, x2, x3, d1, d2, d3, g1, g2, g3, dw0, dw1, dw2, dw3, b_db,
+            W, P, HAS_SEQ, HAS_PREFIX, True)
+    # each inner step loads the next one's rows before it computes: two rows in flight per program
+    p_xt = x + i_b64 * s_xb + o_c
+    p_dot = dout + i_b64 * s_db + o_c
+    x_next = tl.load(p_xt + inner * s_xt, mask=m_c & (inner < S1), other=0.).to(tl.float32)
+    do_next = tl.load(p_dot + inner * s_dt, mask=m_c & (inner < S1), other=0.).to(tl.float32)
+    for t in range(inner, S1):
+        x0, b_do = x_next, do_next
+        x_next = tl.load(p_xt + (t + 1) * s_xt, mask=m_c & (t + 1 < S1), other=0.).to(tl.float32)
+        do_next = tl.load(p_dot + (t + 1) * s_dt, mask=m_c & (t + 1 < S1), other=0.).to(tl.float32)
+        x1, x2, x3, d1, d2, d3, g1, g2, g3, dw0, dw1, dw2, dw3, b_db = _walk_step(
+            x, prefix, seq_idx, dout, dx, dprefix, i_b64, t, S0, S1, o_c, m_c, T, C,
+            s_xb, s_xt, s_pb, s_pt, s_sb, s_st, s_db, s_dt,
+            w0, w1, w2, w3, b_bias, x0, b_do, x1, x2, x3, d1, d2, d3, g1, g2, g3, dw0, dw1, dw2, dw3, b_db,
+            W, P, HAS_SEQ, HAS_PREFIX, False)
+    for t in range(tl.maximum(S1, inner), S1 + W - 1):
+        x1, x2, x3, d1, d2, d3, g1, g2, g3, dw0, dw1, dw2, dw3, b_db = _walk_step(
+            x, prefix, seq_idx, dout, dx, dprefix, i_b64, t, S0, S1, o_c, m_c, T, C,
+            s_xb, s_xt, s_pb, s_pt, s_sb, s_st, s_db, s_dt,
+            w0, w1, w2, w3, b_bias, zero, zero, x1, x2, x3, d1, d2, d3, g1, g2, g3, dw0, dw1, dw2, dw3, b_db,
+            W, P, HAS_SEQ, HAS_PREFIX, True)
+    p_dw = dw_part + (o_part * W + (W - 1)) * C + o_c  # dweight[:, W-1-k] gets dw_k
+    tl.store(p_dw, dw0, mask=m_c)
+    if W > 1:
+        tl.store(p_dw - C, dw1, mask=m_c)
+    if W > 2:
+        tl.store(p_dw - 2 * C, dw2, mask=m_c)
+    if W > 3:
+        tl.store(p_dw - 3 * C, dw3, mask=m_c)
+    if HAS_BIAS:
+        tl.store(db_part + o_part * C + o_c, b_db, mask=m_c)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -288,17 +485,23 @@ def conv1d_silu_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None
         def grid(meta):
             return nch, cdiv(channels, meta["BC"]), batch
 
-        halo = _halo(width)
-        scratch_rows = max(c.kwargs["BT"] for c in BWD_CONFIGS) + halo  # whichever config autotuning picks
-        scratch = new_buffer(batch * nch, scratch_rows, channels, device=dev)  # one [rows, C] slot per chunk
         s_x, s_do = (*x.stride()[:2], *_strides(prefix)), dout.stride()[:2]
         align = _align(*s_x, *s_do)
-        conv1d_silu_bwd_kernel[grid](
-            x, weight, bias, seq_idx, prefix, dout, dx, dprefix, dw_part, db_part, scratch,
-            length, channels, chunk, nch, scratch_rows,
-            *(s // align for s in s_x), *_strides(seq_idx), *weight.stride(), *(s // align for s in s_do),
-            ALIGN=align, WP=next_power_of_2(width), HP=halo, **_flags(bias, seq_idx, prefix, width),
-        )
+        strides = (*(s // align for s in s_x), *_strides(seq_idx), *weight.stride(), *(s // align for s in s_do))
+        if WALK_BWD and width <= WALK_MAX_WIDTH:
+            conv1d_silu_bwd_walk_kernel[grid](
+                x, weight, bias, seq_idx, prefix, dout, dx, dprefix, dw_part, db_part, length, channels, chunk, nch,
+                *strides, ALIGN=align, **_flags(bias, seq_idx, prefix, width),
+            )
+        else:
+            halo = _halo(width)
+            scratch_rows = max(c.kwargs["BT"] for c in BWD_CONFIGS) + halo  # whichever config autotuning picks
+            scratch = new_buffer(batch * nch, scratch_rows, channels, device=dev)  # one [rows, C] slot per chunk
+            conv1d_silu_bwd_kernel[grid](
+                x, weight, bias, seq_idx, prefix, dout, dx, dprefix, dw_part, db_part, scratch,
+                length, channels, chunk, nch, scratch_rows, *strides,
+                ALIGN=align, WP=next_power_of_2(width), HP=halo, **_flags(bias, seq_idx, prefix, width),
+            )
     # deterministic reductions of the per-program partial sums
     # .to() returns a same-dtype tensor as it is, strides too: copy the transpose, as the fake promises
     dweight = dw_part.sum((0, 1)).t().contiguous().to(weight.dtype)  # (C, W)

@@ -129,6 +129,37 @@ def test_matches_naive(case):
     check(inp, seq_idx, TOL[dtype])
 
 
+WALK_CASES = [c for c in CASES if c[3] <= ct.WALK_MAX_WIDTH]
+
+
+@pytest.mark.parametrize("case", WALK_CASES, ids=[_id(c) for c in WALK_CASES])
+def test_walk_backward_matches_naive(case, monkeypatch):
+    """MAMBATRAIN_CONV1D_WALK_BWD=1: the backward walking time row by row (the block kernel must not run)."""
+    class _Refused:
+        def __getitem__(self, grid):
+            raise AssertionError("the block backward ran")
+
+    monkeypatch.setattr(ct, "WALK_BWD", True)
+    monkeypatch.setattr(ct, "conv1d_silu_bwd_kernel", _Refused())
+    batch, length, channels, width, dtype, opts = case
+    inp, seq_idx = make_inputs(batch, length, channels, width, dtype, **opts)
+    check(inp, seq_idx, TOL[dtype])
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 4])
+@pytest.mark.parametrize("prefix", [True, False], ids=["prefix", "no-prefix"])
+def test_walk_backward_chunk_edges(width, prefix, monkeypatch):
+    """The walk's chunks (here 64 rows: several programs per batch row) with documents starting on, just before
+    and just after their edges; each program owns its rows' dweight pairs and dx."""
+    monkeypatch.setattr(ct, "WALK_BWD", True)
+    monkeypatch.setattr(ct, "BWD_PROGRAMS", 10**6)
+    monkeypatch.setattr(ct, "CHUNK_ALIGN", 64)
+    p = width - 1 if prefix else 0
+    starts = [63, 64, 65, 127, 129]  # rows of xin, batch row 0
+    inp, seq_idx = make_inputs(3, 150, 40, width, prefix=prefix, seq=[r - p for r in starts])
+    check(inp, seq_idx, TOL[torch.float32])
+
+
 def test_boundary_at_start_cuts_the_prefix_off():
     """A document starting at x's first step: the prefix gets no gradient and changes no output."""
     inp, seq_idx = make_inputs(2, 9, 40, 4, seq=[0])
@@ -280,4 +311,8 @@ def test_every_autotune_config(monkeypatch, dtype):
         monkeypatch.setattr(ct, "BWD_CONFIGS", bwd)
         monkeypatch.setattr(ct.conv1d_silu_fwd_kernel, "configs", fwd)
         monkeypatch.setattr(ct.conv1d_silu_bwd_kernel, "configs", bwd)
+        check(inp, seq_idx, TOL[dtype])
+    monkeypatch.setattr(ct, "WALK_BWD", True)  # and every config of the row-walk backward
+    for cfg in [make(d) for d in ct._WALK_SPACE]:
+        monkeypatch.setattr(ct.conv1d_silu_bwd_walk_kernel, "configs", [cfg])
         check(inp, seq_idx, TOL[dtype])
