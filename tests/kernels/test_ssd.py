@@ -155,13 +155,18 @@ def _id(case):
     return f"b{b}-T{t}-h{h}g{g}-p{p}n{n}-L{c}-{str(dtype)[6:]}-" + "-".join(f"{k}={v}" for k, v in o.items())
 
 
-@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
-def test_matches_naive(case):
+def _scan_matches_naive(case, scans=(ssd_scan,)):
+    """Each scan's outputs and gradients equal the float64 loop's, for a case shaped as CASES' are."""
     batch, length, heads, groups, head_dim, d_state, chunk, dtype, opts = case
     inp, seq_idx = make_inputs(batch, length, heads, groups, head_dim, d_state, dtype, **opts)
     grads, ref = reference(inp, seq_idx)
-    check(run(ssd_scan, inp, seq_idx, grads, chunk_size=chunk), ref, TOL[dtype])
-    check(run(ssd_chunked_torch, inp, seq_idx, grads, chunk_size=chunk), ref, TOL[dtype])
+    for scan in scans:
+        check(run(scan, inp, seq_idx, grads, chunk_size=chunk), ref, TOL[dtype])
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_matches_naive(case):
+    _scan_matches_naive(case, (ssd_scan, ssd_chunked_torch))
 
 
 def test_output_only_and_no_options():
@@ -226,10 +231,7 @@ def test_one_block_dx_kernel_matches_naive(case, monkeypatch):
 
     monkeypatch.setattr(ssd_triton, "ONE_BLOCK_BWD", True)
     monkeypatch.setattr(ssd_triton, "ssd_dx_bwd_kernel", _Refused())
-    batch, length, heads, groups, head_dim, d_state, chunk, dtype, opts = case
-    inp, seq_idx = make_inputs(batch, length, heads, groups, head_dim, d_state, dtype, **opts)
-    grads, ref = reference(inp, seq_idx)
-    check(run(ssd_scan, inp, seq_idx, grads, chunk_size=chunk), ref, TOL[dtype])
+    _scan_matches_naive(case)
 
 
 @pytest.mark.parametrize("case", CASES[:2] + CASES[6:8], ids=[_id(c) for c in CASES[:2] + CASES[6:8]])
@@ -239,10 +241,7 @@ def test_eager_function_matches_naive(case, monkeypatch):
 
     monkeypatch.setattr(ssd_triton, "EAGER_FUNCTION", True)
     monkeypatch.setattr(ssd_triton, "_ssd_scan_bwd", None)  # the backward's custom op must not run either
-    batch, length, heads, groups, head_dim, d_state, chunk, dtype, opts = case
-    inp, seq_idx = make_inputs(batch, length, heads, groups, head_dim, d_state, dtype, **opts)
-    grads, ref = reference(inp, seq_idx)
-    check(run(ssd_scan, inp, seq_idx, grads, chunk_size=chunk), ref, TOL[dtype])
+    _scan_matches_naive(case)
 
 
 ROW_SCAN_CASES = [c for c in CASES if c[0] * c[1] > 200]
@@ -254,10 +253,7 @@ def test_dcb_row_scan_matches_naive(case, monkeypatch):
     from mambatrain_kernels.ssd import triton as ssd_triton
 
     monkeypatch.setattr(ssd_triton, "DCB_ROW_SCAN", True)
-    batch, length, heads, groups, head_dim, d_state, chunk, dtype, opts = case
-    inp, seq_idx = make_inputs(batch, length, heads, groups, head_dim, d_state, dtype, **opts)
-    grads, ref = reference(inp, seq_idx)
-    check(run(ssd_scan, inp, seq_idx, grads, chunk_size=chunk), ref, TOL[dtype])
+    _scan_matches_naive(case)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles each autotune config for the GPU at hand")
