@@ -32,7 +32,7 @@ def configs(space: list[dict], default: dict, gpu_default: dict) -> list[triton.
 
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for launchers: ``triton.cdiv`` is a constexpr function, ~2 µs a host call through Triton's JIT
-    wrapper; with these two, one SSD forward+backward issues 0.13-0.15 ms faster (``scripts/bench_host.py``)."""
+    wrapper; with these two, one SSD forward+backward issues ~0.05 ms faster (``benchmarks/bench_host_cpu.json``)."""
     return -(-a // b)
 
 

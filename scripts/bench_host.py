@@ -87,7 +87,7 @@ def main() -> None:
     for _ in range(10):
         for call in calls.values():
             call()
-    for _ in range(args.repeats):  # interleaved, so that a slow spell of the machine hits both
+    for _ in range(args.repeats):  # interleaved, so that a slow spell of the machine hits every call alike
         for name, call in calls.items():
             start = time.perf_counter()
             call()

@@ -78,8 +78,9 @@ DCB_ROW_SCAN = os.environ.get("MAMBATRAIN_SSD_DCB_ROW_SCAN", "0") == "1"
 
 # Eager calls through a plain torch.autograd.Function (_SSDScan) instead of the custom op's dispatch; torch.compile
 # traces the custom op either way. On a CPU with the launches stubbed out (scripts/bench_host.py) one forward +
-# backward issues ~0.14-0.19 ms faster that way; one A/B on an H100 measured it slower, one sample per arm
-# (benchmarks/host_and_graph_checks_h100.json). Off until profile_scan's in-process host timing settles it.
+# backward issues ~0.15-0.2 ms faster that way (benchmarks/bench_host_cpu.json); one A/B on an H100 measured it
+# slower, one sample per arm (benchmarks/host_and_graph_checks_h100.json). Off until profile_scan's in-process
+# host timing settles it.
 EAGER_FUNCTION = os.environ.get("MAMBATRAIN_SSD_EAGER_FUNCTION", "0") == "1"
 
 # Programs the sequential state kernels aim for: their chunk loop runs in
