@@ -10,9 +10,10 @@ What it does, in order:
 3. Times forward and forward+backward (bf16, batch 1, x a slice of the in-projection's output as in the
    130M Mamba-2: 1792 of 3352 channels, width 4) from 4k to 1M tokens: the PyTorch path
    ``silu(causal_conv1d(...))`` under bf16 autocast (cuDNN's conv1d without documents, shifted sums with
-   them) and ours (its backward also as the row walk, conv1d.triton.WALK_BWD), each without and with seq_idx.
-   Reports ms (median, CUDA events), GB/s against the bytes floor (forward: read x, write y; backward: read
-   x and dout, write dx) and the peak extra memory.
+   them) and ours (its backward also as the row walk, conv1d.triton.WALK_BWD, for each --walk-programs), each
+   without and with seq_idx. Reports ms (median, CUDA events), the GPU kernels' summed time of one forward +
+   backward (torch.profiler: short rows wait on the CPU), GB/s against the bytes floor (forward: read x, write
+   y; backward: read x and dout, write dx) and the peak extra memory.
 4. Times a whole training step (forward, backward, AdamW) of the 130M Mamba-2 at --step-length tokens with
    the old and the new conv path, and sums its GPU kernels' times (torch.profiler).
 5. Writes bench_conv1d.json (GPU, commit, date, versions) and prints tables.
@@ -70,6 +71,7 @@ def documents(length: int, device) -> torch.Tensor:
 
 def check(device) -> dict:
     out = {}
+    walk_default = conv1d_triton.WALK_BWD
     for walk, dtype in ((False, torch.float32), (False, torch.bfloat16), (True, torch.float32), (True, torch.bfloat16)):
         conv1d_triton.WALK_BWD = walk
         g = torch.Generator(device=device).manual_seed(0)
@@ -89,7 +91,7 @@ def check(device) -> dict:
         (y, gr), (y0, g0) = results
         out[str(dtype)[6:] + ("_walk_backward" if walk else "")] = {"y": rel(y, y0),
                                                                      **{"d" + k: rel(gr[k], g0[k]) for k in g0}}
-    conv1d_triton.WALK_BWD = False
+    conv1d_triton.WALK_BWD = walk_default
     return out
 
 
@@ -104,7 +106,7 @@ def check_long(length: int, device) -> float:
     return rel(y, y0)
 
 
-def time_conv(length: int, device) -> list[dict]:
+def time_conv(length: int, device, walk_programs: list[int]) -> list[dict]:
     proj = torch.randn(1, length, PROJ_WIDTH, device=device, dtype=torch.bfloat16)
     x = proj.detach()[..., 1536:1536 + CHANNELS].requires_grad_()
     conv = nn.Conv1d(CHANNELS, CHANNELS, WIDTH, groups=CHANNELS).to(device)
@@ -112,16 +114,18 @@ def time_conv(length: int, device) -> list[dict]:
     seq_idx = documents(length, device)
     elems = length * CHANNELS
     rows = []
+    walk_default = conv1d_triton.WALK_BWD, conv1d_triton.WALK_PROGRAMS
     for docs in (False, True):
         s = seq_idx if docs else None
         ours = lambda: causal_conv1d_silu(x, conv.weight[:, 0], conv.bias, s)  # noqa: E731
-        paths = {
-            "pytorch": (lambda: F.silu(scan.causal_conv1d(x, conv, s)), False),
-            "triton": (ours, False),
-            "triton_walk_backward": (ours, True),  # conv1d.triton.WALK_BWD (off by default)
+        paths = {  # name: (function, WALK_BWD, WALK_PROGRAMS)
+            "pytorch": (lambda: F.silu(scan.causal_conv1d(x, conv, s)), False, None),
+            "triton": (ours, False, None),
+            **{f"triton_walk_{n}": (ours, True, n) for n in walk_programs},
         }
-        for name, (f, walk) in paths.items():
+        for name, (f, walk, programs) in paths.items():
             conv1d_triton.WALK_BWD = walk
+            conv1d_triton.WALK_PROGRAMS = programs or conv1d_triton.WALK_PROGRAMS
             def fwd():
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     return f()
@@ -134,12 +138,12 @@ def time_conv(length: int, device) -> list[dict]:
             total_ms = timed(fwd_bwd)
             rows.append({
                 "length": length, "path": name, "documents": docs, "fwd_ms": fwd_ms, "fwd_bwd_ms": total_ms,
-                "bwd_ms": total_ms - fwd_ms,
+                "bwd_ms": total_ms - fwd_ms, "fwd_bwd_gpu_ms": gpu_kernel_ms(fwd_bwd),
                 "fwd_GBps": 4 * elems / fwd_ms / 1e6, "fwd_bwd_GBps": 10 * elems / total_ms / 1e6,
                 "peak_extra_GiB": peak_extra_gib(fwd_bwd),
             })
             print_row(rows[-1])
-    conv1d_triton.WALK_BWD = False
+    conv1d_triton.WALK_BWD, conv1d_triton.WALK_PROGRAMS = walk_default
     return rows
 
 
@@ -175,8 +179,8 @@ def time_step(length: int, device) -> dict:
     return out
 
 
-COLUMNS = ["length", "path", "documents", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "fwd_GBps", "fwd_bwd_GBps",
-           "peak_extra_GiB"]
+COLUMNS = ["length", "path", "documents", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "fwd_bwd_gpu_ms", "fwd_GBps",
+           "fwd_bwd_GBps", "peak_extra_GiB"]
 
 
 def print_row(row: dict) -> None:
@@ -190,6 +194,8 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks"), help="folder for bench_conv1d.json")
     parser.add_argument("--lengths", type=int, nargs="*", default=LENGTHS)
     parser.add_argument("--step-length", type=int, default=16384, help="0: no training step")
+    parser.add_argument("--walk-programs", type=int, nargs="*", default=[conv1d_triton.WALK_PROGRAMS],
+                        help="values of conv1d.triton.WALK_PROGRAMS to time the walk backward with")
     args = parser.parse_args()
     device = torch.device("cuda")
     report = {
@@ -205,10 +211,11 @@ def main() -> None:
     report["check_long_bf16_vs_fp32"] = {"length": max(args.lengths), "rel_err": check_long(max(args.lengths), device)}
     print(json.dumps(report))
     print(" | ".join(f"{c:>12}" for c in COLUMNS))
-    report["runs"] = [row for length in args.lengths for row in time_conv(length, device)]
+    report["runs"] = [row for length in args.lengths for row in time_conv(length, device, args.walk_programs)]
     import mambatrain_kernels.conv1d.triton as ct
     report["chosen_configs"] = {kernel.fn.__name__: {str(key): str(cfg) for key, cfg in kernel.cache.items()}
-                                for kernel in (ct.conv1d_silu_fwd_kernel, ct.conv1d_silu_bwd_kernel)}
+                                for kernel in (ct.conv1d_silu_fwd_kernel, ct.conv1d_silu_bwd_kernel,
+                                               ct.conv1d_silu_bwd_walk_kernel)}
     print(json.dumps(report["chosen_configs"], indent=1))
     if args.step_length:
         report["training_step"] = time_step(args.step_length, device)

@@ -218,6 +218,10 @@ WALK_BWD = os.environ.get("MAMBATRAIN_CONV1D_WALK_BWD", "0") == "1"
 WALK_MAX_WIDTH = 4  # the walk keeps W - 1 rows of each window in named registers
 _WALK_SPACE = [dict(BC=128, num_warps=1), dict(BC=256, num_warps=2), dict(BC=64, num_warps=1)]
 WALK_CONFIGS = configs(_WALK_SPACE, dict(BC=64, num_warps=1), _WALK_SPACE[0])
+# Programs the walk aims for, one or two warps each: a walk is a chain of dependent row steps, so short chunks and
+# many resident warps hide its loads' latency. Its chunks need no alignment beyond WALK_ALIGN rows.
+WALK_PROGRAMS = 8192
+WALK_ALIGN = 16
 
 
 @triton.jit
@@ -420,11 +424,10 @@ def _strides(t: Tensor | None) -> tuple[int, int]:
     return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
 
 
-def _chunks(rows: int, batch: int, channels: int) -> tuple[int, int]:
-    """(rows per chunk, chunks) of the backward: about BWD_PROGRAMS programs, chunks a multiple of CHUNK_ALIGN."""
-    assert all(CHUNK_ALIGN % c.kwargs["BT"] == 0 for c in BWD_CONFIGS), "CHUNK_ALIGN must be a multiple of every BT"
-    per_row = max(1, BWD_PROGRAMS // (batch * cdiv(channels, 128)))
-    chunk = cdiv(cdiv(rows, per_row), CHUNK_ALIGN) * CHUNK_ALIGN
+def _chunks(rows: int, batch: int, channels: int, programs: int, align: int) -> tuple[int, int]:
+    """(rows per chunk, chunks) of the backward: about ``programs`` programs, chunks a multiple of ``align``."""
+    per_row = max(1, programs // (batch * cdiv(channels, 128)))
+    chunk = cdiv(cdiv(rows, per_row), align) * align
     return chunk, cdiv(rows, chunk)
 
 
@@ -476,7 +479,12 @@ def conv1d_silu_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None
     width = weight.shape[1]
     dev = x.device
     rows = length + (width - 1 if prefix is not None else 0)  # of xin, prefix included
-    chunk, nch = _chunks(rows, batch, channels)
+    walk = WALK_BWD and width <= WALK_MAX_WIDTH
+    if walk:
+        chunk, nch = _chunks(rows, batch, channels, WALK_PROGRAMS, WALK_ALIGN)
+    else:
+        assert all(CHUNK_ALIGN % c.kwargs["BT"] == 0 for c in BWD_CONFIGS), "CHUNK_ALIGN must be a multiple of every BT"
+        chunk, nch = _chunks(rows, batch, channels, BWD_PROGRAMS, CHUNK_ALIGN)
     dx = new_buffer(batch, length, channels, device=dev, dtype=x.dtype)
     dprefix = new_buffer(*prefix.shape, device=dev, dtype=prefix.dtype) if prefix is not None else x.new_empty(0)
     dw_part = new_buffer(batch, nch, width, channels, device=dev)
@@ -488,7 +496,7 @@ def conv1d_silu_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None
         s_x, s_do = (*x.stride()[:2], *_strides(prefix)), dout.stride()[:2]
         align = _align(*s_x, *s_do)
         strides = (*(s // align for s in s_x), *_strides(seq_idx), *weight.stride(), *(s // align for s in s_do))
-        if WALK_BWD and width <= WALK_MAX_WIDTH:
+        if walk:
             conv1d_silu_bwd_walk_kernel[grid](
                 x, weight, bias, seq_idx, prefix, dout, dx, dprefix, dw_part, db_part, length, channels, chunk, nch,
                 *strides, ALIGN=align, **_flags(bias, seq_idx, prefix, width),

@@ -152,8 +152,8 @@ def test_walk_backward_chunk_edges(width, prefix, monkeypatch):
     """The walk's chunks (here 64 rows: several programs per batch row) with documents starting on, just before
     and just after their edges; each program owns its rows' dweight pairs and dx."""
     monkeypatch.setattr(ct, "WALK_BWD", True)
-    monkeypatch.setattr(ct, "BWD_PROGRAMS", 10**6)
-    monkeypatch.setattr(ct, "CHUNK_ALIGN", 64)
+    monkeypatch.setattr(ct, "WALK_PROGRAMS", 10**6)
+    monkeypatch.setattr(ct, "WALK_ALIGN", 64)
     p = width - 1 if prefix else 0
     starts = [63, 64, 65, 127, 129]  # rows of xin, batch row 0
     inp, seq_idx = make_inputs(3, 150, 40, width, prefix=prefix, seq=[r - p for r in starts])
