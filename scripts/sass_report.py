@@ -300,16 +300,16 @@ SSD_KERNELS = dict(cumsum="ssd_chunk_cumsum_fwd_kernel", bmm="ssd_bmm_fwd_kernel
 H100_SMS = 132
 
 
-def ssd_launches(chunk: int, length=1 << 20, heads=24, head_dim=64, d_state=128, groups=1, one_block_bwd=False):
-    """One forward and one backward of ``ssd_scan`` at the benchmark shape (bf16, dt_softplus, dt_bias, D, no z),
-    recorded from the real launchers; the head split is the one an H100's 132 SMs would get. ``one_block_bwd``:
+def ssd_launches(chunk: int, length=1 << 20, heads=24, head_dim=64, d_state=128, groups=1, one_block_bwd=False,
+                 dtype=torch.bfloat16):
+    """One forward and one backward of ``ssd_scan`` at the benchmark shape (``dtype``, dt_softplus, dt_bias, D, no
+    z), recorded from the real launchers; the head split is the one an H100's 132 SMs would get. ``one_block_bwd``:
     the launchers' ONE_BLOCK_BWD (chunks of one block then take ssd_dx_one_block_bwd_kernel)."""
     sdt = _import_kernels("ssd")
     meta = dict(device="meta")
-    bf16 = torch.bfloat16
-    x, dout = (torch.empty(1, length, heads, head_dim, dtype=bf16, **meta) for _ in range(2))
-    dt = torch.empty(1, length, heads, dtype=bf16, **meta)
-    B, C = (torch.empty(1, length, groups, d_state, dtype=bf16, **meta) for _ in range(2))
+    x, dout = (torch.empty(1, length, heads, head_dim, dtype=dtype, **meta) for _ in range(2))
+    dt = torch.empty(1, length, heads, dtype=dtype, **meta)
+    B, C = (torch.empty(1, length, groups, d_state, dtype=dtype, **meta) for _ in range(2))
     A, D, bias = (torch.empty(heads, **meta) for _ in range(3))
     saved, one_block = sdt._sm_count, sdt.ONE_BLOCK_BWD
     sdt._sm_count = lambda device: H100_SMS
@@ -377,7 +377,7 @@ def ssd_main(a, only) -> list[dict]:
     wanted = {SSD_KERNELS[k] for k in (a.kernel or SSD_KERNELS)}
     one_block = SSD_KERNELS["dx1"] in wanted
     launches = (dict(launch, chunk=chunk) for chunk in a.chunk
-                for launch in ssd_launches(chunk, a.length, one_block_bwd=one_block))
+                for launch in ssd_launches(chunk, a.length, one_block_bwd=one_block, dtype=getattr(torch, a.dtype)))
     return _report_each(
         launches, only,
         lambda launch: ((launch["chunk"], launch["name"], launch["kwargs"].get("LOCAL"))
@@ -468,6 +468,7 @@ def main():
     p.add_argument("--programs", type=int, nargs="+", default=[2048, 8192], help="BWD_PROGRAMS (sets NSUB)")
     p.add_argument("--chunk", type=int, nargs="+", default=[64, 128, 256], help="ssd chunk sizes")
     p.add_argument("--length", type=int, default=1 << 20, help="ssd tokens (batch 1)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="ssd inputs")
     p.add_argument("--lengths", type=int, nargs="+", default=[1 << 14, 1 << 20], help="conv1d tokens (batch 1)")
     p.add_argument("--docs", action="store_true", help="conv1d: with seq_idx (document boundaries)")
     p.add_argument("--prefix", action="store_true", help="conv1d: with a prefix (the windowed trainer's)")

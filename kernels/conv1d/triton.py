@@ -210,17 +210,17 @@ def conv1d_silu_bwd_kernel(
         tl.store(db_part + o_part * C + o_c, b_db, mask=m_c)
 
 
-# Backward by a walk over time (conv1d_silu_bwd_walk_kernel) instead of blocks through a scratch. Off by default
-# until a GPU has checked and timed it: a lost branch with this design compiled offline to 30.5 instructions per
-# element against 74.0, no spills against 432 B (the block kernel is ~5x off its bytes floor: 0.73 ms at 16k,
-# benchmarks/bench_conv1d_h100.json).
-WALK_BWD = os.environ.get("MAMBATRAIN_CONV1D_WALK_BWD", "0") == "1"
+# Backward by a walk over time (conv1d_silu_bwd_walk_kernel, widths up to WALK_MAX_WIDTH) instead of blocks through
+# a scratch (conv1d_silu_bwd_kernel, any width). On an H100 at the 130M Mamba-2's shape the walk's forward+backward
+# GPU time is 0.17 against 0.39 ms at 16k, 2.3 against 5.6 ms at 256k (benchmarks/bench_conv1d_walk_h100.json).
+# MAMBATRAIN_CONV1D_WALK_BWD=0 takes the block kernel.
+WALK_BWD = os.environ.get("MAMBATRAIN_CONV1D_WALK_BWD", "1") == "1"
 WALK_MAX_WIDTH = 4  # the walk keeps W - 1 rows of each window in named registers
 _WALK_SPACE = [dict(BC=128, num_warps=1), dict(BC=256, num_warps=2), dict(BC=64, num_warps=1)]
 WALK_CONFIGS = configs(_WALK_SPACE, dict(BC=64, num_warps=1), _WALK_SPACE[0])
-# Programs the walk aims for, one or two warps each: a walk is a chain of dependent row steps, so short chunks and
-# many resident warps hide its loads' latency. Its chunks need no alignment beyond WALK_ALIGN rows.
-WALK_PROGRAMS = 8192
+# Programs the walk aims for, one or two warps each (2048 beat 8192 and 32768 at 16k and 256k on an H100: fewer,
+# longer walks). Its chunks need no alignment beyond WALK_ALIGN rows.
+WALK_PROGRAMS = 2048
 WALK_ALIGN = 16
 
 

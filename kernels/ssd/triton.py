@@ -67,20 +67,20 @@ def _tiles(x: Tensor, B: Tensor, chunk_size: int) -> dict:
 TF32 = os.environ.get("MAMBATRAIN_TF32", "1") == "1"
 
 # Chunks of one time block with one head-dimension tile (chunk 64 at d_state <= 128, head_dim <= 128) take
-# ssd_dx_one_block_bwd_kernel instead of the general ssd_dx_bwd_kernel. Off by default until a GPU has checked
-# every config of it and timed it against the general kernel (a lost branch with this restructuring measured
-# 1M chunk-64 forward+backward 60.0 -> 50.7 ms on an H100: benchmarks/ssd_offline_ab_h100.json).
-ONE_BLOCK_BWD = os.environ.get("MAMBATRAIN_SSD_ONE_BLOCK_BWD", "0") == "1"
+# ssd_dx_one_block_bwd_kernel instead of the general ssd_dx_bwd_kernel. On an H100, autotuned, 1M tokens in chunks
+# of 64: forward+backward 59.6 -> 55.4 ms (benchmarks/profile_scan_1m_h100.json); every config checked there.
+# MAMBATRAIN_SSD_ONE_BLOCK_BWD=0 takes the general kernel.
+ONE_BLOCK_BWD = os.environ.get("MAMBATRAIN_SSD_ONE_BLOCK_BWD", "1") == "1"
 # ssd_dcb_bwd_kernel forms the diagonal block's straddling sums of the decay gradient from cumulative sums along
-# each row of Q instead of down its columns (the same sums in another order; the lost branch's version counted
-# 830 -> 575 instructions per head offline). Off by default until checked and timed on a GPU.
-DCB_ROW_SCAN = os.environ.get("MAMBATRAIN_SSD_DCB_ROW_SCAN", "0") == "1"
+# each row of Q instead of down its columns: the same sums in another order, 830 -> 585 instructions per head at
+# chunk 64 offline; 55.5 -> 53.9 ms in the run above. MAMBATRAIN_SSD_DCB_ROW_SCAN=0 takes the columns.
+DCB_ROW_SCAN = os.environ.get("MAMBATRAIN_SSD_DCB_ROW_SCAN", "1") == "1"
 
 # Eager calls through a plain torch.autograd.Function (_SSDScan) instead of the custom op's dispatch; torch.compile
 # traces the custom op either way. On a CPU with the launches stubbed out (scripts/bench_host.py) one forward +
-# backward issues ~0.15-0.2 ms faster that way (benchmarks/bench_host_cpu.json); one A/B on an H100 measured it
-# slower, one sample per arm (benchmarks/host_and_graph_checks_h100.json). Off until profile_scan's in-process
-# host timing settles it.
+# backward issues ~0.15-0.2 ms faster that way (benchmarks/bench_host_cpu.json); on an H100, in one process, 2.64
+# against 2.75 ms at 16k and 3.6 against 4.5 at 1M (one sample each: benchmarks/profile_scan_*_h100.json), while
+# one earlier A/B (one process per arm) measured it slower. Off until its tests have run on a GPU.
 EAGER_FUNCTION = os.environ.get("MAMBATRAIN_SSD_EAGER_FUNCTION", "0") == "1"
 
 # Programs the sequential state kernels aim for: their chunk loop runs in

@@ -129,18 +129,19 @@ def test_matches_naive(case):
     check(inp, seq_idx, TOL[dtype])
 
 
-WALK_CASES = [c for c in CASES if c[3] <= ct.WALK_MAX_WIDTH]
+WALK_CASES = [c for c in CASES if c[3] <= ct.WALK_MAX_WIDTH]  # widths whose backward walks by default
 
 
 @pytest.mark.parametrize("case", WALK_CASES, ids=[_id(c) for c in WALK_CASES])
-def test_walk_backward_matches_naive(case, monkeypatch):
-    """MAMBATRAIN_CONV1D_WALK_BWD=1: the backward walking time row by row (the block kernel must not run)."""
+def test_block_backward_matches_naive(case, monkeypatch):
+    """MAMBATRAIN_CONV1D_WALK_BWD=0: the block backward at the widths the walk takes by default (the walk must
+    not run)."""
     class _Refused:
         def __getitem__(self, grid):
-            raise AssertionError("the block backward ran")
+            raise AssertionError("the walk backward ran")
 
-    monkeypatch.setattr(ct, "WALK_BWD", True)
-    monkeypatch.setattr(ct, "conv1d_silu_bwd_kernel", _Refused())
+    monkeypatch.setattr(ct, "WALK_BWD", False)
+    monkeypatch.setattr(ct, "conv1d_silu_bwd_walk_kernel", _Refused())
     batch, length, channels, width, dtype, opts = case
     inp, seq_idx = make_inputs(batch, length, channels, width, dtype, **opts)
     check(inp, seq_idx, TOL[dtype])
@@ -151,7 +152,6 @@ def test_walk_backward_matches_naive(case, monkeypatch):
 def test_walk_backward_chunk_edges(width, prefix, monkeypatch):
     """The walk's chunks (here 64 rows: several programs per batch row) with documents starting on, just before
     and just after their edges; each program owns its rows' dweight pairs and dx."""
-    monkeypatch.setattr(ct, "WALK_BWD", True)
     monkeypatch.setattr(ct, "WALK_PROGRAMS", 10**6)
     monkeypatch.setattr(ct, "WALK_ALIGN", 64)
     p = width - 1 if prefix else 0
@@ -186,6 +186,8 @@ def test_tile_configs(monkeypatch, fwd, bwd, programs):
     """Other tile shapes than the default config; the backward in one chunk per row, or one block per chunk."""
     import triton
 
+    monkeypatch.setattr(ct, "WALK_BWD", False)  # the block backward's tiles
+
     fwd_cfg = [triton.Config({"BT": fwd[0], "BC": fwd[1]}, num_warps=4)]
     bwd_cfg = [triton.Config({"BT": bwd[0], "BC": bwd[1]}, num_warps=4)]
     monkeypatch.setattr(ct, "BWD_CONFIGS", bwd_cfg)
@@ -199,13 +201,14 @@ def test_tile_configs(monkeypatch, fwd, bwd, programs):
 
 @pytest.mark.parametrize("width", [4, 6])
 @pytest.mark.parametrize("prefix", [True, False], ids=["prefix", "no-prefix"])
-def test_documents_at_block_edges(width, prefix):
-    """Documents starting on, just before and just after the backward's block and chunk edges.
+def test_documents_at_block_edges(width, prefix, monkeypatch):
+    """Documents starting on, just before and just after the block backward's block and chunk edges.
 
-    The backward reads dpre of a block and of the W-1 rows after it (its halo) from scratch shifted by k
-    rows: a document starting inside the halo or on the first row of the next block or chunk must cut
+    The block backward reads dpre of a block and of the W-1 rows after it (its halo) from scratch shifted by
+    k rows: a document starting inside the halo or on the first row of the next block or chunk must cut
     exactly the taps that cross it. Batch row b has its boundaries b steps later.
     """
+    monkeypatch.setattr(ct, "WALK_BWD", False)
     bt = ct.BWD_CONFIGS[0].kwargs["BT"]
     p = width - 1 if prefix else 0
     starts = [bt - 2, ct.CHUNK_ALIGN - 2]  # rows of xin, batch row 0
@@ -306,6 +309,7 @@ def test_every_autotune_config(monkeypatch, dtype):
 
     fwd_space, bwd_space = [make(d) for d in ct._FWD_SPACE], [make(d) for d in ct._BWD_SPACE]
     inp, seq_idx = make_inputs(2, 1000, 1792, 4, dtype, seq=[0, 300, 512], strided="aligned")
+    monkeypatch.setattr(ct, "WALK_BWD", False)  # every config of the block backward
     for r in range(max(len(fwd_space), len(bwd_space))):
         fwd, bwd = [fwd_space[r % len(fwd_space)]], [bwd_space[r % len(bwd_space)]]
         monkeypatch.setattr(ct, "BWD_CONFIGS", bwd)

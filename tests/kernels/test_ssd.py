@@ -213,7 +213,18 @@ def test_torch_compile_fullgraph(eager_function, monkeypatch):
     assert_compiles_like_eager(f, {k: inp[k] for k in NAMES})
 
 
-ONE_BLOCK_CASES = [c for c in CASES if c[6] == 64 and c[5] <= 128] + [
+class _Refused:
+    """Stands in for a kernel that must not run."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __getitem__(self, grid):
+        raise AssertionError(f"{self.name} ran")
+
+
+ONE_BLOCK_CHUNK_CASES = [c for c in CASES if c[6] == 64 and c[5] <= 128]  # test_matches_naive runs them by default
+ONE_BLOCK_CASES = [
     (2, 130, 4, 2, 64, 128, 64, torch.bfloat16, dict(D="2d", seq=[40, 100])),
     (1, 200, 3, 1, 48, 72, 64, torch.float32, dict(z=False, strided=True)),
 ]
@@ -221,16 +232,21 @@ ONE_BLOCK_CASES = [c for c in CASES if c[6] == 64 and c[5] <= 128] + [
 
 @pytest.mark.parametrize("case", ONE_BLOCK_CASES, ids=[_id(c) for c in ONE_BLOCK_CASES])
 def test_one_block_dx_kernel_matches_naive(case, monkeypatch):
-    """MAMBATRAIN_SSD_ONE_BLOCK_BWD=1: chunks of one time block take ssd_dx_one_block_bwd_kernel (the general
-    dx kernel must not run), with the same results."""
+    """Chunks of one time block (here the benchmark's tile sizes, and odd ones) take ssd_dx_one_block_bwd_kernel
+    by default: the general dx kernel must not run."""
     from mambatrain_kernels.ssd import triton as ssd_triton
 
-    class _Refused:
-        def __getitem__(self, grid):
-            raise AssertionError("the general dx kernel ran")
+    monkeypatch.setattr(ssd_triton, "ssd_dx_bwd_kernel", _Refused("the general dx kernel"))
+    _scan_matches_naive(case)
 
-    monkeypatch.setattr(ssd_triton, "ONE_BLOCK_BWD", True)
-    monkeypatch.setattr(ssd_triton, "ssd_dx_bwd_kernel", _Refused())
+
+@pytest.mark.parametrize("case", ONE_BLOCK_CHUNK_CASES, ids=[_id(c) for c in ONE_BLOCK_CHUNK_CASES])
+def test_general_dx_kernel_at_one_block_chunks(case, monkeypatch):
+    """MAMBATRAIN_SSD_ONE_BLOCK_BWD=0: the general dx kernel at chunks of one time block, same results."""
+    from mambatrain_kernels.ssd import triton as ssd_triton
+
+    monkeypatch.setattr(ssd_triton, "ONE_BLOCK_BWD", False)
+    monkeypatch.setattr(ssd_triton, "ssd_dx_one_block_bwd_kernel", _Refused("the one-block dx kernel"))
     _scan_matches_naive(case)
 
 
@@ -244,34 +260,31 @@ def test_eager_function_matches_naive(case, monkeypatch):
     _scan_matches_naive(case)
 
 
-ROW_SCAN_CASES = [c for c in CASES if c[0] * c[1] > 200]
+COLUMN_SCAN_CASES = [c for c in CASES if c[0] * c[1] > 200]
 
 
-@pytest.mark.parametrize("case", ROW_SCAN_CASES, ids=[_id(c) for c in ROW_SCAN_CASES])
-def test_dcb_row_scan_matches_naive(case, monkeypatch):
-    """MAMBATRAIN_SSD_DCB_ROW_SCAN=1: the decay gradient's diagonal-block sums taken along the rows of Q."""
+@pytest.mark.parametrize("case", COLUMN_SCAN_CASES, ids=[_id(c) for c in COLUMN_SCAN_CASES])
+def test_dcb_column_scan_matches_naive(case, monkeypatch):
+    """MAMBATRAIN_SSD_DCB_ROW_SCAN=0: the decay gradient's diagonal-block sums taken down the columns of Q."""
     from mambatrain_kernels.ssd import triton as ssd_triton
 
-    monkeypatch.setattr(ssd_triton, "DCB_ROW_SCAN", True)
+    monkeypatch.setattr(ssd_triton, "DCB_ROW_SCAN", False)
     _scan_matches_naive(case)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles each autotune config for the GPU at hand")
-@pytest.mark.parametrize("one_block", [False, True], ids=["general", "one_block"])
+@pytest.mark.parametrize("chunk", [256, 64], ids=["general", "one_block"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_every_autotune_config(dtype, one_block, monkeypatch):
+def test_every_autotune_config(dtype, chunk):
     """Autotuning picks one config per shape; every config must be right (Triton has miscompiled
     some num_warps / num_stages of chunked kernels on Hopper). Full tile sizes: head_dim 64, d_state 128;
-    chunks of 256, or of 64 with the switched-off variants on (the one-block dx kernel, dcb's row scan)."""
+    chunks of 256 (the general dx kernel), or of 64 (one time block: the one-block dx kernel)."""
     from mambatrain_kernels.settings import AUTOTUNE
-    from mambatrain_kernels.ssd import triton as ssd_triton
     from mambatrain_kernels.ssd import triton_bwd, triton_fwd
 
     if not AUTOTUNE:  # the kernels then hold their default config only (test_autotuned.py runs this with it on)
         pytest.skip("MAMBATRAIN_AUTOTUNE=0: the autotune space is the default config alone")
-    monkeypatch.setattr(ssd_triton, "ONE_BLOCK_BWD", one_block)
-    monkeypatch.setattr(ssd_triton, "DCB_ROW_SCAN", one_block)
-    dx_kernel = triton_bwd.ssd_dx_one_block_bwd_kernel if one_block else triton_bwd.ssd_dx_bwd_kernel
+    dx_kernel = triton_bwd.ssd_dx_one_block_bwd_kernel if chunk == 64 else triton_bwd.ssd_dx_bwd_kernel
     kernels = [triton_fwd.ssd_bmm_fwd_kernel, triton_fwd.ssd_state_fwd_kernel, triton_fwd.ssd_output_fwd_kernel,
                triton_bwd.ssd_state_bwd_kernel, triton_bwd.ssd_dcb_bwd_kernel, dx_kernel]
     spaces = [k.configs for k in kernels]
@@ -285,7 +298,7 @@ def test_every_autotune_config(dtype, one_block, monkeypatch):
             for k, s in zip(kernels, spaces):
                 k.configs = [s[r % len(s)]]
             try:
-                out = run(ssd_scan, inp, seq_idx, grads, chunk_size=64 if one_block else 256)
+                out = run(ssd_scan, inp, seq_idx, grads, chunk_size=chunk)
             except OutOfResources:  # autotuning skips configs that do not fit this GPU; so do we
                 continue
             check(out, ref, TOL[dtype])
