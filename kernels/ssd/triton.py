@@ -80,7 +80,8 @@ DCB_ROW_SCAN = os.environ.get("MAMBATRAIN_SSD_DCB_ROW_SCAN", "1") == "1"
 # traces the custom op either way. On a CPU with the launches stubbed out (scripts/bench_host.py) one forward +
 # backward issues ~0.15-0.2 ms faster that way (benchmarks/bench_host_cpu.json); on an H100, in one process, 2.64
 # against 2.75 ms at 16k and 3.6 against 4.5 at 1M (one sample each: benchmarks/profile_scan_*_h100.json), while
-# one earlier A/B (one process per arm) measured it slower. Off until its tests have run on a GPU.
+# one earlier A/B (one process per arm) measured it slower. Its tests passed on an H100; off until CUDA-graph
+# capture (tests/models/test_graphed.py) has run through it on a GPU too.
 EAGER_FUNCTION = os.environ.get("MAMBATRAIN_SSD_EAGER_FUNCTION", "0") == "1"
 
 # Programs the sequential state kernels aim for: their chunk loop runs in
