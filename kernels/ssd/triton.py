@@ -68,7 +68,8 @@ TF32 = os.environ.get("MAMBATRAIN_TF32", "1") == "1"
 
 # Chunks of one time block with one head-dimension tile (chunk 64 at d_state <= 128, head_dim <= 128) take
 # ssd_dx_one_block_bwd_kernel instead of the general ssd_dx_bwd_kernel. On an H100, autotuned, 1M tokens in chunks
-# of 64: forward+backward 59.6 -> 55.4 ms (benchmarks/profile_scan_1m_h100.json); every config checked there.
+# of 64: forward+backward 59.6 -> 55.4 ms (benchmarks/profile_scan_1m_h100.json); every autotune config passed the
+# kernel tests there (benchmarks/gpu_checks_walk_one_block_h100.json).
 # MAMBATRAIN_SSD_ONE_BLOCK_BWD=0 takes the general kernel.
 ONE_BLOCK_BWD = os.environ.get("MAMBATRAIN_SSD_ONE_BLOCK_BWD", "1") == "1"
 # ssd_dcb_bwd_kernel forms the diagonal block's straddling sums of the decay gradient from cumulative sums along

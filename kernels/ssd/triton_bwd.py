@@ -10,7 +10,7 @@ Four launches:
    stored for the next kernel, and dC_i = sum_j dS_ij B_j + sum_h (dy_i h_prev);
    plus the pieces of the decay gradient that need dy_i. Summing over heads
    inside the program is what keeps dB and dC per group.
-3. ``ssd_dx_bwd_kernel`` (or ``ssd_dx_one_block_bwd_kernel`` for one-block chunks, off by default):
+3. ``ssd_dx_bwd_kernel`` (``ssd_dx_one_block_bwd_kernel`` for one-block chunks, the default there):
    per (chunk, column block j, group), heads in a loop:
    du_j = sum_i W_ij^T dy_i + (B_j decayed) dh^T per head, hence dx, dz, the dt
    terms and the D partials; then, summed over heads, dB_j = u_j dh + sum_i dS_ij^T C_i.
@@ -466,7 +466,7 @@ def ssd_dx_one_block_bwd_kernel(
     transpose is taken in registers here), and with num_stages > 1 Triton's pipeliner fetches the next head's
     tiles while this one computes (offline sm_90a compile, scripts/sass_report.py --op ssd --kernel dx1: 8
     warps, no spills at num_stages 1-2, global loads in the loop 32 -> 5 at 2). Results as
-    ``ssd_dx_bwd_kernel``'s; MAMBATRAIN_SSD_ONE_BLOCK_BWD=1 selects it.
+    ``ssd_dx_bwd_kernel``'s; MAMBATRAIN_SSD_ONE_BLOCK_BWD=0 takes the general kernel instead.
     """
     i_pid = tl.program_id(0)
     i_sp, i_r = i_pid % NSPLIT, i_pid // NSPLIT
