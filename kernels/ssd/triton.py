@@ -29,6 +29,7 @@ from .triton_fwd import (
     ssd_chunk_cumsum_fwd_kernel,
     ssd_chain_kernel,
     ssd_output_fwd_kernel,
+    ssd_output_one_block_fwd_kernel,
     ssd_state_fwd_kernel,
 )
 
@@ -76,6 +77,11 @@ ONE_BLOCK_BWD = os.environ.get("MAMBATRAIN_SSD_ONE_BLOCK_BWD", "1") == "1"
 # each row of Q instead of down its columns: the same sums in another order, 830 -> 585 instructions per head at
 # chunk 64 offline; 55.5 -> 53.9 ms in the run above. MAMBATRAIN_SSD_DCB_ROW_SCAN=0 takes the columns.
 DCB_ROW_SCAN = os.environ.get("MAMBATRAIN_SSD_DCB_ROW_SCAN", "1") == "1"
+
+# Chunks of one time block with one head-dimension tile take ssd_output_one_block_fwd_kernel (the group's heads in a
+# loop, the next head's tiles fetched while one computes) instead of ssd_output_fwd_kernel. Off until a GPU has
+# checked every config and timed it: MAMBATRAIN_SSD_ONE_BLOCK_FWD=1 selects it.
+ONE_BLOCK_FWD = os.environ.get("MAMBATRAIN_SSD_ONE_BLOCK_FWD", "0") == "1"
 
 # Eager calls through a plain torch.autograd.Function (_SSDScan) instead of the custom op's dispatch; torch.compile
 # traces the custom op either way. On a CPU with the launches stubbed out (scripts/bench_host.py) one forward +
@@ -200,15 +206,22 @@ def ssd_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chun
     _segmented(state_pass, h0, initial_state is not None, nseg, batch * heads, head_dim * d_state, False, dev)
     out = new_buffer(batch, length, heads, head_dim, device=dev, dtype=x.dtype)
     ypre = new_buffer(*out.shape, device=dev, dtype=x.dtype) if z is not None else out.new_empty(0)
-    NV = cdiv(head_dim, k["BV"])
-    ssd_output_fwd_kernel[(NT * batch * heads * NV,)](
-        x, z if z is not None else x, C, S, D if D is not None else A, dtp, dA_cs[0], dA_cs[-1], docp, states, out,
-        ypre if z is not None else out,
-        length, NT, _bucket(NT), batch * heads, *x.stride(), *_strides4(z), *C.stride(),
-        H=heads, G=groups, P=head_dim, N=d_state, L=L, BT=BT, BN=k["BN"], BV=k["BV"],
-        HAS_D=D is not None, D_2D=D is not None and D.dim() == 2, HAS_Z=z is not None,
-        HAS_DOC=doc is not None, PRECISE=k["precise"], PRECISION=k["precision"],
-    )
+    out_args = (x, z if z is not None else x, C, S, D if D is not None else A, dtp, dA_cs[0], dA_cs[-1], docp, states,
+                out, ypre if z is not None else out)
+    flags = dict(H=heads, G=groups, P=head_dim, N=d_state, L=L, BN=k["BN"], BV=k["BV"], HAS_D=D is not None,
+                 D_2D=D is not None and D.dim() == 2, HAS_Z=z is not None, HAS_DOC=doc is not None,
+                 PRECISE=k["precise"], PRECISION=k["precision"])
+    if ONE_BLOCK_FWD and NB == 1 and head_dim <= k["BV"]:
+        hpg = heads // groups
+        nsplit = _num_splits(x, NT * batch * groups, hpg)
+        ssd_output_one_block_fwd_kernel[(NT * batch * groups * nsplit,)](
+            *out_args, length, NT, _bucket(NT), batch * groups, *x.stride(), *_strides4(z), *C.stride(),
+            NSPLIT=nsplit, HPS=hpg // nsplit, **flags,
+        )
+    else:
+        ssd_output_fwd_kernel[(NT * batch * heads * cdiv(head_dim, k["BV"]),)](
+            *out_args, length, NT, _bucket(NT), batch * heads, *x.stride(), *_strides4(z), *C.stride(), BT=BT, **flags,
+        )
     return out, final, ypre, states, dtp, dA_cs, S
 
 

@@ -366,3 +366,92 @@ def ssd_output_fwd_kernel(
             b_z = tl.load(p_z0 + o_i[:, None] * s_zt + o_v[None, :] * s_zp, mask=m_iv, other=0.).to(tl.float32)
             b_y = b_y * b_z * tl.sigmoid(b_z)
         tl.store(out + o_out, b_y.to(out.dtype.element_ty), mask=m_iv)
+
+
+@triton.autotune(
+    configs=configs(
+        # num_stages > 1: the head loop is the innermost loop, so the pipeliner fetches the next heads' tiles
+        [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2, 3)],
+        {"num_warps": 4},
+        {"num_warps": 4, "num_stages": 1},
+    ),
+    key=["P", "N", "L", "HPS", "HAS_Z", "T_BUCKET"],
+)
+@triton.jit
+def ssd_output_one_block_fwd_kernel(
+    x, z, C, S, D, dtp, dA_cs, dA_lo, doc, states, out, ypre,
+    T, NT, T_BUCKET, BGt, s_xb, s_xt, s_xh, s_xp, s_zb, s_zt, s_zh, s_zp, s_Cb, s_Ct, s_Cg, s_Cn,
+    H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, L: tl.constexpr,
+    BN: tl.constexpr, BV: tl.constexpr, NSPLIT: tl.constexpr, HPS: tl.constexpr,
+    HAS_D: tl.constexpr, D_2D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DOC: tl.constexpr,
+    PRECISE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``ssd_output_fwd_kernel`` for chunks of one time block (L = BT) and one head-dimension tile (P <= BV).
+
+    One program per (chunk, batch x group, split of the group's heads) with the heads in a loop: the group's
+    C and S are loaded once for all its heads, and the loop is the innermost one, so with num_stages > 1
+    Triton's pipeliner fetches the next head's state and x while this one computes (the general kernel's
+    programs each hold one head and run their one row and column block without overlap). Results as
+    ``ssd_output_fwd_kernel``'s.
+    """
+    i_pid = tl.program_id(0)
+    i_sp, i_r = i_pid % NSPLIT, i_pid // NSPLIT
+    i_bg, i_c = i_r % BGt, i_r // BGt
+    i_b, i_g = i_bg // G, i_bg % G
+    t0 = i_c * L
+    # the last real step of the chunk: padded rows take its cumsum (finite decays, masked at the end)
+    i_last = tl.minimum(L, T - t0) - 1
+    o_i = tl.arange(0, L)
+    o_n = tl.arange(0, BN)
+    o_v = tl.arange(0, BV)
+    m_i, m_n, m_v = t0 + o_i < T, o_n < N, o_v < P
+    m_iv = m_i[:, None] & m_v[None, :]
+    o_d0 = i_b.to(tl.int64) * T + t0
+    # [L(i), L(j)]: pairs j <= i of real steps, of one document
+    m_ij = (o_i[:, None] >= o_i[None, :]) & m_i[:, None] & m_i[None, :]
+    if HAS_DOC:
+        b_doc_prev = tl.load(doc + i_b.to(tl.int64) * T + tl.maximum(t0 - 1, 0))
+        b_doc_i = tl.load(doc + o_d0 + o_i, mask=m_i, other=-1)
+        m_ij = m_ij & (b_doc_i[:, None] == b_doc_i[None, :])
+    p_C0 = C + i_b.to(tl.int64) * s_Cb + t0.to(tl.int64) * s_Ct + i_g * s_Cg
+    b_C = tl.load(p_C0 + o_i[:, None] * s_Ct + o_n[None, :] * s_Cn, mask=m_i[:, None] & m_n[None, :], other=0.)
+    b_S = tl.load(S + (i_bg.to(tl.int64) * NT + i_c) * (L * L) + o_i[:, None] * L + o_i[None, :]).to(tl.float32)
+    i_h0 = i_g * (H // G) + i_sp * HPS
+    for i_hh in range(HPS):
+        i_h = i_h0 + i_hh
+        i_bh = i_b * H + i_h
+        o_a0 = i_bh.to(tl.int64) * T + t0
+        b_a = tl.load(dA_cs + o_a0 + o_i, mask=m_i, other=tl.load(dA_cs + o_a0 + i_last))
+        b_l = b_a
+        if PRECISE:
+            b_l = tl.load(dA_lo + o_a0 + o_i, mask=m_i, other=0.)
+        b_dt = tl.load(dtp + o_a0 + o_i, mask=m_i, other=0.)
+        # [BN, BV]: the carried state, transposed by the pointers
+        p_ht = states + (i_bh.to(tl.int64) * NT + i_c) * (P * N) + o_n[:, None] + o_v[None, :] * N
+        b_ht = tl.load(p_ht, mask=m_n[:, None] & m_v[None, :], other=0.).to(C.dtype.element_ty)
+        p_x = x + i_b.to(tl.int64) * s_xb + (t0 + o_i[:, None]).to(tl.int64) * s_xt + i_h * s_xh \
+            + o_v[None, :] * s_xp
+        b_x = tl.load(p_x, mask=m_iv, other=0.)
+        # what the carried state gives: exp(a_cs_t) C_t h_prev^T
+        b_g = tl.exp(b_a)
+        if HAS_DOC:
+            b_g = tl.where(b_doc_i == b_doc_prev, b_g, 0.)
+        b_y = dot(b_C, b_ht, PRECISION) * b_g[:, None]
+        # inside the chunk: sum_s S_ts exp(a_cs_t - a_cs_s) dt_s x_s over s <= t, same document
+        b_W = b_S * decay_block(b_a, b_l, b_a, b_l, b_a, b_l, m_ij, False, False, PRECISE) * b_dt[None, :]
+        b_y += dot(b_W.to(b_x.dtype), b_x, PRECISION)
+        if HAS_D:
+            if D_2D:
+                b_D = tl.load(D + i_h * P + o_v, mask=m_v, other=0.).to(tl.float32)[None, :]
+            else:
+                b_D = tl.load(D + i_h).to(tl.float32)
+            b_y += b_x.to(tl.float32) * b_D
+        # outputs are contiguous (batch, T, heads, P)
+        o_out = ((i_b.to(tl.int64) * T + t0 + o_i[:, None]) * H + i_h) * P + o_v[None, :]
+        if HAS_Z:
+            tl.store(ypre + o_out, b_y.to(ypre.dtype.element_ty), mask=m_iv)
+            p_z = z + i_b.to(tl.int64) * s_zb + (t0 + o_i[:, None]).to(tl.int64) * s_zt + i_h * s_zh \
+                + o_v[None, :] * s_zp
+            b_z = tl.load(p_z, mask=m_iv, other=0.).to(tl.float32)
+            b_y = b_y * b_z * tl.sigmoid(b_z)
+        tl.store(out + o_out, b_y.to(out.dtype.element_ty), mask=m_iv)

@@ -250,6 +250,18 @@ def test_general_dx_kernel_at_one_block_chunks(case, monkeypatch):
     _scan_matches_naive(case)
 
 
+@pytest.mark.parametrize("case", ONE_BLOCK_CASES + ONE_BLOCK_CHUNK_CASES,
+                         ids=[_id(c) for c in ONE_BLOCK_CASES + ONE_BLOCK_CHUNK_CASES])
+def test_one_block_output_kernel_matches_naive(case, monkeypatch):
+    """MAMBATRAIN_SSD_ONE_BLOCK_FWD=1: chunks of one time block take ssd_output_one_block_fwd_kernel (the general
+    output kernel must not run), same results."""
+    from mambatrain_kernels.ssd import triton as ssd_triton
+
+    monkeypatch.setattr(ssd_triton, "ONE_BLOCK_FWD", True)
+    monkeypatch.setattr(ssd_triton, "ssd_output_fwd_kernel", _Refused("the general output kernel"))
+    _scan_matches_naive(case)
+
+
 @pytest.mark.parametrize("case", CASES[:2] + CASES[6:8], ids=[_id(c) for c in CASES[:2] + CASES[6:8]])
 def test_eager_function_matches_naive(case, monkeypatch):
     """MAMBATRAIN_SSD_EAGER_FUNCTION=1: eager calls through the plain autograd.Function, same results."""
@@ -278,14 +290,19 @@ def test_dcb_column_scan_matches_naive(case, monkeypatch):
 def test_every_autotune_config(dtype, chunk):
     """Autotuning picks one config per shape; every config must be right (Triton has miscompiled
     some num_warps / num_stages of chunked kernels on Hopper). Full tile sizes: head_dim 64, d_state 128;
-    chunks of 256 (the general dx kernel), or of 64 (one time block: the one-block dx kernel)."""
+    chunks of 256 (the general dx kernel), or of 64 (one time block: the one-block dx kernel, and the one-block
+    output kernel where MAMBATRAIN_SSD_ONE_BLOCK_FWD selects it)."""
     from mambatrain_kernels.settings import AUTOTUNE
     from mambatrain_kernels.ssd import triton_bwd, triton_fwd
 
     if not AUTOTUNE:  # the kernels then hold their default config only (test_autotuned.py runs this with it on)
         pytest.skip("MAMBATRAIN_AUTOTUNE=0: the autotune space is the default config alone")
+    from mambatrain_kernels.ssd import triton as ssd_triton
+
     dx_kernel = triton_bwd.ssd_dx_one_block_bwd_kernel if chunk == 64 else triton_bwd.ssd_dx_bwd_kernel
-    kernels = [triton_fwd.ssd_bmm_fwd_kernel, triton_fwd.ssd_state_fwd_kernel, triton_fwd.ssd_output_fwd_kernel,
+    one_block_output = chunk == 64 and ssd_triton.ONE_BLOCK_FWD
+    output_kernel = triton_fwd.ssd_output_one_block_fwd_kernel if one_block_output else triton_fwd.ssd_output_fwd_kernel
+    kernels = [triton_fwd.ssd_bmm_fwd_kernel, triton_fwd.ssd_state_fwd_kernel, output_kernel,
                triton_bwd.ssd_state_bwd_kernel, triton_bwd.ssd_dcb_bwd_kernel, dx_kernel]
     spaces = [k.configs for k in kernels]
     inp, seq_idx = make_inputs(2, 1000, 4, 2, 64, 128, dtype, seq=[300, 512], strided=True)
