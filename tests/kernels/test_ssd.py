@@ -231,34 +231,26 @@ ONE_BLOCK_CASES = [
 
 
 @pytest.mark.parametrize("case", ONE_BLOCK_CASES, ids=[_id(c) for c in ONE_BLOCK_CASES])
-def test_one_block_dx_kernel_matches_naive(case, monkeypatch):
-    """Chunks of one time block (here the benchmark's tile sizes, and odd ones) take ssd_dx_one_block_bwd_kernel
-    by default: the general dx kernel must not run."""
+def test_one_block_kernels_match_naive(case, monkeypatch):
+    """Chunks of one time block (here the benchmark's tile sizes, and odd ones) take ssd_output_one_block_fwd_kernel
+    and ssd_dx_one_block_bwd_kernel by default: the general output and dx kernels must not run."""
     from mambatrain_kernels.ssd import triton as ssd_triton
 
+    monkeypatch.setattr(ssd_triton, "ssd_output_fwd_kernel", _Refused("the general output kernel"))
     monkeypatch.setattr(ssd_triton, "ssd_dx_bwd_kernel", _Refused("the general dx kernel"))
     _scan_matches_naive(case)
 
 
 @pytest.mark.parametrize("case", ONE_BLOCK_CHUNK_CASES, ids=[_id(c) for c in ONE_BLOCK_CHUNK_CASES])
-def test_general_dx_kernel_at_one_block_chunks(case, monkeypatch):
-    """MAMBATRAIN_SSD_ONE_BLOCK_BWD=0: the general dx kernel at chunks of one time block, same results."""
+def test_general_kernels_at_one_block_chunks(case, monkeypatch):
+    """MAMBATRAIN_SSD_ONE_BLOCK_FWD=0 and MAMBATRAIN_SSD_ONE_BLOCK_BWD=0: the general output and dx kernels at
+    chunks of one time block, same results."""
     from mambatrain_kernels.ssd import triton as ssd_triton
 
+    monkeypatch.setattr(ssd_triton, "ONE_BLOCK_FWD", False)
     monkeypatch.setattr(ssd_triton, "ONE_BLOCK_BWD", False)
+    monkeypatch.setattr(ssd_triton, "ssd_output_one_block_fwd_kernel", _Refused("the one-block output kernel"))
     monkeypatch.setattr(ssd_triton, "ssd_dx_one_block_bwd_kernel", _Refused("the one-block dx kernel"))
-    _scan_matches_naive(case)
-
-
-@pytest.mark.parametrize("case", ONE_BLOCK_CASES + ONE_BLOCK_CHUNK_CASES,
-                         ids=[_id(c) for c in ONE_BLOCK_CASES + ONE_BLOCK_CHUNK_CASES])
-def test_one_block_output_kernel_matches_naive(case, monkeypatch):
-    """MAMBATRAIN_SSD_ONE_BLOCK_FWD=1: chunks of one time block take ssd_output_one_block_fwd_kernel (the general
-    output kernel must not run), same results."""
-    from mambatrain_kernels.ssd import triton as ssd_triton
-
-    monkeypatch.setattr(ssd_triton, "ONE_BLOCK_FWD", True)
-    monkeypatch.setattr(ssd_triton, "ssd_output_fwd_kernel", _Refused("the general output kernel"))
     _scan_matches_naive(case)
 
 
@@ -290,18 +282,15 @@ def test_dcb_column_scan_matches_naive(case, monkeypatch):
 def test_every_autotune_config(dtype, chunk):
     """Autotuning picks one config per shape; every config must be right (Triton has miscompiled
     some num_warps / num_stages of chunked kernels on Hopper). Full tile sizes: head_dim 64, d_state 128;
-    chunks of 256 (the general dx kernel), or of 64 (one time block: the one-block dx kernel, and the one-block
-    output kernel where MAMBATRAIN_SSD_ONE_BLOCK_FWD selects it)."""
+    chunks of 256 (the general output and dx kernels), or of 64 (one time block: the one-block kernels)."""
     from mambatrain_kernels.settings import AUTOTUNE
     from mambatrain_kernels.ssd import triton_bwd, triton_fwd
 
     if not AUTOTUNE:  # the kernels then hold their default config only (test_autotuned.py runs this with it on)
         pytest.skip("MAMBATRAIN_AUTOTUNE=0: the autotune space is the default config alone")
-    from mambatrain_kernels.ssd import triton as ssd_triton
-
-    dx_kernel = triton_bwd.ssd_dx_one_block_bwd_kernel if chunk == 64 else triton_bwd.ssd_dx_bwd_kernel
-    one_block_output = chunk == 64 and ssd_triton.ONE_BLOCK_FWD
-    output_kernel = triton_fwd.ssd_output_one_block_fwd_kernel if one_block_output else triton_fwd.ssd_output_fwd_kernel
+    one_block = chunk == 64
+    dx_kernel = triton_bwd.ssd_dx_one_block_bwd_kernel if one_block else triton_bwd.ssd_dx_bwd_kernel
+    output_kernel = triton_fwd.ssd_output_one_block_fwd_kernel if one_block else triton_fwd.ssd_output_fwd_kernel
     kernels = [triton_fwd.ssd_bmm_fwd_kernel, triton_fwd.ssd_state_fwd_kernel, output_kernel,
                triton_bwd.ssd_state_bwd_kernel, triton_bwd.ssd_dcb_bwd_kernel, dx_kernel]
     spaces = [k.configs for k in kernels]
