@@ -296,33 +296,34 @@ def report(launch, cfg) -> dict:
 SSD_KERNELS = dict(cumsum="ssd_chunk_cumsum_fwd_kernel", bmm="ssd_bmm_fwd_kernel", state_fwd="ssd_state_fwd_kernel",
                    chain="ssd_chain_kernel", output="ssd_output_fwd_kernel",
                    output1="ssd_output_one_block_fwd_kernel", state_bwd="ssd_state_bwd_kernel",
-                   dcb="ssd_dcb_bwd_kernel", dx="ssd_dx_bwd_kernel", dx1="ssd_dx_one_block_bwd_kernel",
+                   dcb="ssd_dcb_bwd_kernel", dcb1="ssd_dcb_one_block_bwd_kernel", dx="ssd_dx_bwd_kernel", dx1="ssd_dx_one_block_bwd_kernel",
                    ddt="ssd_ddt_bwd_kernel")
 H100_SMS = 132
 
 
-def ssd_launches(chunk: int, length=1 << 20, heads=24, head_dim=64, d_state=128, groups=1, one_block_bwd=False,
-                 dtype=torch.bfloat16, one_block_fwd=False):
+def ssd_launches(chunk: int, length=1 << 20, heads=24, head_dim=64, d_state=128, groups=1, switches=None,
+                 dtype=torch.bfloat16):
     """One forward and one backward of ``ssd_scan`` at the benchmark shape (``dtype``, dt_softplus, dt_bias, D, no
-    z), recorded from the real launchers; the head split is the one an H100's 132 SMs would get. ``one_block_bwd``:
-    the launchers' ONE_BLOCK_BWD (chunks of one block then take ssd_dx_one_block_bwd_kernel); ``one_block_fwd``:
-    their ONE_BLOCK_FWD (ssd_output_one_block_fwd_kernel)."""
+    z), recorded from the real launchers; the head split is the one an H100's 132 SMs would get. ``switches``: the
+    launchers' kernel switches to set meanwhile, e.g. {"ONE_BLOCK_DCB": True}."""
     sdt = _import_kernels("ssd")
     meta = dict(device="meta")
     x, dout = (torch.empty(1, length, heads, head_dim, dtype=dtype, **meta) for _ in range(2))
     dt = torch.empty(1, length, heads, dtype=dtype, **meta)
     B, C = (torch.empty(1, length, groups, d_state, dtype=dtype, **meta) for _ in range(2))
     A, D, bias = (torch.empty(heads, **meta) for _ in range(3))
-    saved = sdt._sm_count, sdt.ONE_BLOCK_BWD, sdt.ONE_BLOCK_FWD
-    sdt._sm_count = lambda device: H100_SMS
-    sdt.ONE_BLOCK_BWD, sdt.ONE_BLOCK_FWD = one_block_bwd, one_block_fwd
+    switches = dict(switches or {}, _sm_count=lambda device: H100_SMS)
+    saved = {name: getattr(sdt, name) for name in switches}
+    for name, value in switches.items():
+        setattr(sdt, name, value)
     try:
         with capture(sdt, list(SSD_KERNELS.values())) as launches:
             out, final, ypre, states, dtp, dA_cs, S = sdt.ssd_fwd(x, dt, A, B, C, D, None, bias, True, None, None,
                                                                 chunk)
             sdt.ssd_bwd(dout, None, x, dt, A, B, C, D, None, bias, True, None, None, chunk, x, states, dtp, dA_cs, S)
     finally:
-        sdt._sm_count, sdt.ONE_BLOCK_BWD, sdt.ONE_BLOCK_FWD = saved
+        for name, value in saved.items():
+            setattr(sdt, name, value)
     return launches
 
 
@@ -378,9 +379,9 @@ def _report_each(launches, only, tag, report_fn, print_fn, hist) -> list[dict]:
 def ssd_main(a, only) -> list[dict]:
     wanted = {SSD_KERNELS[k] for k in (a.kernel or SSD_KERNELS)}
     launches = (dict(launch, chunk=chunk) for chunk in a.chunk
-                for launch in ssd_launches(chunk, a.length, one_block_bwd=SSD_KERNELS["dx1"] in wanted,
-                                           one_block_fwd=SSD_KERNELS["output1"] in wanted,
-                                           dtype=getattr(torch, a.dtype)))
+                for launch in ssd_launches(chunk, a.length, dtype=getattr(torch, a.dtype), switches={
+                    "ONE_BLOCK_BWD": SSD_KERNELS["dx1"] in wanted, "ONE_BLOCK_FWD": SSD_KERNELS["output1"] in wanted,
+                    "ONE_BLOCK_DCB": SSD_KERNELS["dcb1"] in wanted}))
     return _report_each(
         launches, only,
         lambda launch: ((launch["chunk"], launch["name"], launch["kwargs"].get("LOCAL"))

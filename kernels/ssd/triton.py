@@ -19,6 +19,7 @@ from ..settings import INTERPRET, cdiv, new_buffer, next_power_of_2
 from .chunked import document_ids
 from .triton_bwd import (
     ssd_dcb_bwd_kernel,
+    ssd_dcb_one_block_bwd_kernel,
     ssd_ddt_bwd_kernel,
     ssd_dx_bwd_kernel,
     ssd_dx_one_block_bwd_kernel,
@@ -77,6 +78,9 @@ ONE_BLOCK_BWD = os.environ.get("MAMBATRAIN_SSD_ONE_BLOCK_BWD", "1") == "1"
 # each row of Q instead of down its columns: the same sums in another order, 830 -> 585 instructions per head at
 # chunk 64 offline; 55.5 -> 53.9 ms in the run above. MAMBATRAIN_SSD_DCB_ROW_SCAN=0 takes the columns.
 DCB_ROW_SCAN = os.environ.get("MAMBATRAIN_SSD_DCB_ROW_SCAN", "1") == "1"
+# With the row scan, chunks of one time block take ssd_dcb_one_block_bwd_kernel (one head loop, innermost, instead
+# of two). Off until a GPU has checked every config and timed it: MAMBATRAIN_SSD_ONE_BLOCK_DCB=1 selects it.
+ONE_BLOCK_DCB = os.environ.get("MAMBATRAIN_SSD_ONE_BLOCK_DCB", "0") == "1"
 
 # The same chunks take ssd_output_one_block_fwd_kernel (the group's heads in a loop, the next head's tiles fetched
 # while one computes) instead of ssd_output_fwd_kernel. On an H200, autotuned, in one process: 1M tokens forward +
@@ -275,11 +279,14 @@ def ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_st
     R_part = new_buffer(batch, heads, NT, npair, BT, device=dev, dtype=f32)
     K_pair = new_buffer(*R_part.shape, device=dev, dtype=f32)
     T_pair = new_buffer(batch, heads, NT, npair, device=dev, dtype=f32)
-    ssd_dcb_bwd_kernel[grid_group](
-        x, dout, zp, B, C, dtp, dA_cs[0], dA_cs[-1], docp, states, dS, dC_out, dsum, R_part, K_pair, T_pair,
-        length, NT, _bucket(NT), batch * groups, *x.stride(), *dout.stride(), *_strides4(z), *B.stride(), *C.stride(),
-        ROW_SCAN=DCB_ROW_SCAN, **common,
-    )
+    dcb_args = (x, dout, zp, B, C, dtp, dA_cs[0], dA_cs[-1], docp, states, dS, dC_out, dsum, R_part, K_pair, T_pair,
+                length, NT, _bucket(NT), batch * groups, *x.stride(), *dout.stride(), *_strides4(z), *B.stride(),
+                *C.stride())
+    one_block = NB == 1 and head_dim <= k["BV"]
+    if ONE_BLOCK_DCB and DCB_ROW_SCAN and one_block:
+        ssd_dcb_one_block_bwd_kernel[grid_group](*dcb_args, **{key: v for key, v in common.items() if key != "BT"})
+    else:
+        ssd_dcb_bwd_kernel[grid_group](*dcb_args, ROW_SCAN=DCB_ROW_SCAN, **common)
 
     dx = new_buffer(batch, length, heads, head_dim, device=dev, dtype=x.dtype)
     dz = new_buffer(*dx.shape, device=dev, dtype=x.dtype) if z is not None else dx.new_empty(0)
@@ -291,10 +298,9 @@ def ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_st
                dx, dz if z is not None else dx, dB_out, ddt_x, vsum, K_part, dD_part,
                length, NT, _bucket(NT), batch * groups, *x.stride(), *dout.stride(), *_strides4(z), *B.stride(),
                *C.stride())
-    if ONE_BLOCK_BWD and NB == 1 and head_dim <= k["BV"]:
-        one_block = {key: value for key, value in common.items() if key != "BT"}  # BT = L
+    if ONE_BLOCK_BWD and one_block:
         ssd_dx_one_block_bwd_kernel[grid_group](*dx_args, HAS_D=D is not None, D_2D=D is not None and D.dim() == 2,
-                                                **one_block)
+                                                **{key: v for key, v in common.items() if key != "BT"})  # BT = L
     else:
         ssd_dx_bwd_kernel[grid_group](*dx_args, HAS_D=D is not None, D_2D=D is not None and D.dim() == 2, **common)
 

@@ -290,6 +290,108 @@ def ssd_dcb_bwd_kernel(
 
 @triton.autotune(
     configs=configs(
+        # num_stages > 1: the head loop is the innermost loop, so the pipeliner fetches the next heads' tiles
+        [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2, 3)],
+        {"num_warps": 4},
+        {"num_warps": 8, "num_stages": 1},
+    ),
+    key=["P", "N", "L", "HPS", "HAS_Z", "T_BUCKET"],
+)
+@triton.jit
+def ssd_dcb_one_block_bwd_kernel(
+    x, dout, z, B, C, dtp, dA_cs, dA_lo, doc, states, dS, dC_out, dsum, R_part, K_pair, T_pair,
+    T, NT, T_BUCKET, BGt, s_xb, s_xt, s_xh, s_xp, s_ob, s_ot, s_oh, s_op, s_zb, s_zt, s_zh, s_zp,
+    s_Bb, s_Bt, s_Bg, s_Bn, s_Cb, s_Ct, s_Cg, s_Cn,
+    H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, L: tl.constexpr,
+    BN: tl.constexpr, BV: tl.constexpr, NSPLIT: tl.constexpr, HPS: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_DOC: tl.constexpr, PRECISE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``ssd_dcb_bwd_kernel`` (with ROW_SCAN) for chunks of one time block (L = BT) and one head-dimension tile
+    (P <= BV).
+
+    The chunk is the diagonal block alone, so the general kernel's two head loops (the carried state's dC, then
+    dS) become one, the innermost loop: each head's dy is loaded once, and with num_stages > 1 Triton's
+    pipeliner fetches the next head's dout, x and state while this one computes. Results as the general
+    kernel's.
+    """
+    i_pid = tl.program_id(0)
+    i_sp, i_r = i_pid % NSPLIT, i_pid // NSPLIT
+    i_bg, i_c = i_r % BGt, i_r // BGt
+    i_b, i_g = i_bg // G, i_bg % G
+    t0 = i_c * L
+    o_i = tl.arange(0, L)
+    o_n = tl.arange(0, BN)
+    o_v = tl.arange(0, BV)
+    m_i, m_n, m_v = t0 + o_i < T, o_n < N, o_v < P
+    m_in = m_i[:, None] & m_n[None, :]
+    m_iv = m_i[:, None] & m_v[None, :]
+    o_d0 = i_b.to(tl.int64) * T + t0
+    i_last = tl.minimum(L, T - t0) - 1
+    # [L(i), L(j)]: pairs j <= i of real steps, of one document
+    m_ij = (o_i[:, None] >= o_i[None, :]) & m_i[:, None] & m_i[None, :]
+    if HAS_DOC:
+        b_doc_i = tl.load(doc + o_d0 + o_i, mask=m_i, other=-1)
+        b_doc_prev = tl.load(doc + i_b.to(tl.int64) * T + tl.maximum(t0 - 1, 0))
+        m_ij = m_ij & (b_doc_i[:, None] == b_doc_i[None, :])
+    # [L, BN]
+    b_C = tl.load(C + i_b.to(tl.int64) * s_Cb + t0.to(tl.int64) * s_Ct + i_g * s_Cg + o_i[:, None] * s_Ct
+                  + o_n[None, :] * s_Cn, mask=m_in, other=0.)
+    p_B = B + i_b.to(tl.int64) * s_Bb + t0.to(tl.int64) * s_Bt + i_g * s_Bg + o_i[:, None] * s_Bt + o_n[None, :] * s_Bn
+    # S = C B^T again, in fp32 (see the general kernel)
+    b_S = dot(b_C, tl.trans(tl.load(p_B, mask=m_in, other=0.)), PRECISION)
+    # dC through the carried state (summed over heads), and dS summed over this split's heads
+    b_dc = tl.zeros([L, BN], dtype=tl.float32)
+    b_ds = tl.zeros([L, L], dtype=tl.float32)
+    i_h0 = i_g * (H // G) + i_sp * HPS
+    for i_hh in range(HPS):
+        i_h = i_h0 + i_hh
+        o_a0 = (i_b * H + i_h).to(tl.int64) * T + t0
+        # padded rows take the last real cumsum: finite decays (masked anyway)
+        b_a = tl.load(dA_cs + o_a0 + o_i, mask=m_i, other=tl.load(dA_cs + o_a0 + i_last))
+        b_l = b_a
+        if PRECISE:
+            b_l = tl.load(dA_lo + o_a0 + o_i, mask=m_i, other=0.)
+        b_dt = tl.load(dtp + o_a0 + o_i, mask=m_i, other=0.)
+        b_g = tl.where(m_i, tl.exp(b_a), 0.)
+        if HAS_DOC:
+            b_g = tl.where(b_doc_i == b_doc_prev, b_g, 0.)
+        p_x0 = x + i_b.to(tl.int64) * s_xb + t0.to(tl.int64) * s_xt + i_h * s_xh
+        p_o0 = dout + i_b.to(tl.int64) * s_ob + t0.to(tl.int64) * s_ot + i_h * s_oh
+        p_z0 = z + i_b.to(tl.int64) * s_zb + t0.to(tl.int64) * s_zt + i_h * s_zh
+        p_h0 = states + ((i_b * H + i_h).to(tl.int64) * NT + i_c) * (P * N)
+        b_dy = load_dy(p_o0, p_z0, o_i, o_v, m_iv, s_ot, s_op, s_zt, s_zp, HAS_Z)
+        # [BV, BN]
+        b_h = tl.load(p_h0 + o_v[:, None] * N + o_n[None, :], mask=m_v[:, None] & m_n[None, :], other=0.)
+        b_dch = dot((b_dy * b_g[:, None]).to(b_C.dtype), b_h.to(b_C.dtype), PRECISION)
+        b_dc += b_dch
+        # dy_t . (what the carried state gives y_t): its gradient reaches every a_u, u <= t
+        tl.store(dsum + o_a0 + o_i, tl.sum(b_dch * b_C.to(tl.float32), axis=1), mask=m_i)
+        # [BV, L]: x^T, transposed by the pointers
+        b_xt = tl.load(p_x0 + o_i[None, :] * s_xt + o_v[:, None] * s_xp, mask=m_v[:, None] & m_i[None, :], other=0.)
+        b_dyx = dot(b_dy.to(b_xt.dtype), b_xt, PRECISION)
+        b_decay = decay_block(b_a, b_l, b_a, b_l, b_a, b_l, m_ij, False, False, PRECISE)
+        b_gd = b_dyx * b_decay * b_dt[None, :]
+        b_ds += b_gd
+        # the decay gradient's straddling sums, as the general kernel's ROW_SCAN forms them on the diagonal block
+        b_q = b_gd * b_S
+        o_p = ((i_b * H + i_h).to(tl.int64) * NT + i_c)
+        o_r = o_p * L + o_i
+        b_f = tl.cumsum(b_q, axis=1)
+        tl.store(R_part + o_r + 1, tl.sum(tl.where(o_i[:, None] > o_i[None, :], b_f, 0.), axis=0), mask=o_i < L - 1)
+        tl.store(R_part + o_p * L, 0.)
+        tl.store(K_pair + o_r, tl.zeros([L], dtype=tl.float32))
+        tl.store(T_pair + o_p, tl.sum(tl.sum(b_q, axis=0), axis=0))
+    b_ds = b_ds.to(b_C.dtype)
+    tl.store(dS + (((i_sp * (BGt // G) + i_b) * G + i_g).to(tl.int64) * NT + i_c) * (L * L)
+             + o_i[:, None] * L + o_i[None, :], b_ds)
+    b_dc += dot(b_ds, tl.load(p_B, mask=m_in, other=0.), PRECISION)
+    # (NSPLIT, batch, T, G, N): the final dtype if one split, else fp32 partials
+    o_dc = ((i_sp * (BGt // G) + i_b).to(tl.int64) * T + t0 + o_i[:, None]) * (G * N) + i_g * N + o_n[None, :]
+    tl.store(dC_out + o_dc, b_dc.to(dC_out.dtype.element_ty), mask=m_in)
+
+
+@triton.autotune(
+    configs=configs(
         # 4 warps spill at d_state 128 (fine for small states)
         [{"num_warps": 4, "num_stages": 1}, {"num_warps": 8, "num_stages": 1}, {"num_warps": 8, "num_stages": 2}],
         {"num_warps": 4},
