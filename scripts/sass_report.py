@@ -296,7 +296,7 @@ def report(launch, cfg) -> dict:
 SSD_KERNELS = dict(cumsum="ssd_chunk_cumsum_fwd_kernel", bmm="ssd_bmm_fwd_kernel", state_fwd="ssd_state_fwd_kernel",
                    chain="ssd_chain_kernel", output="ssd_output_fwd_kernel",
                    output1="ssd_output_one_block_fwd_kernel", state_bwd="ssd_state_bwd_kernel",
-                   dcb="ssd_dcb_bwd_kernel", dcb1="ssd_dcb_one_block_bwd_kernel", dx="ssd_dx_bwd_kernel", dx1="ssd_dx_one_block_bwd_kernel",
+                   dcb="ssd_dcb_bwd_kernel", dx="ssd_dx_bwd_kernel", dx1="ssd_dx_one_block_bwd_kernel",
                    ddt="ssd_ddt_bwd_kernel")
 H100_SMS = 132
 
@@ -305,7 +305,7 @@ def ssd_launches(chunk: int, length=1 << 20, heads=24, head_dim=64, d_state=128,
                  dtype=torch.bfloat16):
     """One forward and one backward of ``ssd_scan`` at the benchmark shape (``dtype``, dt_softplus, dt_bias, D, no
     z), recorded from the real launchers; the head split is the one an H100's 132 SMs would get. ``switches``: the
-    launchers' kernel switches to set meanwhile, e.g. {"ONE_BLOCK_DCB": True}."""
+    launchers' kernel switches to set meanwhile, e.g. {"ONE_BLOCK_FWD": False}."""
     sdt = _import_kernels("ssd")
     meta = dict(device="meta")
     x, dout = (torch.empty(1, length, heads, head_dim, dtype=dtype, **meta) for _ in range(2))
@@ -380,8 +380,7 @@ def ssd_main(a, only) -> list[dict]:
     wanted = {SSD_KERNELS[k] for k in (a.kernel or SSD_KERNELS)}
     launches = (dict(launch, chunk=chunk) for chunk in a.chunk
                 for launch in ssd_launches(chunk, a.length, dtype=getattr(torch, a.dtype), switches={
-                    "ONE_BLOCK_BWD": SSD_KERNELS["dx1"] in wanted, "ONE_BLOCK_FWD": SSD_KERNELS["output1"] in wanted,
-                    "ONE_BLOCK_DCB": SSD_KERNELS["dcb1"] in wanted}))
+                    "ONE_BLOCK_BWD": SSD_KERNELS["dx1"] in wanted, "ONE_BLOCK_FWD": SSD_KERNELS["output1"] in wanted}))
     return _report_each(
         launches, only,
         lambda launch: ((launch["chunk"], launch["name"], launch["kwargs"].get("LOCAL"))

@@ -19,7 +19,6 @@ from ..settings import INTERPRET, cdiv, new_buffer, next_power_of_2
 from .chunked import document_ids
 from .triton_bwd import (
     ssd_dcb_bwd_kernel,
-    ssd_dcb_one_block_bwd_kernel,
     ssd_ddt_bwd_kernel,
     ssd_dx_bwd_kernel,
     ssd_dx_one_block_bwd_kernel,
@@ -78,9 +77,6 @@ ONE_BLOCK_BWD = os.environ.get("MAMBATRAIN_SSD_ONE_BLOCK_BWD", "1") == "1"
 # each row of Q instead of down its columns: the same sums in another order, 830 -> 585 instructions per head at
 # chunk 64 offline; 55.5 -> 53.9 ms in the run above. MAMBATRAIN_SSD_DCB_ROW_SCAN=0 takes the columns.
 DCB_ROW_SCAN = os.environ.get("MAMBATRAIN_SSD_DCB_ROW_SCAN", "1") == "1"
-# With the row scan, chunks of one time block take ssd_dcb_one_block_bwd_kernel (one head loop, innermost, instead
-# of two). Off until a GPU has checked every config and timed it: MAMBATRAIN_SSD_ONE_BLOCK_DCB=1 selects it.
-ONE_BLOCK_DCB = os.environ.get("MAMBATRAIN_SSD_ONE_BLOCK_DCB", "0") == "1"
 
 # The same chunks take ssd_output_one_block_fwd_kernel (the group's heads in a loop, the next head's tiles fetched
 # while one computes) instead of ssd_output_fwd_kernel. On an H200, autotuned, in one process: 1M tokens forward +
@@ -90,11 +86,14 @@ ONE_BLOCK_FWD = os.environ.get("MAMBATRAIN_SSD_ONE_BLOCK_FWD", "1") == "1"
 
 # Eager calls through a plain torch.autograd.Function (_SSDScan) instead of the custom op's dispatch; torch.compile
 # traces the custom op either way. On a CPU with the launches stubbed out (scripts/bench_host.py) one forward +
-# backward issues ~0.15-0.2 ms faster that way (benchmarks/bench_host_cpu.json); on an H100, in one process, 2.64
-# against 2.75 ms at 16k and 3.6 against 4.5 at 1M (one sample each: benchmarks/profile_scan_*_h100.json), while
-# one earlier A/B (one process per arm) measured it slower. Its tests passed on an H100; off until CUDA-graph
-# capture (tests/models/test_graphed.py) has run through it on a GPU too.
-EAGER_FUNCTION = os.environ.get("MAMBATRAIN_SSD_EAGER_FUNCTION", "0") == "1"
+# backward issues ~0.15-0.2 ms faster that way (benchmarks/bench_host_cpu.json); on GPUs, in one process each, the
+# host side of one call took 2.64 against 2.75 ms (H100, 16k), 3.6 / 3.6 / 3.1 against 4.5 / 4.3 / 4.4 (H100,
+# H200, H200; 1M) and 2.3 / 2.9 against 2.7 / 2.6 (H200, 64k) (benchmarks/profile_scan_*_h100.json,
+# benchmarks/ssd_one_block_*_h200.json; one earlier A/B, one process per arm, had it slower). Its tests and the
+# CUDA-graph capture tests (tests/models/test_graphed.py) passed through it on an H100
+# (benchmarks/kernel_switches_fit_h100.json). MAMBATRAIN_SSD_EAGER_FUNCTION=0 takes
+# the custom op in eager calls too.
+EAGER_FUNCTION = os.environ.get("MAMBATRAIN_SSD_EAGER_FUNCTION", "1") == "1"
 
 # Programs the sequential state kernels aim for: their chunk loop runs in
 # segments, in parallel (batch x heads x state tiles alone is ~100 programs at
@@ -282,11 +281,7 @@ def ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_st
     dcb_args = (x, dout, zp, B, C, dtp, dA_cs[0], dA_cs[-1], docp, states, dS, dC_out, dsum, R_part, K_pair, T_pair,
                 length, NT, _bucket(NT), batch * groups, *x.stride(), *dout.stride(), *_strides4(z), *B.stride(),
                 *C.stride())
-    one_block = NB == 1 and head_dim <= k["BV"]
-    if ONE_BLOCK_DCB and DCB_ROW_SCAN and one_block:
-        ssd_dcb_one_block_bwd_kernel[grid_group](*dcb_args, **{key: v for key, v in common.items() if key != "BT"})
-    else:
-        ssd_dcb_bwd_kernel[grid_group](*dcb_args, ROW_SCAN=DCB_ROW_SCAN, **common)
+    ssd_dcb_bwd_kernel[grid_group](*dcb_args, ROW_SCAN=DCB_ROW_SCAN, **common)
 
     dx = new_buffer(batch, length, heads, head_dim, device=dev, dtype=x.dtype)
     dz = new_buffer(*dx.shape, device=dev, dtype=x.dtype) if z is not None else dx.new_empty(0)
@@ -298,7 +293,7 @@ def ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_st
                dx, dz if z is not None else dx, dB_out, ddt_x, vsum, K_part, dD_part,
                length, NT, _bucket(NT), batch * groups, *x.stride(), *dout.stride(), *_strides4(z), *B.stride(),
                *C.stride())
-    if ONE_BLOCK_BWD and one_block:
+    if ONE_BLOCK_BWD and NB == 1 and head_dim <= k["BV"]:
         ssd_dx_one_block_bwd_kernel[grid_group](*dx_args, HAS_D=D is not None, D_2D=D is not None and D.dim() == 2,
                                                 **{key: v for key, v in common.items() if key != "BT"})  # BT = L
     else:

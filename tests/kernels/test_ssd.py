@@ -241,18 +241,6 @@ def test_one_block_kernels_match_naive(case, monkeypatch):
     _scan_matches_naive(case)
 
 
-@pytest.mark.parametrize("case", ONE_BLOCK_CASES + ONE_BLOCK_CHUNK_CASES,
-                         ids=[_id(c) for c in ONE_BLOCK_CASES + ONE_BLOCK_CHUNK_CASES])
-def test_one_block_dcb_kernel_matches_naive(case, monkeypatch):
-    """MAMBATRAIN_SSD_ONE_BLOCK_DCB=1: chunks of one time block take ssd_dcb_one_block_bwd_kernel (the general dcb
-    kernel must not run), same results."""
-    from mambatrain_kernels.ssd import triton as ssd_triton
-
-    monkeypatch.setattr(ssd_triton, "ONE_BLOCK_DCB", True)
-    monkeypatch.setattr(ssd_triton, "ssd_dcb_bwd_kernel", _Refused("the general dcb kernel"))
-    _scan_matches_naive(case)
-
-
 @pytest.mark.parametrize("case", ONE_BLOCK_CHUNK_CASES, ids=[_id(c) for c in ONE_BLOCK_CHUNK_CASES])
 def test_general_kernels_at_one_block_chunks(case, monkeypatch):
     """MAMBATRAIN_SSD_ONE_BLOCK_FWD=0 and MAMBATRAIN_SSD_ONE_BLOCK_BWD=0: the general output and dx kernels at
@@ -268,11 +256,23 @@ def test_general_kernels_at_one_block_chunks(case, monkeypatch):
 
 @pytest.mark.parametrize("case", CASES[:2] + CASES[6:8], ids=[_id(c) for c in CASES[:2] + CASES[6:8]])
 def test_eager_function_matches_naive(case, monkeypatch):
-    """MAMBATRAIN_SSD_EAGER_FUNCTION=1: eager calls through the plain autograd.Function, same results."""
+    """Eager calls go through the plain autograd.Function by default (MAMBATRAIN_SSD_EAGER_FUNCTION=1), same
+    results."""
     from mambatrain_kernels.ssd import triton as ssd_triton
 
     monkeypatch.setattr(ssd_triton, "EAGER_FUNCTION", True)
-    monkeypatch.setattr(ssd_triton, "_ssd_scan_bwd", None)  # the backward's custom op must not run either
+    monkeypatch.setattr(ssd_triton, "_ssd_scan_bwd", None)  # the backward's custom op must not run
+    _scan_matches_naive(case)
+
+
+@pytest.mark.parametrize("case", CASES[:2], ids=[_id(c) for c in CASES[:2]])
+def test_custom_op_eager_matches_naive(case, monkeypatch):
+    """MAMBATRAIN_SSD_EAGER_FUNCTION=0: eager calls through the custom op (what torch.compile traces), same
+    results."""
+    from mambatrain_kernels.ssd import triton as ssd_triton
+
+    monkeypatch.setattr(ssd_triton, "EAGER_FUNCTION", False)
+    monkeypatch.setattr(ssd_triton, "_SSDScan", None)
     _scan_matches_naive(case)
 
 
@@ -296,17 +296,15 @@ def test_every_autotune_config(dtype, chunk):
     some num_warps / num_stages of chunked kernels on Hopper). Full tile sizes: head_dim 64, d_state 128;
     chunks of 256 (the general output and dx kernels), or of 64 (one time block: the one-block kernels)."""
     from mambatrain_kernels.settings import AUTOTUNE
-    from mambatrain_kernels.ssd import triton as ssd_triton, triton_bwd, triton_fwd
+    from mambatrain_kernels.ssd import triton_bwd, triton_fwd
 
     if not AUTOTUNE:  # the kernels then hold their default config only (test_autotuned.py runs this with it on)
         pytest.skip("MAMBATRAIN_AUTOTUNE=0: the autotune space is the default config alone")
     one_block = chunk == 64
     dx_kernel = triton_bwd.ssd_dx_one_block_bwd_kernel if one_block else triton_bwd.ssd_dx_bwd_kernel
     output_kernel = triton_fwd.ssd_output_one_block_fwd_kernel if one_block else triton_fwd.ssd_output_fwd_kernel
-    one_block_dcb = one_block and ssd_triton.ONE_BLOCK_DCB
-    dcb_kernel = triton_bwd.ssd_dcb_one_block_bwd_kernel if one_block_dcb else triton_bwd.ssd_dcb_bwd_kernel
     kernels = [triton_fwd.ssd_bmm_fwd_kernel, triton_fwd.ssd_state_fwd_kernel, output_kernel,
-               triton_bwd.ssd_state_bwd_kernel, dcb_kernel, dx_kernel]
+               triton_bwd.ssd_state_bwd_kernel, triton_bwd.ssd_dcb_bwd_kernel, dx_kernel]
     spaces = [k.configs for k in kernels]
     inp, seq_idx = make_inputs(2, 1000, 4, 2, 64, 128, dtype, seq=[300, 512], strided=True)
     grads, ref = reference(inp, seq_idx)
