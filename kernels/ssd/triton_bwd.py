@@ -141,8 +141,9 @@ def load_dy(dout, z, o_row, o_v, m, s_ot, s_op, s_zt, s_zp, HAS_Z: tl.constexpr)
 
 @triton.autotune(
     configs=configs(
-        # 4 warps spill at d_state 128 (fine for small states)
-        [{"num_warps": 4, "num_stages": 1}, {"num_warps": 8, "num_stages": 1}, {"num_warps": 8, "num_stages": 2}],
+        # 4 warps spill a little at d_state 128 (32-44 B offline) but hold two programs per SM; at chunk 64 the
+        # head loops are innermost, so num_stages > 1 fetches the next head's tiles
+        [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2, 3)],
         {"num_warps": 4},
         {"num_warps": 8, "num_stages": 1},
     ),
