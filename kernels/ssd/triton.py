@@ -81,7 +81,8 @@ DCB_ROW_SCAN = os.environ.get("MAMBATRAIN_SSD_DCB_ROW_SCAN", "1") == "1"
 # The same chunks take ssd_output_one_block_fwd_kernel (the group's heads in a loop, the next head's tiles fetched
 # while one computes) instead of ssd_output_fwd_kernel. On an H200, autotuned, in one process: 1M tokens forward +
 # backward 50.4 -> 47.5 ms of kernels, 64k 3.27 -> 3.12 (benchmarks/ssd_one_block_output_h200.json); every autotune
-# config passed the kernel tests there. MAMBATRAIN_SSD_ONE_BLOCK_FWD=0 takes the general kernel.
+# config passed the kernel tests there; on an H100 the output kernel takes 5.4 ms at 1M against 8.9
+# (benchmarks/profile_scan_1m_defaults_h100.json). MAMBATRAIN_SSD_ONE_BLOCK_FWD=0 takes the general kernel.
 ONE_BLOCK_FWD = os.environ.get("MAMBATRAIN_SSD_ONE_BLOCK_FWD", "1") == "1"
 
 # Eager calls through a plain torch.autograd.Function (_SSDScan) instead of the custom op's dispatch; torch.compile
@@ -91,8 +92,7 @@ ONE_BLOCK_FWD = os.environ.get("MAMBATRAIN_SSD_ONE_BLOCK_FWD", "1") == "1"
 # H200, H200; 1M) and 2.3 / 2.9 against 2.7 / 2.6 (H200, 64k) (benchmarks/profile_scan_*_h100.json,
 # benchmarks/ssd_one_block_*_h200.json; one earlier A/B, one process per arm, had it slower). Its tests and the
 # CUDA-graph capture tests (tests/models/test_graphed.py) passed through it on an H100
-# (benchmarks/kernel_switches_fit_h100.json). MAMBATRAIN_SSD_EAGER_FUNCTION=0 takes
-# the custom op in eager calls too.
+# (benchmarks/kernel_switches_fit_h100.json). MAMBATRAIN_SSD_EAGER_FUNCTION=0 takes the custom op in eager calls too.
 EAGER_FUNCTION = os.environ.get("MAMBATRAIN_SSD_EAGER_FUNCTION", "1") == "1"
 
 # Programs the sequential state kernels aim for: their chunk loop runs in
