@@ -441,9 +441,9 @@ def ssd_dx_bwd_kernel(
 
 @triton.autotune(
     configs=configs(
-        # num_stages > 1: the head loop is the innermost loop here, so the pipeliner fetches the next heads' tiles
-        # (4 warps spill ~220 B at d_state 128)
-        [{"num_warps": 8, "num_stages": 1}, {"num_warps": 8, "num_stages": 2}, {"num_warps": 8, "num_stages": 3}],
+        # num_stages > 1: the head loop is the innermost loop here, so the pipeliner fetches the next heads' tiles.
+        # 4 warps spill ~200 B at d_state 128 but fit two programs per SM (dcb's 4-warp configs won that way)
+        [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2, 3)],
         {"num_warps": 4},
         {"num_warps": 8, "num_stages": 2},
     ),
