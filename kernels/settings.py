@@ -20,11 +20,13 @@ DEBUG_NAN = os.environ.get("MAMBATRAIN_KERNEL_DEBUG", "0") == "1"
 def configs(space: list[dict], default: dict, gpu_default: dict) -> list[triton.Config]:
     """The autotune space on a GPU, ``gpu_default`` alone without autotuning, ``default`` in the interpreter.
 
-    Each entry holds kernel meta-parameters plus num_warps / num_stages.
+    Each entry holds kernel meta-parameters plus num_warps / num_stages and, optionally, maxnreg (a register cap
+    per thread: ptxas spills above it, and in exchange more programs fit on an SM).
     """
     def make(d):
         d = dict(d)
-        return triton.Config(d, num_warps=d.pop("num_warps", 4), num_stages=d.pop("num_stages", 1))
+        return triton.Config(d, num_warps=d.pop("num_warps", 4), num_stages=d.pop("num_stages", 1),
+                             maxnreg=d.pop("maxnreg", None))
     if INTERPRET:
         return [make(default)]
     return [make(d) for d in space] if AUTOTUNE else [make(gpu_default)]

@@ -31,8 +31,11 @@ from .triton_fwd import decay_block, dot
 
 @triton.autotune(
     configs=configs(
+        # 64 x 64 tiles at 4 warps take 146 registers, three programs per SM; capped at 128, four (offline 24 B
+        # of spills)
         [{"BK": bk, "BV": bv, "num_warps": w, "num_stages": s}
-         for bk in (32, 64) for bv in (32, 64) for w in (4, 8) for s in (2, 3)],
+         for bk in (32, 64) for bv in (32, 64) for w in (4, 8) for s in (2, 3)]
+        + [{"BK": 64, "BV": 64, "num_warps": 4, "num_stages": s, "maxnreg": 128} for s in (2, 3)],
         {"BK": 32, "BV": 32, "num_warps": 4},
         {"BK": 64, "BV": 32, "num_warps": 8, "num_stages": 2},
     ),
@@ -142,8 +145,10 @@ def load_dy(dout, z, o_row, o_v, m, s_ot, s_op, s_zt, s_zp, HAS_Z: tl.constexpr)
 @triton.autotune(
     configs=configs(
         # 4 warps spill a little at d_state 128 (32-44 B offline) but hold two programs per SM; at chunk 64 the
-        # head loops are innermost, so num_stages > 1 fetches the next head's tiles
-        [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2, 3)],
+        # head loops are innermost, so num_stages > 1 fetches the next head's tiles; 8 warps capped at 128
+        # registers also fit two (offline ~300 B of spills)
+        [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2, 3)]
+        + [{"num_warps": 8, "num_stages": s, "maxnreg": 128} for s in (2, 3)],
         {"num_warps": 4},
         {"num_warps": 8, "num_stages": 1},
     ),
@@ -442,8 +447,10 @@ def ssd_dx_bwd_kernel(
 @triton.autotune(
     configs=configs(
         # num_stages > 1: the head loop is the innermost loop here, so the pipeliner fetches the next heads' tiles.
-        # 4 warps spill ~200 B at d_state 128 but fit two programs per SM (dcb's 4-warp configs won that way)
-        [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2, 3)],
+        # 4 warps spill ~200 B at d_state 128 but fit two programs per SM (dcb's 4-warp configs won that way);
+        # 8 warps capped at 128 registers also fit two (offline ~500 B of spills)
+        [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2, 3)]
+        + [{"num_warps": 8, "num_stages": s, "maxnreg": 128} for s in (1, 2)],
         {"num_warps": 4},
         {"num_warps": 8, "num_stages": 2},
     ),
