@@ -145,10 +145,9 @@ def load_dy(dout, z, o_row, o_v, m, s_ot, s_op, s_zt, s_zp, HAS_Z: tl.constexpr)
 @triton.autotune(
     configs=configs(
         # 4 warps spill a little at d_state 128 (32-44 B offline) but hold two programs per SM; at chunk 64 the
-        # head loops are innermost, so num_stages > 1 fetches the next head's tiles; 8 warps capped at 128
-        # registers also fit two (offline ~300 B of spills)
-        [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2, 3)]
-        + [{"num_warps": 8, "num_stages": s, "maxnreg": 128} for s in (2, 3)],
+        # head loops are innermost, so num_stages > 1 fetches the next head's tiles (8 warps capped at 128
+        # registers, two per SM with ~300 B of spills, lost to 4 warps: benchmarks/ssd_maxnreg_h100.json)
+        [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2, 3)],
         {"num_warps": 4},
         {"num_warps": 8, "num_stages": 1},
     ),
@@ -447,10 +446,9 @@ def ssd_dx_bwd_kernel(
 @triton.autotune(
     configs=configs(
         # num_stages > 1: the head loop is the innermost loop here, so the pipeliner fetches the next heads' tiles.
-        # 4 warps spill ~200 B at d_state 128 but fit two programs per SM (dcb's 4-warp configs won that way);
-        # 8 warps capped at 128 registers also fit two (offline ~500 B of spills)
-        [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2, 3)]
-        + [{"num_warps": 8, "num_stages": s, "maxnreg": 128} for s in (1, 2)],
+        # 4 warps spill ~200 B at d_state 128 but fit two programs per SM: they win (16.2 -> 11.2 ms at 1M on an
+        # H100); 8 warps capped at 128 registers (two per SM, ~500 B of spills) lost (benchmarks/ssd_maxnreg_h100.json)
+        [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2, 3)],
         {"num_warps": 4},
         {"num_warps": 8, "num_stages": 2},
     ),
@@ -472,8 +470,9 @@ def ssd_dx_one_block_bwd_kernel(
     The chunk is the diagonal block alone, so the head loop is the innermost loop: x, dout, z and the state
     gradient are loaded once per head (the general kernel loads each of them twice; the
     transpose is taken in registers here), and with num_stages > 1 Triton's pipeliner fetches the next head's
-    tiles while this one computes (offline sm_90a compile, scripts/sass_report.py --op ssd --kernel dx1: 8
-    warps, no spills at num_stages 1-2, global loads in the loop 32 -> 5 at 2). Results as
+    tiles while this one computes (offline sm_90a compile, scripts/sass_report.py --op ssd --kernel dx1: global
+    loads in the loop 32 -> 5 at 2 stages; no spills at 8 warps, ~200 B at the 4 warps the autotuner picks at
+    d_state 128, which hold two programs per SM). Results as
     ``ssd_dx_bwd_kernel``'s; MAMBATRAIN_SSD_ONE_BLOCK_BWD=0 takes the general kernel instead.
     """
     i_pid = tl.program_id(0)
