@@ -160,11 +160,8 @@ def ssd_bmm_fwd_kernel(
 
 @triton.autotune(
     configs=configs(
-        # 64 x 64 tiles at 4 warps take 128 registers, four programs per SM; capped at 96, five (offline 32 B of
-        # spills)
         [{"BK": bk, "BV": bv, "num_warps": w, "num_stages": s}
-         for bk in (32, 64) for bv in (32, 64) for w in (4, 8) for s in (2, 3)]
-        + [{"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2, "maxnreg": 96}],
+         for bk in (32, 64) for bv in (32, 64) for w in (4, 8) for s in (2, 3)],
         {"BK": 32, "BV": 32, "num_warps": 4},
         {"BK": 64, "BV": 32, "num_warps": 4, "num_stages": 2},
     ),
@@ -375,11 +372,9 @@ def ssd_output_fwd_kernel(
     configs=configs(
         # num_stages > 1: the head loop is the innermost loop, so the pipeliner fetches the next heads' tiles.
         # Capped at 168 registers (204 uncapped at 4 warps, bf16, d_state 128; offline no spills) three programs
-        # fit on an SM instead of two (4.75 against 5.36 ms at 1M on an H100, benchmarks/ssd_maxnreg_h100.json);
-        # at 128 and one stage, four (offline 72 B of spills)
+        # fit on an SM instead of two
         [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2, 3)]
-        + [{"num_warps": 4, "num_stages": s, "maxnreg": 168} for s in (1, 2)]
-        + [{"num_warps": 4, "num_stages": 1, "maxnreg": 128}],
+        + [{"num_warps": 4, "num_stages": s, "maxnreg": 168} for s in (1, 2)],
         {"num_warps": 4},
         {"num_warps": 4, "num_stages": 1},
     ),
