@@ -372,7 +372,7 @@ def ssd_output_fwd_kernel(
     configs=configs(
         # num_stages > 1: the head loop is the innermost loop, so the pipeliner fetches the next heads' tiles.
         # Capped at 168 registers (204 uncapped at 4 warps, bf16, d_state 128; offline no spills) three programs
-        # fit on an SM instead of two
+        # fit on an SM instead of two (picked at 1M, 5.36 -> 4.75 ms on an H100: benchmarks/ssd_maxnreg_h100.json)
         [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2, 3)]
         + [{"num_warps": 4, "num_stages": s, "maxnreg": 168} for s in (1, 2)],
         {"num_warps": 4},
