@@ -31,7 +31,7 @@ from .triton_fwd import decay_block, dot
 
 @triton.autotune(
     configs=configs(
-        # 64 x 64 tiles at 4 warps take 146 registers, three programs per SM; capped at 128, four (offline 24 B
+        # 64 x 64 tiles at 4 warps take 146 registers, three programs per SM; capped at 128, four (offline 20-24 B
         # of spills; picked at 1M, 10.5 -> 9.2 ms on an H100: benchmarks/ssd_maxnreg_h100.json)
         [{"BK": bk, "BV": bv, "num_warps": w, "num_stages": s}
          for bk in (32, 64) for bv in (32, 64) for w in (4, 8) for s in (2, 3)]
