@@ -65,7 +65,6 @@ def ceilings() -> dict:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     mm_ms = timed(lambda: a @ b)
-    del src, dst, a, b
     return {"copy_TBps": 2 * n * 2 / copy_ms / 1e9, "bf16_matmul_TFLOPs": 2 * 8192**3 / mm_ms / 1e9}
 
 
@@ -356,8 +355,6 @@ def bench_ssd_row(length: int, peers: dict) -> dict:
             except Exception as error:
                 row[name] = f"failed: {' '.join(str(error).split())[:200]}"
         del q, k, v
-    del inputs, x, dt, A, B, C, D, dt_bias
-    torch.cuda.empty_cache()
     return row
 
 
@@ -372,8 +369,6 @@ def bench_selective_row(length: int) -> dict:
     def ours():
         return selective_scan(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True)
     time_ours(row, ours, inputs, total_bytes, budget)
-    del inputs, x, dt, A, B, C, D, z, dt_bias
-    torch.cuda.empty_cache()
     return row
 
 
@@ -448,9 +443,9 @@ def main() -> None:
         report["ssd"] = []
         for length in args.lengths:
             report["ssd"].append(bench_ssd_row(length, peers))
+            torch.cuda.empty_cache()  # the row's inputs went with its function: give their memory back
             print("ssd", json.dumps(report["ssd"][-1]), flush=True)
             save()
-        torch.cuda.empty_cache()
     if "selective" not in args.skip:
         if check:
             report["check_selective"] = check_selective(4099, long_length)
@@ -459,6 +454,7 @@ def main() -> None:
         report["selective"] = []
         for length in args.lengths:
             report["selective"].append(bench_selective_row(length))
+            torch.cuda.empty_cache()
             print("selective", json.dumps(report["selective"][-1]), flush=True)
             save()
 
