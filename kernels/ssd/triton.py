@@ -276,8 +276,9 @@ def ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_st
                   PRECISE=k["precise"], PRECISION=k["precision"])
     npair = NB * (NB + 1) // 2
     R_part = new_buffer(batch, heads, NT, npair, BT, device=dev, dtype=f32)
-    K_pair = new_buffer(*R_part.shape, device=dev, dtype=f32)
-    T_pair = new_buffer(batch, heads, NT, npair, device=dev, dtype=f32)
+    # read for block pairs off the diagonal only: none when a chunk is one block
+    K_pair = new_buffer(*R_part.shape, device=dev, dtype=f32) if NB > 1 else R_part
+    T_pair = new_buffer(batch, heads, NT, npair, device=dev, dtype=f32) if NB > 1 else R_part
     dcb_args = (x, dout, zp, B, C, dtp, dA_cs[0], dA_cs[-1], docp, states, dS, dC_out, dsum, R_part, K_pair, T_pair,
                 length, NT, _bucket(NT), batch * groups, *x.stride(), *dout.stride(), *_strides4(z), *B.stride(),
                 *C.stride())
@@ -287,10 +288,9 @@ def ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_st
     dz = new_buffer(*dx.shape, device=dev, dtype=x.dtype) if z is not None else dx.new_empty(0)
     ddt_x = new_buffer(batch, heads, length, device=dev, dtype=f32)
     vsum = new_buffer(*ddt_x.shape, device=dev, dtype=f32)
-    K_part = new_buffer(batch, heads, NT, NB, device=dev, dtype=f32)
     dD_part = new_buffer(batch, NT, NB, heads, head_dim, device=dev, dtype=f32) if D is not None else dsum
     dx_args = (x, dout, zp, ypre, B, C, S, dS, D if D is not None else A, dtp, dA_cs[0], dA_cs[-1], docp, dstates,
-               dx, dz if z is not None else dx, dB_out, ddt_x, vsum, K_part, dD_part,
+               dx, dz if z is not None else dx, dB_out, ddt_x, vsum, dD_part,
                length, NT, _bucket(NT), batch * groups, *x.stride(), *dout.stride(), *_strides4(z), *B.stride(),
                *C.stride())
     if ONE_BLOCK_BWD and NB == 1 and head_dim <= k["BV"]:
@@ -304,7 +304,7 @@ def ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_st
     dbias_part = new_buffer(*dA_part.shape, device=dev, dtype=f32) if dt_bias is not None else dA_part
     BH = min(32, next_power_of_2(heads))
     ssd_ddt_bwd_kernel[(NT, batch, cdiv(heads, BH))](
-        dt, A, dt_bias if dt_bias is not None else A, dtp, ddt_x, dsum, vsum, K_part, Kc_part, R_part, K_pair,
+        dt, A, dt_bias if dt_bias is not None else A, dtp, ddt_x, dsum, vsum, Kc_part, R_part, K_pair,
         T_pair, ddt, dA_part, dbias_part, length, NT, *dt.stride(), H=heads, L=L, BT=BT, BH=BH, KC_TILES=kc_tiles,
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
     )

@@ -207,10 +207,11 @@ def ssd_dcb_bwd_kernel(
             b_dy = load_dy(p_o0, p_z0, o_i, o_v, m_i[:, None] & m_v[None, :], s_ot, s_op, s_zt, s_zp, HAS_Z)
             # [BV, BN]
             b_h = tl.load(p_h0 + o_v[:, None] * N + o_n[None, :], mask=m_v[:, None] & m_n[None, :], other=0.)
-            b_dch += dot((b_dy * b_g[:, None]).to(b_Ci.dtype), b_h.to(b_Ci.dtype), PRECISION)
-        b_dc += b_dch
+            b_dch += dot(b_dy.to(b_Ci.dtype), b_h.to(b_Ci.dtype), PRECISION)
+        # exp(a_i) scales the rows of the product (fused into the sum here) rather than dy before it
+        b_dc += b_g[:, None] * b_dch
         # dy_t . (what the carried state gives y_t): its gradient reaches every a_u, u <= t
-        tl.store(dsum + o_a0 + o_i, tl.sum(b_dch * b_Ci.to(tl.float32), axis=1), mask=m_i)
+        tl.store(dsum + o_a0 + o_i, b_g * tl.sum(b_dch * b_Ci.to(tl.float32), axis=1), mask=m_i)
     for i_j in range(0, i_i + 1):
         o_j = i_j * BT + tl.arange(0, BT)
         m_j = t0 + o_j < T
@@ -262,13 +263,15 @@ def ssd_dcb_bwd_kernel(
             # useless in bf16), so the straddling sums are formed directly,
             # per block pair; ssd_ddt_bwd_kernel adds the pairs up.
             b_q = b_gd * b_S
-            b_col = tl.sum(b_q, axis=0)
             o_p = ((i_b * H + i_h).to(tl.int64) * NT + i_c) * NPAIR + i_pair
             o_r = o_p * BT + tl.arange(0, BT)
             if i_j < i_i:
                 # to u in block i: all s straddle, rows t >= u; to u in block j: columns s < u
                 tl.store(R_part + o_r, tl.cumsum(tl.sum(b_q, axis=1), axis=0, reverse=True))
-                b_kv = tl.cumsum(b_col, axis=0) - b_col
+                b_col = tl.sum(b_q, axis=0)
+                tl.store(K_pair + o_r, tl.cumsum(b_col, axis=0) - b_col)
+                # (blocks strictly between j and i get the whole sum)
+                tl.store(T_pair + o_p, tl.sum(b_col, axis=0))
             else:
                 if ROW_SCAN:
                     # F[t, s'] = sum_{s <= s'} Q[t, s] along each row (cheaper than along the columns in the dot's
@@ -281,10 +284,7 @@ def ssd_dcb_bwd_kernel(
                     # E[u, s] = sum_{t >= u} Q[t, s], summed over s < u
                     b_e = tl.cumsum(b_q, axis=0, reverse=True)
                     tl.store(R_part + o_r, tl.sum(tl.where(o_j[None, :] < o_i[:, None], b_e, 0.), axis=1))
-                b_kv = tl.zeros([BT], dtype=tl.float32)
-            # (blocks strictly between j and i get the whole sum)
-            tl.store(K_pair + o_r, b_kv)
-            tl.store(T_pair + o_p, tl.sum(b_col, axis=0))
+                # (no K_pair or T_pair: ssd_ddt_bwd_kernel reads them for pairs off the diagonal only)
         b_ds = b_ds.to(b_B.dtype)
         tl.store(p_dS0 + o_i[:, None] * L + o_j[None, :], b_ds)
         b_dc += dot(b_ds, b_B, PRECISION)
@@ -305,7 +305,7 @@ def ssd_dcb_bwd_kernel(
 @triton.jit
 def ssd_dx_bwd_kernel(
     x, dout, z, ypre, B, C, S, dS, D, dtp, dA_cs, dA_lo, doc, dstates,
-    dx, dz, dB_out, ddt_x, vsum, K_part, dD_part,
+    dx, dz, dB_out, ddt_x, vsum, dD_part,
     T, NT, T_BUCKET, BGt, s_xb, s_xt, s_xh, s_xp, s_ob, s_ot, s_oh, s_op, s_zb, s_zt, s_zh, s_zp,
     s_Bb, s_Bt, s_Bg, s_Bn, s_Cb, s_Ct, s_Cg, s_Cn,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, L: tl.constexpr,
@@ -429,7 +429,6 @@ def ssd_dx_bwd_kernel(
         # gradient of the decays of the steps after s through the state passed on
         tl.store(ddt_x + o_a0 + o_j, b_ddt, mask=m_j)
         tl.store(vsum + o_a0 + o_j, b_v, mask=m_j)
-        tl.store(K_part + (i_bh.to(tl.int64) * NT + i_c) * NB + i_j, tl.sum(b_v, axis=0))
 
     # dB_j += sum_i dS_ij^T C_i
     for i_i in range(i_j, NBv):
@@ -457,7 +456,7 @@ def ssd_dx_bwd_kernel(
 @triton.jit
 def ssd_dx_one_block_bwd_kernel(
     x, dout, z, ypre, B, C, S, dS, D, dtp, dA_cs, dA_lo, doc, dstates,
-    dx, dz, dB_out, ddt_x, vsum, K_part, dD_part,
+    dx, dz, dB_out, ddt_x, vsum, dD_part,
     T, NT, T_BUCKET, BGt, s_xb, s_xt, s_xh, s_xp, s_ob, s_ot, s_oh, s_op, s_zb, s_zt, s_zh, s_zp,
     s_Bb, s_Bt, s_Bg, s_Bn, s_Cb, s_Ct, s_Cg, s_Cn,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, L: tl.constexpr,
@@ -536,8 +535,9 @@ def ssd_dx_one_block_bwd_kernel(
             tl.store(dz + o_out, (b_do * b_yp * b_sig * (1. + b_z * (1. - b_sig))).to(dz.dtype.element_ty),
                      mask=m_jv)
         b_B = tl.load(p_B0 + o_j[:, None] * s_Bt + o_n[None, :] * s_Bn, mask=m_jn, other=0.)
-        # [L, BV] gradient of u = dt x through the state passed on: r B_j dh^T, ...
-        b_du = dot((b_B * b_r[:, None]).to(B.dtype.element_ty), b_dht, PRECISION)
+        # [L, BV] gradient of u = dt x through the state passed on: r B_j dh^T (r applied to the product, in
+        # fp32: B goes to the tensor cores as loaded; offline 1,633 -> 1,401 instructions a head at 4 warps), ...
+        b_du = b_r[:, None] * dot(b_B, b_dht, PRECISION)
         b_v = b_dt_j * tl.sum(b_xf * b_du, axis=1)
         # ... and through the outputs of later steps in the chunk: W^T dy
         # S_ij^T, transposed by the pointers. B and S are the group's, reloaded per head (from L1/L2): held over
@@ -558,7 +558,6 @@ def ssd_dx_one_block_bwd_kernel(
         # per step: d(loss)/d(dt') through u = dt' x, and v_s (see ssd_dx_bwd_kernel)
         tl.store(ddt_x + o_a0 + o_j, tl.sum(b_xf * b_du, axis=1), mask=m_j)
         tl.store(vsum + o_a0 + o_j, b_v, mask=m_j)
-        tl.store(K_part + i_bh.to(tl.int64) * NT + i_c, tl.sum(b_v, axis=0))
         # summed over heads: dB_j += (r dt x_j) dh, [BV, BN]
         b_xr = (b_xf * (b_dt_j * b_r)[:, None]).to(B.dtype.element_ty)
         b_db += dot(b_xr, tl.trans(b_dht), PRECISION)
@@ -572,7 +571,7 @@ def ssd_dx_one_block_bwd_kernel(
 
 @triton.jit
 def ssd_ddt_bwd_kernel(
-    dt, A, dt_bias, dtp, ddt_x, dsum, vsum, K_part, Kc_part, R_part, K_pair, T_pair, ddt, dA_part, dbias_part,
+    dt, A, dt_bias, dtp, ddt_x, dsum, vsum, Kc_part, R_part, K_pair, T_pair, ddt, dA_part, dbias_part,
     T, NT, s_db, s_dt, s_dh,
     H: tl.constexpr, L: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, KC_TILES: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -587,10 +586,13 @@ def ssd_ddt_bwd_kernel(
     b_A = tl.load(A + o_h, mask=m_h, other=0.).to(tl.float32)
     if HAS_BIAS:
         b_bias = tl.load(dt_bias + o_h, mask=m_h, other=0.).to(tl.float32)
-    # [BH] <dh, h> at the chunk end (sum v + <dh, h_prev> exp(a_end)): reaches every step
+    # [BH] <dh, h> at the chunk end (sum v + <dh, h_prev> exp(a_end)): reaches every step. The sum of v is taken
+    # here rather than in the dx kernels: there it was a reduction across warps (a barrier) per head and block
     b_k = tl.zeros([BH], dtype=tl.float32)
-    for i_j in range(NB):
-        b_k += tl.load(K_part + (o_bh * NT + i_c) * NB + i_j, mask=m_h, other=0.)
+    for i_j in tl.static_range(NB):
+        o_t = i_c * L + i_j * BT + tl.arange(0, BT)
+        m = (o_t < T)[:, None] & m_h[None, :]
+        b_k += tl.sum(tl.load(vsum + o_bh[None, :] * T + o_t[:, None], mask=m, other=0.), axis=0)
     for i_j in range(KC_TILES):
         b_k += tl.load(Kc_part + (o_bh * NT + i_c) * KC_TILES + i_j, mask=m_h, other=0.)
     b_carry = tl.zeros([BH], dtype=tl.float32)
