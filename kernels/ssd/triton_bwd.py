@@ -470,7 +470,7 @@ def ssd_dx_one_block_bwd_kernel(
     gradient are loaded once per head (the general kernel loads each of them twice; the
     transpose is taken in registers here), and with num_stages > 1 Triton's pipeliner fetches the next head's
     tiles while this one computes (offline sm_90a compile, scripts/sass_report.py --op ssd --kernel dx1: global
-    loads in the loop 32 -> 5 at 2 stages; no spills at 8 warps, ~200 B at the 4 warps the autotuner picks at
+    loads in the loop 32 -> 5 at 2 stages; no spills at 8 warps, ~100 B at the 4 warps the autotuner picks at
     d_state 128, which hold two programs per SM). Results as
     ``ssd_dx_bwd_kernel``'s; MAMBATRAIN_SSD_ONE_BLOCK_BWD=0 takes the general kernel instead.
     """
