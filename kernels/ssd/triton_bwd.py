@@ -536,8 +536,8 @@ def ssd_dx_one_block_bwd_kernel(
                      mask=m_jv)
         b_B = tl.load(p_B0 + o_j[:, None] * s_Bt + o_n[None, :] * s_Bn, mask=m_jn, other=0.)
         # [L, BV] gradient of u = dt x through the state passed on: r B_j dh^T (r applied to the product, in
-        # fp32: B goes to the tensor cores as loaded; offline 1,633 -> 1,401 instructions a head at 4 warps; with
-        # K_part gone, 11.2 -> 9.6 ms at 1M on an H100), ...
+        # fp32: B goes to the tensor cores as loaded; with K_part gone too, offline 1,633 -> 1,345 instructions a
+        # head at 4 warps and 11.2 -> 9.6 ms at 1M on an H100), ...
         b_du = b_r[:, None] * dot(b_B, b_dht, PRECISION)
         b_v = b_dt_j * tl.sum(b_xf * b_du, axis=1)
         # ... and through the outputs of later steps in the chunk: W^T dy
