@@ -4,17 +4,22 @@
 since tuning would take minutes. ``MAMBATRAIN_AUTOTUNE=0`` takes one config per kernel on a GPU too (tests
 would otherwise compile every config for each new shape). ``MAMBATRAIN_KERNEL_DEBUG=1`` fills what the
 launchers allocate for the kernels with NaN, so that a kernel that leaves part of an output unwritten fails
-the tests instead of passing on whatever the allocator handed back.
+the tests instead of passing on whatever the allocator handed back. ``MAMBATRAIN_PARALLEL_COMPILE=1``: the
+first call of an autotuned kernel for a new shape compiles all its configs at once (see ``autotune``).
 """
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import triton
+from triton.runtime.autotuner import Autotuner
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = os.environ.get("MAMBATRAIN_AUTOTUNE", "1") == "1"
 DEBUG_NAN = os.environ.get("MAMBATRAIN_KERNEL_DEBUG", "0") == "1"
+# Off until a GPU run has measured it (scripts/bench_compile.py) and the every-config tests passed with it on.
+PARALLEL_COMPILE = os.environ.get("MAMBATRAIN_PARALLEL_COMPILE", "0") == "1"
 
 
 def configs(space: list[dict], default: dict, gpu_default: dict) -> list[triton.Config]:
@@ -48,3 +53,48 @@ def new_buffer(*shape, device, dtype=torch.float32) -> torch.Tensor:
     call, so tests may set ``DEBUG_NAN`` on this module)."""
     t = torch.empty(*shape, device=device, dtype=dtype)
     return t.fill_(float("nan")) if DEBUG_NAN else t
+
+
+class _ParallelCompileAutotuner(Autotuner):
+    """Triton's autotuner, except that the configs of a new key are compiled concurrently before it times them.
+
+    Triton compiles each config when the autotuner first launches it, one after another: every kernel's space
+    at a new shape costs minutes on a fresh machine (the first training step, each new sequence length, the
+    every-config tests). Compilation spends most of its time outside the GIL (MLIR and LLVM passes, ptxas in
+    a subprocess): offline, six sm_90 compiles of the SSD backward took 5.0 s one after another and 2.9 s on
+    two threads of a 2-core machine. Triton's ``AsyncCompileMode`` runs the compiles of ``warmup`` calls on an
+    executor and files the results in the kernel's cache, where the timing launches then find them.
+    """
+
+    def prune_configs(self, kwargs):
+        # called once per new key, just before the configs are timed; self.nargs holds the positional arguments
+        pruned = super().prune_configs(kwargs)
+        if PARALLEL_COMPILE and not INTERPRET and len(pruned) > 1:
+            _compile_concurrently(self.fn, list(self.nargs.values()), kwargs, pruned)
+        return pruned
+
+
+def _compile_concurrently(fn, args, kwargs, configs) -> None:
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:  # a Triton without it compiles config by config, as before
+        return
+    launch = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+    workers = max(1, min(len(configs), 8, len(os.sched_getaffinity(0))))
+    # errors are left to the timing launch, which raises or skips them as it would have without this
+    with ThreadPoolExecutor(workers) as pool, AsyncCompileMode(pool, ignore_errors=True):
+        for config in configs:
+            fn.warmup(*args, grid=kwargs["grid"], **launch, **config.all_kwargs())
+
+
+def autotune(**kwargs):
+    """``triton.autotune`` whose first call for a key compiles the key's configs concurrently when
+    ``MAMBATRAIN_PARALLEL_COMPILE=1`` (``_ParallelCompileAutotuner``)."""
+    def decorate(fn):
+        tuner = triton.autotune(**kwargs)(fn)
+        if type(tuner) is Autotuner:
+            # the subclass only overrides a method: swapping the class keeps Triton's constructor, whose
+            # arguments differ between Triton versions
+            tuner.__class__ = _ParallelCompileAutotuner
+        return tuner
+    return decorate

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..settings import INTERPRET, cdiv, configs, new_buffer, next_power_of_2
+from ..settings import INTERPRET, autotune, cdiv, configs, new_buffer, next_power_of_2
 
 
 _FWD_SPACE = [dict(BT=64, BC=128, num_warps=4), dict(BT=32, BC=256, num_warps=4), dict(BT=128, BC=128, num_warps=8)]
@@ -110,7 +110,7 @@ def _dpre(x, weight, bias, seq_idx, prefix, dout, i_b, o_t, o_c, m_c, T,
     return b_do * b_sig * (1. + b_pre * (1. - b_sig)), b_x0
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=["C", "W", "HAS_BIAS", "HAS_SEQ", "HAS_PREFIX"])
+@autotune(configs=FWD_CONFIGS, key=["C", "W", "HAS_BIAS", "HAS_SEQ", "HAS_PREFIX"])
 @triton.jit
 def conv1d_silu_fwd_kernel(
     x, weight, bias, seq_idx, prefix, out,
@@ -134,7 +134,7 @@ def conv1d_silu_fwd_kernel(
     tl.store(p_o, b_out.to(out.dtype.element_ty), mask=(o_t < T)[:, None] & m_c[None, :])
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=["C", "W", "HAS_BIAS", "HAS_SEQ", "HAS_PREFIX"])
+@autotune(configs=BWD_CONFIGS, key=["C", "W", "HAS_BIAS", "HAS_SEQ", "HAS_PREFIX"])
 @triton.jit
 def conv1d_silu_bwd_kernel(
     x, weight, bias, seq_idx, prefix, dout, dx, dprefix, dw_part, db_part, scratch,
@@ -314,7 +314,7 @@ def _walk_step(x, prefix, seq_idx, dout, dx, dprefix, i_b, t, S0, S1, o_c, m_c, 
     return x0, x1, x2, d0, d1, d2, g0, g1, g2, dw0, dw1, dw2, dw3, b_db
 
 
-@triton.autotune(configs=WALK_CONFIGS, key=["C", "W", "HAS_BIAS", "HAS_SEQ", "HAS_PREFIX"])
+@autotune(configs=WALK_CONFIGS, key=["C", "W", "HAS_BIAS", "HAS_SEQ", "HAS_PREFIX"])
 @triton.jit
 def conv1d_silu_bwd_walk_kernel(
     x, weight, bias, seq_idx, prefix, dout, dx, dprefix, dw_part, db_part,

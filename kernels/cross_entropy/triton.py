@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..settings import INTERPRET, configs, new_buffer
+from ..settings import INTERPRET, autotune, configs, new_buffer
 from .naive import IGNORE_INDEX
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -37,7 +37,7 @@ CONFIGS = configs(_SPACE, dict(BV=256), _SPACE[0])
 # ----------------------------------------------------------------------------- kernel
 
 
-@triton.autotune(configs=CONFIGS, key=["V", "WRITE_GRAD"], restore_value=["logits"])
+@autotune(configs=CONFIGS, key=["V", "WRITE_GRAD"], restore_value=["logits"])
 @triton.jit
 def cross_entropy_kernel(
     logits, labels, loss,

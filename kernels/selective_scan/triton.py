@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..settings import AUTOTUNE, INTERPRET, cdiv, new_buffer, next_power_of_2
+from ..settings import AUTOTUNE, INTERPRET, autotune, cdiv, new_buffer, next_power_of_2
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -325,7 +325,7 @@ def _sum_n(b):
     return tl.sum(tl.sum(b, axis=0), axis=2)
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["D", "N", "GSIZE", "BATCH", "LOCAL"],
+@autotune(configs=_FWD_CONFIGS, key=["D", "N", "GSIZE", "BATCH", "LOCAL"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _fwd_kernel(
@@ -399,7 +399,7 @@ def _fwd_kernel(
         tl.store(hT + i_b64 * D * N + o_dn, b_h, mask=m_n3)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["D", "N", "GSIZE", "BD"], prune_configs_by={"early_config_prune": _prune})
+@autotune(configs=_BWD_CONFIGS, key=["D", "N", "GSIZE", "BD"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _bwd_carry_kernel(
     dt, A, C, z, dt_bias, seq_idx, dout, c_loc, P,
@@ -474,7 +474,7 @@ def _chain_kernel(c_loc, P, h_in, starts, h_out, NS, DN,
     tl.store(h_out + i_b64 * DN + o, b_h, mask=m)
 
 
-@triton.autotune(configs=_BWD_C_CONFIGS, key=["D", "N", "GSIZE", "BD", "NSUB"],
+@autotune(configs=_BWD_C_CONFIGS, key=["D", "N", "GSIZE", "BD", "NSUB"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _bwd_kernel(

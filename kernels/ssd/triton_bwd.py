@@ -25,11 +25,11 @@ are too few chunks to fill the GPU; each split writes its own partial dB / dC
 import triton
 import triton.language as tl
 
-from ..settings import configs
+from ..settings import autotune, configs
 from .triton_fwd import decay_block, dot
 
 
-@triton.autotune(
+@autotune(
     configs=configs(
         # 64 x 64 tiles at 4 warps take 146 registers, three programs per SM; capped at 128, four (offline 20-24 B
         # of spills; picked at 1M, 10.5 -> 9.2 ms on an H100: benchmarks/ssd_maxnreg_h100.json)
@@ -142,7 +142,7 @@ def load_dy(dout, z, o_row, o_v, m, s_ot, s_op, s_zt, s_zp, HAS_Z: tl.constexpr)
     return b_dy
 
 
-@triton.autotune(
+@autotune(
     configs=configs(
         # 4 warps spill a little at d_state 128 (32-44 B offline) but hold two programs per SM; at chunk 64 the
         # head loops are innermost, so num_stages > 1 fetches the next head's tiles (8 warps capped at 128
@@ -293,7 +293,7 @@ def ssd_dcb_bwd_kernel(
     tl.store(dC_out + o_dc, b_dc.to(dC_out.dtype.element_ty), mask=m_i[:, None] & m_n[None, :])
 
 
-@triton.autotune(
+@autotune(
     configs=configs(
         # 4 warps spill at d_state 128 (fine for small states)
         [{"num_warps": 4, "num_stages": 1}, {"num_warps": 8, "num_stages": 1}, {"num_warps": 8, "num_stages": 2}],
@@ -442,7 +442,7 @@ def ssd_dx_bwd_kernel(
     tl.store(dB_out + o_bn, b_db.to(dB_out.dtype.element_ty), mask=m_jn)
 
 
-@triton.autotune(
+@autotune(
     configs=configs(
         # num_stages > 1: the head loop is the innermost loop here, so the pipeliner fetches the next heads' tiles.
         # 4 warps spill ~200 B at d_state 128 but fit two programs per SM: they win (16.2 -> 11.2 ms at 1M on an

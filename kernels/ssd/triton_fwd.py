@@ -22,7 +22,7 @@ the length (batch, time) are int64; offsets inside a chunk stay int32.
 import triton
 import triton.language as tl
 
-from ..settings import INTERPRET, configs
+from ..settings import INTERPRET, autotune, configs
 
 # Triton's interpreter multiplies the raw bits of bf16 operands in tl.dot
 # (3.7.1); there, and only there, upcast: bf16 products are exact in fp32
@@ -124,7 +124,7 @@ def ssd_chunk_cumsum_fwd_kernel(
     tl.store(dA_cs + p_o, b_cs, mask=m)
 
 
-@triton.autotune(
+@autotune(
     configs=configs([{"num_warps": 4}, {"num_warps": 8}], {"num_warps": 4}, {"num_warps": 4}),
     key=["N", "L", "BT", "T_BUCKET"],
 )
@@ -158,7 +158,7 @@ def ssd_bmm_fwd_kernel(
         tl.store(p_S0 + o_i[:, None] * L + o_j[None, :], b_S.to(S.dtype.element_ty))
 
 
-@triton.autotune(
+@autotune(
     configs=configs(
         [{"BK": bk, "BV": bv, "num_warps": w, "num_stages": s}
          for bk in (32, 64) for bv in (32, 64) for w in (4, 8) for s in (2, 3)],
@@ -263,7 +263,7 @@ def ssd_chain_kernel(seg_local, seg_decay, h_in, starts, NSEG, PN,
         b_h = tl.load(seg_local + o_s, mask=m, other=0.) + tl.load(seg_decay + i_bh.to(tl.int64) * NSEG + i_s) * b_h
 
 
-@triton.autotune(
+@autotune(
     configs=configs(
         [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2, 3)],
         {"num_warps": 4},
@@ -368,7 +368,7 @@ def ssd_output_fwd_kernel(
         tl.store(out + o_out, b_y.to(out.dtype.element_ty), mask=m_iv)
 
 
-@triton.autotune(
+@autotune(
     configs=configs(
         # num_stages > 1: the head loop is the innermost loop, so the pipeliner fetches the next heads' tiles.
         # Capped at 168 registers (204 uncapped at 4 warps, bf16, d_state 128; offline no spills) three programs
