@@ -9,6 +9,12 @@ reused; the first call's wall time (compiles + autotune timings + the call itsel
 second call's time shows what the first cost beyond compiling. The outputs and gradients of both modes are
 compared with each other: the autotuner may pick other configs in the two processes, so within the kernels'
 bf16 tolerance, not bitwise. Writes bench_compile_<gpu>.json.
+
+    python scripts/bench_compile.py --offline --out $OUT
+
+needs no GPU: it compiles the SSD backward's dx and dcb configs for sm_90 (``scripts/sass_report.py``'s offline
+compile) one after another and on a pool of threads, each time into an empty cache folder, to see whether Triton's
+compiler leaves the GIL free enough for threads to help. Writes bench_compile_offline.json.
 """
 
 from __future__ import annotations
@@ -59,6 +65,45 @@ def child(scan: str, length: int, save: str) -> None:
     print(json.dumps({"first_s": seconds[0], "second_s": seconds[1]}))
 
 
+def offline(out: Path, workers: int, repeats: int) -> None:
+    """Compile SSD backward configs for sm_90 without a GPU, serially and on ``workers`` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import sass_report as sr
+    from provenance import commit
+
+    todo = [(launch, cfg) for launch in sr.ssd_launches(64, 1 << 20, dtype=sr.torch.bfloat16,
+                                                        switches={"ONE_BLOCK_BWD": True, "ONE_BLOCK_FWD": True})
+            if launch["name"] in ("ssd_dx_one_block_bwd_kernel", "ssd_dcb_bwd_kernel")
+            for cfg in sr.configs_for(launch)[:3]]
+
+    def compile_one(item):
+        launch, cfg = item
+        sr.compile_sm90(sr._jit(launch["kernel"]), launch["args"], dict(launch["kwargs"], **cfg.kwargs),
+                        cfg.num_warps, cfg.num_stages, cfg.maxnreg)
+
+    timings = {"serial": [], f"threads_{workers}": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(repeats):
+            for mode in timings:
+                os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(dir=tmp)  # read at each compile
+                start = time.perf_counter()
+                if mode == "serial":
+                    for item in todo:
+                        compile_one(item)
+                else:
+                    with ThreadPoolExecutor(workers) as pool:
+                        list(pool.map(compile_one, todo))
+                timings[mode].append(round(time.perf_counter() - start, 2))
+    record = {"machine": f"CPU only, {len(os.sched_getaffinity(0))} cores", "commit": commit(),
+              "date": time.strftime("%Y-%m-%d"), "compiles": len(todo),
+              "what": "sm_90 compiles of the SSD dx one-block and dcb backward kernels (3 configs each), seconds",
+              "seconds": timings}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_compile_offline.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(json.dumps(record))
+
+
 def rel_err(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
 
@@ -68,11 +113,16 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks")
     parser.add_argument("--scans", nargs="*", default=list(SCANS), choices=SCANS)
     parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--offline", action="store_true", help="compile for sm_90 without a GPU (threads vs serial)")
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--child", choices=SCANS, help=argparse.SUPPRESS)
     parser.add_argument("--save", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.length, args.save)
+    if args.offline:
+        return offline(Path(args.out), args.workers, args.repeats)
 
     import torch
     from provenance import write_record
