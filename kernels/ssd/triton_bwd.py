@@ -445,8 +445,9 @@ def ssd_dx_bwd_kernel(
 @autotune(
     configs=configs(
         # num_stages > 1: the head loop is the innermost loop here, so the pipeliner fetches the next heads' tiles.
-        # 4 warps spill ~200 B at d_state 128 but fit two programs per SM: they win (16.2 -> 11.2 ms at 1M on an
-        # H100); 8 warps capped at 128 registers (two per SM, ~500 B of spills) lost (benchmarks/ssd_maxnreg_h100.json)
+        # 4 warps spill at d_state 128 (offline ~200 B, ~100 B since b28bb5d) but fit two programs per SM: they
+        # win (16.2 -> 11.2 ms at 1M on an H100); 8 warps capped at 128 registers (two per SM, ~500 B of spills)
+        # lost (benchmarks/ssd_maxnreg_h100.json, sass_counts_scalings_offline.json)
         [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2, 3)],
         {"num_warps": 4},
         {"num_warps": 8, "num_stages": 2},
