@@ -1,6 +1,6 @@
 """How long the first forward+backward takes on a fresh machine, where every autotuned kernel compiles its whole
-config space: Triton's way (config by config) against ``MAMBATRAIN_PARALLEL_COMPILE=1`` (a key's configs
-compiled concurrently, ``mambatrain_kernels.settings.autotune``).
+config space: Triton's way (config by config, ``MAMBATRAIN_PARALLEL_COMPILE=0``) against ours (a key's configs
+compiled concurrently, ``mambatrain_kernels.settings.autotune``, the default).
 
     python scripts/bench_compile.py --out $OUT
 

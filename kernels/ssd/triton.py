@@ -243,7 +243,7 @@ def ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_st
     dstates = new_buffer(batch, heads, NT, head_dim, d_state, device=dev, dtype=_state_dtype(x))
     dh0 = new_buffer(batch, heads, head_dim, d_state, device=dev, dtype=f32)
     dhT = dfinal.float().contiguous() if dfinal is not None else dh0
-    # a slot per 32 x 32 piece of the state (tiles are 32 or 64 wide; the kernel writes every slot)
+    # a slot per 32 x 32 piece of the state (tiles are 32, 64 or 128 wide; the kernel writes every slot)
     kc_tiles = cdiv(d_state, 32) * cdiv(head_dim, 32)
     Kc_part = new_buffer(batch, heads, NT, kc_tiles, device=dev, dtype=f32)
 

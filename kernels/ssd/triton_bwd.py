@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..settings import autotune, configs
-from .triton_fwd import decay_block, dot
+from .triton_fwd import WHOLE_STATE_ROWS, decay_block, dot
 
 
 @autotune(
@@ -35,7 +35,9 @@ from .triton_fwd import decay_block, dot
         # of spills; picked at 1M, 10.5 -> 9.2 ms on an H100: benchmarks/ssd_maxnreg_h100.json)
         [{"BK": bk, "BV": bv, "num_warps": w, "num_stages": s}
          for bk in (32, 64) for bv in (32, 64) for w in (4, 8) for s in (2, 3)]
-        + [{"BK": 64, "BV": 64, "num_warps": 4, "num_stages": s, "maxnreg": 128} for s in (2, 3)],
+        + [{"BK": 64, "BV": 64, "num_warps": 4, "num_stages": s, "maxnreg": 128} for s in (2, 3)]
+        # 64 x 128 tiles at 8 warps take 146 registers, one program per SM; capped at 128, two (20-28 B of spills)
+        + WHOLE_STATE_ROWS + [{"BK": 128, "BV": 64, "num_warps": 8, "num_stages": s, "maxnreg": 128} for s in (2, 3)],
         {"BK": 32, "BV": 32, "num_warps": 4},
         {"BK": 64, "BV": 32, "num_warps": 8, "num_stages": 2},
     ),

@@ -329,24 +329,27 @@ def test_every_autotune_config(dtype, chunk):
             k.configs = s
 
 
-@pytest.mark.parametrize("tiles", [(64, 32), (64, 64)])
-def test_state_bwd_tiles_cover_their_slots(tiles):
-    """The state backward's tiles (autotuned, 32 or 64 wide) each write their share of the per-chunk decay
-    gradient pieces: the autotuner runs several tilings on the same buffers, so no slot may be left to
-    the allocation (on an H100 that left stale sums: dA and dt 2-4% off in fp32)."""
+@pytest.mark.parametrize("tiles", [(64, 32), (64, 64), (128, 64)])
+def test_state_tiles_cover_their_slots(tiles):
+    """The state kernels' tiles (autotuned, 32 to 128 wide) each cover their part of the state, and the state
+    backward's each write their share of the per-chunk decay gradient pieces: the autotuner runs several tilings
+    on the same buffers, so no slot may be left to the allocation (on an H100 that left stale sums: dA and dt
+    2-4% off in fp32)."""
     import triton
 
-    from mambatrain_kernels.ssd import triton_bwd
+    from mambatrain_kernels.ssd import triton_bwd, triton_fwd
 
-    kernel = triton_bwd.ssd_state_bwd_kernel
-    space = kernel.configs
-    kernel.configs = [triton.Config({"BK": tiles[0], "BV": tiles[1]}, num_warps=4, num_stages=1)]
+    kernels = [triton_fwd.ssd_state_fwd_kernel, triton_bwd.ssd_state_bwd_kernel]
+    spaces = [k.configs for k in kernels]
+    for k in kernels:
+        k.configs = [triton.Config({"BK": tiles[0], "BV": tiles[1]}, num_warps=4, num_stages=1)]
     try:
         inp, seq_idx = make_inputs(1, 200, 2, 1, 64, 128, torch.float32, seq=[90])
         grads, ref = reference(inp, seq_idx)
         check(run(ssd_scan, inp, seq_idx, grads, chunk_size=64), ref, TOL[torch.float32])
     finally:
-        kernel.configs = space
+        for k, s in zip(kernels, spaces):
+            k.configs = s
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmark shapes need a GPU")
