@@ -6,8 +6,8 @@ of the launch-shape knobs that set how many programs the sequential parts get.
 Writes profile_scan.json: for SSD (24 heads x 64, d_state 128, chunk --ssd-chunk) and the selective scan (1536
 channels, d_state 16), bf16, batch 1: the kernels of one forward+backward with their summed CUDA time, and
 fwd+bwd wall and GPU-kernel milliseconds for each value of ssd.triton.STATE_PROGRAMS, ONE_BLOCK_BWD, ONE_BLOCK_FWD,
-DCB_ROW_SCAN and selective_scan.triton.BWD_PROGRAMS (in one process, on the same inputs; each knob is left at the
-value with the least GPU time), and the CPU side of one call: the milliseconds it takes to issue, and the Python
+FUSED_OUTPUT, DCB_ROW_SCAN and selective_scan.triton.BWD_PROGRAMS (in one process, on the same inputs; each knob is
+left at the value with the least GPU time), and the CPU side of one call: the milliseconds it takes to issue, and the Python
 functions that take them (cProfile).
 """
 
@@ -98,6 +98,8 @@ def main() -> None:
                         help="ssd.triton.ONE_BLOCK_BWD values to time (the one-block dx kernel at chunk 64)")
     parser.add_argument("--one-block-fwd", type=int, nargs="*", default=[0, 1], choices=[0, 1],
                         help="ssd.triton.ONE_BLOCK_FWD values to time (the one-block output kernel at chunk 64)")
+    parser.add_argument("--fused-output", type=int, nargs="*", default=[0, 1], choices=[0, 1],
+                        help="ssd.triton.FUSED_OUTPUT values to time (the state walk writing y at chunk 64)")
     parser.add_argument("--dcb-row-scan", type=int, nargs="*", default=[0, 1], choices=[0, 1],
                         help="ssd.triton.DCB_ROW_SCAN values to time")
     parser.add_argument("--scans", nargs="+", choices=["ssd", "selective"], default=["ssd", "selective"])
@@ -128,6 +130,7 @@ def profile_ssd(args, report: dict) -> None:
     report["ssd_sweep"] = sweep(ssd_triton, "STATE_PROGRAMS", args.state_programs, ssd)
     report["ssd_one_block_bwd_sweep"] = sweep(ssd_triton, "ONE_BLOCK_BWD", [bool(v) for v in args.one_block_bwd], ssd)
     report["ssd_one_block_fwd_sweep"] = sweep(ssd_triton, "ONE_BLOCK_FWD", [bool(v) for v in args.one_block_fwd], ssd)
+    report["ssd_fused_output_sweep"] = sweep(ssd_triton, "FUSED_OUTPUT", [bool(v) for v in args.fused_output], ssd)
     report["ssd_dcb_row_scan_sweep"] = sweep(ssd_triton, "DCB_ROW_SCAN", [bool(v) for v in args.dcb_row_scan], ssd)
     report["ssd_kernels"] = kernel_times(ssd)
     report["ssd_configs"] = best_configs(ssd_triton_fwd, ssd_triton_bwd)

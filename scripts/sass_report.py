@@ -295,7 +295,8 @@ def report(launch, cfg) -> dict:
 
 SSD_KERNELS = dict(cumsum="ssd_chunk_cumsum_fwd_kernel", bmm="ssd_bmm_fwd_kernel", state_fwd="ssd_state_fwd_kernel",
                    chain="ssd_chain_kernel", output="ssd_output_fwd_kernel",
-                   output1="ssd_output_one_block_fwd_kernel", state_bwd="ssd_state_bwd_kernel",
+                   output1="ssd_output_one_block_fwd_kernel", state_output="ssd_state_output_fwd_kernel",
+                   state_bwd="ssd_state_bwd_kernel",
                    dcb="ssd_dcb_bwd_kernel", dx="ssd_dx_bwd_kernel", dx1="ssd_dx_one_block_bwd_kernel",
                    ddt="ssd_ddt_bwd_kernel")
 H100_SMS = 132
@@ -380,7 +381,9 @@ def ssd_main(a, only) -> list[dict]:
     wanted = {SSD_KERNELS[k] for k in (a.kernel or SSD_KERNELS)}
     launches = (dict(launch, chunk=chunk) for chunk in a.chunk
                 for launch in ssd_launches(chunk, a.length, dtype=getattr(torch, a.dtype), switches={
-                    "ONE_BLOCK_BWD": SSD_KERNELS["dx1"] in wanted, "ONE_BLOCK_FWD": SSD_KERNELS["output1"] in wanted}))
+                    "ONE_BLOCK_BWD": SSD_KERNELS["dx1"] in wanted,
+                    "ONE_BLOCK_FWD": bool({SSD_KERNELS["output1"], SSD_KERNELS["state_output"]} & wanted),
+                    "FUSED_OUTPUT": SSD_KERNELS["state_output"] in wanted}))
     return _report_each(
         launches, only,
         lambda launch: ((launch["chunk"], launch["name"], launch["kwargs"].get("LOCAL"))

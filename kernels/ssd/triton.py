@@ -31,6 +31,7 @@ from .triton_fwd import (
     ssd_output_fwd_kernel,
     ssd_output_one_block_fwd_kernel,
     ssd_state_fwd_kernel,
+    ssd_state_output_fwd_kernel,
 )
 
 # ----------------------------------------------------------------------------- launchers
@@ -84,6 +85,13 @@ DCB_ROW_SCAN = os.environ.get("MAMBATRAIN_SSD_DCB_ROW_SCAN", "1") == "1"
 # config passed the kernel tests there; on an H100 the output kernel takes 5.4 ms at 1M against 8.9
 # (benchmarks/profile_scan_1m_defaults_h100.json). MAMBATRAIN_SSD_ONE_BLOCK_FWD=0 takes the general kernel.
 ONE_BLOCK_FWD = os.environ.get("MAMBATRAIN_SSD_ONE_BLOCK_FWD", "1") == "1"
+# Of those chunks, the ones whose whole state fits one program (head_dim x d_state up to 64 x 128) take
+# ssd_state_output_fwd_kernel: the state walk's last pass writes y as it goes, instead of the output kernel reading
+# x and the stored states back. On an H100, autotuned, 1M tokens forward + backward 38.3 -> 35.8 ms of kernels (the
+# walk's last pass and the output 4.4 + 4.8 ms -> 6.6); every autotune config passed in bf16 and fp32, and the
+# small-shape tests on the GPU (benchmarks/ssd_fused_output_h100.json). MAMBATRAIN_SSD_FUSED_OUTPUT=0 takes the
+# walk and the output kernel apart.
+FUSED_OUTPUT = os.environ.get("MAMBATRAIN_SSD_FUSED_OUTPUT", "1") == "1"
 
 # Eager calls through a plain torch.autograd.Function (_SSDScan) instead of the custom op's dispatch; torch.compile
 # traces the custom op either way. On a CPU with the launches stubbed out (scripts/bench_host.py) one forward +
@@ -196,11 +204,26 @@ def ssd_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chun
     docp = doc if doc is not None else dtp
 
     seg, nseg = _segments(NT, batch * heads)
+    out = new_buffer(batch, length, heads, head_dim, device=dev, dtype=x.dtype)
+    ypre = new_buffer(*out.shape, device=dev, dtype=x.dtype) if z is not None else out.new_empty(0)
+    flags = dict(H=heads, G=groups, P=head_dim, N=d_state, L=L, BN=k["BN"], BV=k["BV"], HAS_D=D is not None,
+                 D_2D=D is not None and D.dim() == 2, HAS_Z=z is not None, HAS_DOC=doc is not None,
+                 PRECISE=k["precise"], PRECISION=k["precision"])
+    one_block = ONE_BLOCK_FWD and NB == 1 and head_dim <= k["BV"]
+    fused = one_block and FUSED_OUTPUT and k["BV"] * k["BN"] <= 64 * 128
 
     def grid_state(meta):
         return (cdiv(d_state, meta["BK"]), cdiv(head_dim, meta["BV"]), batch * heads * nseg)
 
     def state_pass(h_in, has_in, seg_local, seg_decay, local):
+        if fused and not local:
+            ssd_state_output_fwd_kernel[(nseg * batch * heads,)](
+                x, z if z is not None else x, B, C, S, D if D is not None else A, dtp, dA_cs[0], dA_cs[-1], docp,
+                h_in, states, final, out, ypre if z is not None else out,
+                length, NT, _bucket(NT), seg, nseg, batch * heads, *x.stride(), *_strides4(z), *B.stride(),
+                *C.stride(), HAS_INIT=has_in, **flags,
+            )
+            return
         ssd_state_fwd_kernel[grid_state](
             x, B, dtp, dA_cs[0], dA_cs[-1], docp, h_in, states, final, seg_local, seg_decay,
             length, NT, _bucket(NT), seg, nseg, *x.stride(), *B.stride(),
@@ -208,14 +231,11 @@ def ssd_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chun
             HAS_INIT=has_in, HAS_DOC=doc is not None, PRECISE=k["precise"], PRECISION=k["precision"], LOCAL=local,
         )
     _segmented(state_pass, h0, initial_state is not None, nseg, batch * heads, head_dim * d_state, False, dev)
-    out = new_buffer(batch, length, heads, head_dim, device=dev, dtype=x.dtype)
-    ypre = new_buffer(*out.shape, device=dev, dtype=x.dtype) if z is not None else out.new_empty(0)
+    if fused:
+        return out, final, ypre, states, dtp, dA_cs, S
     out_args = (x, z if z is not None else x, C, S, D if D is not None else A, dtp, dA_cs[0], dA_cs[-1], docp, states,
                 out, ypre if z is not None else out)
-    flags = dict(H=heads, G=groups, P=head_dim, N=d_state, L=L, BN=k["BN"], BV=k["BV"], HAS_D=D is not None,
-                 D_2D=D is not None and D.dim() == 2, HAS_Z=z is not None, HAS_DOC=doc is not None,
-                 PRECISE=k["precise"], PRECISION=k["precision"])
-    if ONE_BLOCK_FWD and NB == 1 and head_dim <= k["BV"]:
+    if one_block:
         hpg = heads // groups
         nsplit = _num_splits(x, NT * batch * groups, hpg)
         ssd_output_one_block_fwd_kernel[(NT * batch * groups * nsplit,)](

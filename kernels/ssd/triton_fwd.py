@@ -465,3 +465,121 @@ def ssd_output_one_block_fwd_kernel(
             b_z = tl.load(p_z, mask=m_iv, other=0.).to(tl.float32)
             b_y = b_y * b_z * tl.sigmoid(b_z)
         tl.store(out + o_out, b_y.to(out.dtype.element_ty), mask=m_iv)
+
+
+@autotune(
+    configs=configs(
+        # bf16, 64 x 128 states: 251-255 registers at 4 warps, 189-235 at 8 (one program of 8 warps per SM, or two
+        # of 4); capped at 128, two programs of 8 warps (~150 B of spills offline)
+        [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2, 3)]
+        + [{"num_warps": 8, "num_stages": s, "maxnreg": 128} for s in (1, 2)],
+        {"num_warps": 4},
+        {"num_warps": 8, "num_stages": 2},
+    ),
+    key=["P", "N", "L", "HAS_Z", "T_BUCKET"],
+)
+@triton.jit
+def ssd_state_output_fwd_kernel(
+    x, z, B, C, S, D, dtp, dA_cs, dA_lo, doc, h0, states, hT, out, ypre,
+    T, NT, T_BUCKET, SEG, NSEG, BHt, s_xb, s_xt, s_xh, s_xp, s_zb, s_zt, s_zh, s_zp,
+    s_Bb, s_Bt, s_Bg, s_Bn, s_Cb, s_Ct, s_Cg, s_Cn,
+    H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, L: tl.constexpr,
+    BN: tl.constexpr, BV: tl.constexpr,
+    HAS_INIT: tl.constexpr, HAS_D: tl.constexpr, D_2D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DOC: tl.constexpr,
+    PRECISE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The state walk's last pass (``ssd_state_fwd_kernel``, not LOCAL) and the output of the chunks it walks, in
+    one kernel, for chunks of one time block and a whole state per program (P <= BV, N <= BN).
+
+    One program per (segment, batch x head), the heads of a segment adjacent so that they read the group's B, C
+    and S from L2. At each chunk the program holds the state entering it in registers: it stores it (the
+    backward reads it), forms the chunk's y from it as ``ssd_output_one_block_fwd_kernel`` does, then moves it
+    past the chunk. The separate output kernel read x and the stored state back: 9.6 GB at 1M tokens in the
+    benchmark's shape, ~3 ms of an H100's bandwidth.
+    """
+    i_pid = tl.program_id(0)
+    i_seg, i_bh = i_pid // BHt, i_pid % BHt
+    i_b, i_h = i_bh // H, i_bh % H
+    i_g = i_h // (H // G)
+    o_i = tl.arange(0, L)
+    o_n = tl.arange(0, BN)
+    o_v = tl.arange(0, BV)
+    m_n, m_v = o_n < N, o_v < P
+    m_vn = m_v[:, None] & m_n[None, :]
+    # [BV, BN]: a whole (P, N) state
+    o_vn = o_v[:, None] * N + o_n[None, :]
+    p_x0 = x + i_b.to(tl.int64) * s_xb + i_h * s_xh
+    p_z0 = z + i_b.to(tl.int64) * s_zb + i_h * s_zh
+    p_B0 = B + i_b.to(tl.int64) * s_Bb + i_g * s_Bg
+    p_C0 = C + i_b.to(tl.int64) * s_Cb + i_g * s_Cg
+    o_a0 = i_bh.to(tl.int64) * T
+    o_d0 = i_b.to(tl.int64) * T
+    if HAS_D:
+        if D_2D:
+            b_D = tl.load(D + i_h * P + o_v, mask=m_v, other=0.).to(tl.float32)[None, :]
+        else:
+            b_D = tl.load(D + i_h).to(tl.float32)
+
+    b_h = tl.zeros([BV, BN], dtype=tl.float32)
+    if HAS_INIT:
+        b_h += tl.load(h0 + (i_bh.to(tl.int64) * NSEG + i_seg) * (P * N) + o_vn, mask=m_vn, other=0.)
+    for i_c in range(i_seg * SEG, tl.minimum(NT, i_seg * SEG + SEG)):
+        tl.store(states + (i_bh.to(tl.int64) * NT + i_c) * (P * N) + o_vn, b_h.to(states.dtype.element_ty),
+                 mask=m_vn)
+        t0 = i_c * L
+        m_i = t0 + o_i < T
+        m_iv = m_i[:, None] & m_v[None, :]
+        i_last = tl.minimum(L, T - t0) - 1
+        # padded rows take the last real cumsum: finite decays, masked below
+        b_a_end = tl.load(dA_cs + o_a0 + t0 + i_last)
+        b_a = tl.load(dA_cs + o_a0 + t0 + o_i, mask=m_i, other=b_a_end)
+        b_l = b_a
+        if PRECISE:
+            b_l = tl.load(dA_lo + o_a0 + t0 + o_i, mask=m_i, other=0.)
+        b_dt = tl.load(dtp + o_a0 + t0 + o_i, mask=m_i, other=0.)
+        # [L(i), L(j)]: pairs j <= i of real steps, of one document
+        m_ij = (o_i[:, None] >= o_i[None, :]) & m_i[:, None] & m_i[None, :]
+        b_g = tl.exp(b_a)
+        b_seg = b_a_end - b_a
+        if PRECISE:
+            b_seg += tl.load(dA_lo + o_a0 + t0 + i_last) - b_l
+        # [L]: weight of each step in the chunk's own state (decay to the chunk end times dt)
+        b_w = tl.where(m_i, tl.exp(b_seg) * b_dt, 0.)
+        b_decay = tl.exp(b_a_end)
+        if HAS_DOC:
+            b_doc_prev = tl.load(doc + o_d0 + tl.maximum(t0 - 1, 0))
+            b_doc_i = tl.load(doc + o_d0 + t0 + o_i, mask=m_i, other=-1)
+            b_doc_end = tl.load(doc + o_d0 + t0 + i_last)
+            m_ij = m_ij & (b_doc_i[:, None] == b_doc_i[None, :])
+            b_g = tl.where(b_doc_i == b_doc_prev, b_g, 0.)
+            b_w = tl.where(b_doc_i == b_doc_end, b_w, 0.)
+            b_decay = tl.where(b_doc_end == b_doc_prev, b_decay, 0.)
+        b_x = tl.load(p_x0 + (t0 + o_i[:, None]).to(tl.int64) * s_xt + o_v[None, :] * s_xp, mask=m_iv, other=0.)
+        # [L, BN]
+        b_C = tl.load(p_C0 + (t0 + o_i[:, None]).to(tl.int64) * s_Ct + o_n[None, :] * s_Cn,
+                      mask=m_i[:, None] & m_n[None, :], other=0.)
+        b_B = tl.load(p_B0 + (t0 + o_i[:, None]).to(tl.int64) * s_Bt + o_n[None, :] * s_Bn,
+                      mask=m_i[:, None] & m_n[None, :], other=0.)
+        b_S = tl.load(S + ((i_b * G + i_g).to(tl.int64) * NT + i_c) * (L * L) + o_i[:, None] * L
+                      + o_i[None, :]).to(tl.float32)
+        # what the carried state gives: exp(a_cs_t) C_t h_prev^T, h_prev rounded as the stored state is
+        b_ht = tl.trans(b_h.to(states.dtype.element_ty).to(C.dtype.element_ty))
+        b_y = dot(b_C, b_ht, PRECISION) * b_g[:, None]
+        # inside the chunk: sum_s S_ts exp(a_cs_t - a_cs_s) dt_s x_s over s <= t, same document
+        b_W = b_S * decay_block(b_a, b_l, b_a, b_l, b_a, b_l, m_ij, False, False, PRECISE) * b_dt[None, :]
+        b_y += dot(b_W.to(b_x.dtype), b_x, PRECISION)
+        if HAS_D:
+            b_y += b_x.to(tl.float32) * b_D
+        # outputs are contiguous (batch, T, heads, P)
+        o_out = ((i_b.to(tl.int64) * T + t0 + o_i[:, None]) * H + i_h) * P + o_v[None, :]
+        if HAS_Z:
+            tl.store(ypre + o_out, b_y.to(ypre.dtype.element_ty), mask=m_iv)
+            b_z = tl.load(p_z0 + (t0 + o_i[:, None]).to(tl.int64) * s_zt + o_v[None, :] * s_zp, mask=m_iv,
+                          other=0.).to(tl.float32)
+            b_y = b_y * b_z * tl.sigmoid(b_z)
+        tl.store(out + o_out, b_y.to(out.dtype.element_ty), mask=m_iv)
+        # the state entering the next chunk: h decay + (x w)^T B
+        b_xw = tl.trans((b_x * b_w[:, None]).to(b_x.dtype))
+        b_h = b_h * b_decay + dot(b_xw, b_B, PRECISION)
+    if i_seg == NSEG - 1:
+        tl.store(hT + i_bh.to(tl.int64) * (P * N) + o_vn, b_h, mask=m_vn)

@@ -19,7 +19,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 SELECTIONS = {
-    "test_ssd.py": "benchmark_shape or L128 or every_autotune_config or one_block or column_scan",
+    "test_ssd.py": "benchmark_shape or L128 or every_autotune_config or one_block or column_scan or fused or segments_of_several",
     "test_selective_scan.py": "lengths_fp32 or half_precision or long_fp32 or documents_at_segment_starts",
     "test_conv1d.py": "matches_naive and T1000 or walk_backward or block_backward",
     "test_rmsnorm.py": "matches_naive and d768",

@@ -233,11 +233,34 @@ ONE_BLOCK_CASES = [
 @pytest.mark.parametrize("case", ONE_BLOCK_CASES, ids=[_id(c) for c in ONE_BLOCK_CASES])
 def test_one_block_kernels_match_naive(case, monkeypatch):
     """Chunks of one time block (here the benchmark's tile sizes, and odd ones) take ssd_output_one_block_fwd_kernel
-    and ssd_dx_one_block_bwd_kernel by default: the general output and dx kernels must not run."""
+    (when the fused state + output kernel is switched off: MAMBATRAIN_SSD_FUSED_OUTPUT=0) and
+    ssd_dx_one_block_bwd_kernel: the general output and dx kernels must not run."""
     from mambatrain_kernels.ssd import triton as ssd_triton
 
+    monkeypatch.setattr(ssd_triton, "FUSED_OUTPUT", False)
     monkeypatch.setattr(ssd_triton, "ssd_output_fwd_kernel", _Refused("the general output kernel"))
     monkeypatch.setattr(ssd_triton, "ssd_dx_bwd_kernel", _Refused("the general dx kernel"))
+    _scan_matches_naive(case)
+
+
+FUSED_OUTPUT_CASES = ONE_BLOCK_CHUNK_CASES + ONE_BLOCK_CASES + [
+    (1, 300, 2, 1, 16, 16, 64, torch.float16, dict(D="2d", seq=[70, 130, 250])),
+]
+
+
+@pytest.mark.parametrize("state_programs", [1024, 16], ids=["segments_of_one_chunk", "segments_of_chunks"])
+@pytest.mark.parametrize("case", FUSED_OUTPUT_CASES, ids=[_id(c) for c in FUSED_OUTPUT_CASES])
+def test_fused_state_output_matches_naive(case, state_programs, monkeypatch):
+    """Chunks of one time block whose state fits a program: the state walk's last pass writes y
+    (ssd_state_output_fwd_kernel, MAMBATRAIN_SSD_FUSED_OUTPUT=1, the default); the output kernels must not run.
+    At these lengths the default STATE_PROGRAMS gives segments of
+    one chunk; 16 makes segments walk several."""
+    from mambatrain_kernels.ssd import triton as ssd_triton
+
+    monkeypatch.setattr(ssd_triton, "FUSED_OUTPUT", True)
+    monkeypatch.setattr(ssd_triton, "STATE_PROGRAMS", state_programs)
+    monkeypatch.setattr(ssd_triton, "ssd_output_fwd_kernel", _Refused("the general output kernel"))
+    monkeypatch.setattr(ssd_triton, "ssd_output_one_block_fwd_kernel", _Refused("the one-block output kernel"))
     _scan_matches_naive(case)
 
 
@@ -251,6 +274,19 @@ def test_general_kernels_at_one_block_chunks(case, monkeypatch):
     monkeypatch.setattr(ssd_triton, "ONE_BLOCK_BWD", False)
     monkeypatch.setattr(ssd_triton, "ssd_output_one_block_fwd_kernel", _Refused("the one-block output kernel"))
     monkeypatch.setattr(ssd_triton, "ssd_dx_one_block_bwd_kernel", _Refused("the one-block dx kernel"))
+    _scan_matches_naive(case)
+
+
+LONG_SEGMENT_CASES = [c for c in CASES if c[1] // c[6] >= 3]
+
+
+@pytest.mark.parametrize("case", LONG_SEGMENT_CASES, ids=[_id(c) for c in LONG_SEGMENT_CASES])
+def test_segments_of_several_chunks_match_naive(case, monkeypatch):
+    """The state kernels walk segments of several chunks (at the tests' lengths the default STATE_PROGRAMS gives
+    segments of one chunk; at 1M tokens they are ~1,500 chunks long)."""
+    from mambatrain_kernels.ssd import triton as ssd_triton
+
+    monkeypatch.setattr(ssd_triton, "STATE_PROGRAMS", 16)
     _scan_matches_naive(case)
 
 
@@ -303,6 +339,10 @@ def test_every_autotune_config(dtype, chunk):
     one_block = chunk == 64
     dx_kernel = triton_bwd.ssd_dx_one_block_bwd_kernel if one_block else triton_bwd.ssd_dx_bwd_kernel
     output_kernel = triton_fwd.ssd_output_one_block_fwd_kernel if one_block else triton_fwd.ssd_output_fwd_kernel
+    from mambatrain_kernels.ssd import triton as ssd_triton
+
+    if one_block and ssd_triton.FUSED_OUTPUT:  # the default (MAMBATRAIN_SSD_FUSED_OUTPUT=0 takes output_kernel)
+        output_kernel = triton_fwd.ssd_state_output_fwd_kernel
     kernels = [triton_fwd.ssd_bmm_fwd_kernel, triton_fwd.ssd_state_fwd_kernel, output_kernel,
                triton_bwd.ssd_state_bwd_kernel, triton_bwd.ssd_dcb_bwd_kernel, dx_kernel]
     spaces = [k.configs for k in kernels]
