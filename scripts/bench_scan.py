@@ -7,13 +7,16 @@ What it does, in order:
 1. Measures the two ceilings of this GPU (device-to-device copy, bf16 matmul).
 2. Checks each Triton kernel against its PyTorch reference on the GPU: outputs and every gradient at an
    odd length, and the forward output and final state at 1M tokens (reference computed window by window).
-3. Times forward and forward+backward (bf16, batch 1) at 4k ... 1M tokens for
+3. Times forward and forward+backward (bf16) at lengths 4k ... 1M, each in a batch of 1M tokens (--tokens; 4k x
+   256, 16k x 64, ..., 1M x 1: the GPU does the same work at every length, the host's time to issue a call hides
+   behind it) for
    - SSD (Mamba-2): 24 heads x 64, d_state 128: ours in chunks of 64 (the recipes' setting), mamba_ssm's
      `mamba_chunk_scan_combined` in chunks of 256 (its default; if its source is on MAMBA_SSM_SRC), fla's
      `chunk_simple_gla` (if installed), causal SDPA at the same width;
    - selective scan (Mamba-1): 1536 channels, d_state 16: ours.
    Reports ms (median of CUDA-event timings), tokens/s, achieved GB/s against the bytes floor, peak memory,
-   and the CPU time one forward+backward call takes to issue (at short lengths the GPU waits on it).
+   and, for batches of up to 64k tokens, the CPU time one forward+backward call takes to issue (with
+   ``--tokens 0``, batch 1 at every length, the GPU waits on it at short lengths).
 4. Writes JSON (GPU name, commit, date, versions) and prints a table.
 """
 
@@ -281,26 +284,32 @@ def host_ms(run, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
+def batch_for(length: int, tokens: int) -> int:
+    """Sequences per call: ``tokens`` in all where a whole sequence fits, else one; ``tokens`` 0 means one."""
+    return max(1, tokens // length)
+
+
 def time_ours(row: dict, ours, inputs, total_bytes: float, budget: float) -> None:
     """Forward, forward+backward, peak memory, achieved bandwidth and tokens/s of one of our kernels."""
     with torch.no_grad():
         row["ours_fwd_ms"] = timed(ours, budget)
     run = fwd_bwd_runner(ours, inputs)
     row["ours_fwdbwd_ms"] = timed(run, budget)
-    if row["length"] <= 65536:
+    tokens = row["batch"] * row["length"]
+    if tokens <= 65536:
         row["ours_host_ms"] = host_ms(run)
     row["ours_peak_GiB"] = peak_extra_gib(run)
     row["ours_fwdbwd_GBps"] = total_bytes / row["ours_fwdbwd_ms"] / 1e6
-    row["ours_tokens_per_s"] = row["length"] / row["ours_fwdbwd_ms"] * 1e3
+    row["ours_tokens_per_s"] = tokens / row["ours_fwdbwd_ms"] * 1e3
 
 
-def bench_ssd_row(length: int, peers: dict) -> dict:
-    row = {"length": length}
-    fwd_bytes, total_bytes = ssd_bytes(length)
+def bench_ssd_row(length: int, batch: int, peers: dict) -> dict:
+    row = {"length": length, "batch": batch}
+    fwd_bytes, total_bytes = ssd_bytes(batch * length)  # the bytes scale with the tokens
     row["floor_fwd_ms"] = fwd_bytes / 3.0e12 * 1e3
     row["floor_fwdbwd_ms"] = total_bytes / 3.0e12 * 1e3
-    budget = 300 if length < 262144 else 800
-    x, dt, A, B, C, D, dt_bias = inputs = ssd_inputs(length, requires_grad=True)
+    budget = 300 if batch * length < 262144 else 800
+    x, dt, A, B, C, D, dt_bias = inputs = ssd_inputs(length, batch=batch, requires_grad=True)
     chunk = SSD_SHAPE["chunk"]
 
     def ours():
@@ -343,7 +352,8 @@ def bench_ssd_row(length: int, peers: dict) -> dict:
 
     if length <= 131072:
         heads, head_dim = SSD_SHAPE["heads"], SSD_SHAPE["head_dim"]
-        q, k, v = (torch.randn(1, heads, length, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        q, k, v = (torch.randn(batch, heads, length, head_dim, device="cuda", dtype=torch.bfloat16,
+                               requires_grad=True)
                    for _ in range(3))
         from torch.nn.attention import SDPBackend, sdpa_kernel
         for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
@@ -358,13 +368,14 @@ def bench_ssd_row(length: int, peers: dict) -> dict:
     return row
 
 
-def bench_selective_row(length: int) -> dict:
-    row = {"length": length}
-    fwd_bytes, total_bytes = sel_bytes(length)
-    row["floor_fwd_ms"] = max(fwd_bytes / 3.0e12 * 1e3, sel_exp_floor_ms(length, 1))
-    row["floor_fwdbwd_ms"] = max(total_bytes / 3.0e12 * 1e3, sel_exp_floor_ms(length, 2))
-    budget = 300 if length < 262144 else 800
-    x, dt, A, B, C, D, z, dt_bias = inputs = sel_inputs(length, requires_grad=True)
+def bench_selective_row(length: int, batch: int) -> dict:
+    row = {"length": length, "batch": batch}
+    tokens = batch * length
+    fwd_bytes, total_bytes = sel_bytes(tokens)
+    row["floor_fwd_ms"] = max(fwd_bytes / 3.0e12 * 1e3, sel_exp_floor_ms(tokens, 1))
+    row["floor_fwdbwd_ms"] = max(total_bytes / 3.0e12 * 1e3, sel_exp_floor_ms(tokens, 2))
+    budget = 300 if tokens < 262144 else 800
+    x, dt, A, B, C, D, z, dt_bias = inputs = sel_inputs(length, batch=batch, requires_grad=True)
 
     def ours():
         return selective_scan(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True)
@@ -391,6 +402,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks"), help="folder for bench_scan.json")
     parser.add_argument("--lengths", type=int, nargs="*", default=LENGTHS)
+    parser.add_argument("--tokens", type=int, default=1048576,
+                        help="tokens a call (batch = tokens // length, at least 1); 0: batch 1 at every length")
     parser.add_argument("--quick", action="store_true", help="skip peers and the 1M correctness check")
     parser.add_argument("--skip", nargs="*", default=[], choices=["ssd", "selective", "check"])
     parser.add_argument("--no-peers", action="store_true", help="time ours and SDPA only (peers autotune for minutes)")
@@ -412,7 +425,7 @@ def main() -> None:
         "torch": torch.__version__, "triton": triton.__version__,
         "autotune": os.environ.get("MAMBATRAIN_AUTOTUNE", "1"),
         "ssd_shape": SSD_SHAPE, "mamba_ssm_chunk": PEER["chunk"], "selective_shape": SEL_SHAPE,
-        "batch": 1, "dtype": "bfloat16",
+        "tokens_per_call": args.tokens, "dtype": "bfloat16",
     }
     report["ceilings"] = ceilings()
     print(json.dumps({k: report[k] for k in ("gpu", "commit", "torch", "triton", "ceilings")}))
@@ -442,7 +455,7 @@ def main() -> None:
                                                       dt_softplus=True), [x, dt, A, B, C, D, dt_bias])()
         report["ssd"] = []
         for length in args.lengths:
-            report["ssd"].append(bench_ssd_row(length, peers))
+            report["ssd"].append(bench_ssd_row(length, batch_for(length, args.tokens), peers))
             torch.cuda.empty_cache()  # the row's inputs went with its function: give their memory back
             print("ssd", json.dumps(report["ssd"][-1]), flush=True)
             save()
@@ -453,20 +466,21 @@ def main() -> None:
             save()
         report["selective"] = []
         for length in args.lengths:
-            report["selective"].append(bench_selective_row(length))
+            report["selective"].append(bench_selective_row(length, batch_for(length, args.tokens)))
             torch.cuda.empty_cache()
             print("selective", json.dumps(report["selective"][-1]), flush=True)
             save()
 
     if report.get("ssd"):
-        print_table(f"SSD (Mamba-2) fwd+bwd, bf16, batch 1, 24x64 heads, d_state 128, chunk {SSD_SHAPE['chunk']} "
-                    f"(mamba_ssm {PEER['chunk']}) (ms)", report["ssd"],
-                    ["length", "floor_fwdbwd_ms", "ours_fwd_ms", "ours_fwdbwd_ms", "ours_host_ms",
+        print_table(f"SSD (Mamba-2) fwd+bwd, bf16, {args.tokens or 'batch 1'} tokens a call, 24x64 heads, d_state 128, "
+                    f"chunk {SSD_SHAPE['chunk']} (mamba_ssm {PEER['chunk']}) (ms)", report["ssd"],
+                    ["length", "batch", "floor_fwdbwd_ms", "ours_fwd_ms", "ours_fwdbwd_ms", "ours_host_ms",
                      "mamba_ssm_fwdbwd_ms", "fla_fwdbwd_ms", "sdpa_cudnn_fwdbwd_ms", "ours_peak_GiB"])
     if report.get("selective"):
-        print_table("Selective scan (Mamba-1) fwd+bwd, bf16, batch 1, 1536 channels, d_state 16 (ms)",
-                    report["selective"], ["length", "floor_fwdbwd_ms", "ours_fwd_ms", "ours_fwdbwd_ms",
-                                          "ours_fwdbwd_GBps", "ours_peak_GiB"])
+        print_table(f"Selective scan (Mamba-1) fwd+bwd, bf16, {args.tokens or 'batch 1'} tokens a call, 1536 channels, "
+                    "d_state 16 (ms)", report["selective"],
+                    ["length", "batch", "floor_fwdbwd_ms", "ours_fwd_ms", "ours_fwdbwd_ms", "ours_fwdbwd_GBps",
+                     "ours_peak_GiB"])
     save()
 
 
