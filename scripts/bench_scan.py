@@ -303,7 +303,7 @@ def time_ours(row: dict, ours, inputs, total_bytes: float, budget: float) -> Non
     row["ours_tokens_per_s"] = tokens / row["ours_fwdbwd_ms"] * 1e3
 
 
-def bench_ssd_row(length: int, batch: int, peers: dict) -> dict:
+def bench_ssd_row(length: int, batch: int, peers: dict, sdpa: bool = True) -> dict:
     row = {"length": length, "batch": batch}
     fwd_bytes, total_bytes = ssd_bytes(batch * length)  # the bytes scale with the tokens
     row["floor_fwd_ms"] = fwd_bytes / 3.0e12 * 1e3
@@ -350,7 +350,7 @@ def bench_ssd_row(length: int, batch: int, peers: dict) -> dict:
         del q, k, v, g
         torch.cuda.empty_cache()
 
-    if length <= 131072:
+    if sdpa and length <= 131072:
         heads, head_dim = SSD_SHAPE["heads"], SSD_SHAPE["head_dim"]
         q, k, v = (torch.randn(batch, heads, length, head_dim, device="cuda", dtype=torch.bfloat16,
                                requires_grad=True)
@@ -405,7 +405,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1048576,
                         help="tokens a call (batch = tokens // length, at least 1); 0: batch 1 at every length")
     parser.add_argument("--quick", action="store_true", help="skip peers and the 1M correctness check")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["ssd", "selective", "check"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["ssd", "selective", "check", "sdpa"])
     parser.add_argument("--no-peers", action="store_true", help="time ours and SDPA only (peers autotune for minutes)")
     parser.add_argument("--peer-check", action=argparse.BooleanOptionalAction, default=True,
                         help="check mamba_ssm against the reference too (its autotuning then runs for fp32 as well)")
@@ -455,7 +455,7 @@ def main() -> None:
                                                       dt_softplus=True), [x, dt, A, B, C, D, dt_bias])()
         report["ssd"] = []
         for length in args.lengths:
-            report["ssd"].append(bench_ssd_row(length, batch_for(length, args.tokens), peers))
+            report["ssd"].append(bench_ssd_row(length, batch_for(length, args.tokens), peers, "sdpa" not in args.skip))
             torch.cuda.empty_cache()  # the row's inputs went with its function: give their memory back
             print("ssd", json.dumps(report["ssd"][-1]), flush=True)
             save()

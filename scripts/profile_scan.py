@@ -92,7 +92,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=1048576)
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks"))
-    parser.add_argument("--state-programs", type=int, nargs="*", default=[256, 1024, 4096])
+    parser.add_argument("--state-programs", type=int, nargs="*", default=[0, 264, 528],
+                        help="ssd.triton.STATE_PROGRAMS values to time (walks at once; 0: two per SM)")
     parser.add_argument("--bwd-programs", type=int, nargs="*", default=[256, 2048, 8192])
     parser.add_argument("--one-block-bwd", type=int, nargs="*", default=[0, 1], choices=[0, 1],
                         help="ssd.triton.ONE_BLOCK_BWD values to time (the one-block dx kernel at chunk 64)")
@@ -127,7 +128,7 @@ def profile_ssd(args, report: dict) -> None:
     x, dt, A, B, C, D, dt_bias = inputs = ssd_inputs(args.length, requires_grad=True)
     ssd = fwd_bwd_runner(lambda: ssd_triton.ssd_scan(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=True,
                                                      chunk_size=args.ssd_chunk), inputs)
-    report["ssd_sweep"] = sweep(ssd_triton, "STATE_PROGRAMS", args.state_programs, ssd)
+    report["ssd_sweep"] = sweep(ssd_triton, "STATE_PROGRAMS", [v or None for v in args.state_programs], ssd)
     report["ssd_one_block_bwd_sweep"] = sweep(ssd_triton, "ONE_BLOCK_BWD", [bool(v) for v in args.one_block_bwd], ssd)
     report["ssd_one_block_fwd_sweep"] = sweep(ssd_triton, "ONE_BLOCK_FWD", [bool(v) for v in args.one_block_fwd], ssd)
     report["ssd_fused_output_sweep"] = sweep(ssd_triton, "FUSED_OUTPUT", [bool(v) for v in args.fused_output], ssd)

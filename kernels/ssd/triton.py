@@ -103,15 +103,28 @@ FUSED_OUTPUT = os.environ.get("MAMBATRAIN_SSD_FUSED_OUTPUT", "1") == "1"
 # (benchmarks/kernel_switches_fit_h100.json). MAMBATRAIN_SSD_EAGER_FUNCTION=0 takes the custom op in eager calls too.
 EAGER_FUNCTION = os.environ.get("MAMBATRAIN_SSD_EAGER_FUNCTION", "1") == "1"
 
-# Programs the sequential state kernels aim for: their chunk loop runs in
-# segments, in parallel (batch x heads x state tiles alone is ~100 programs at
-# batch 1, leaving an H100 mostly idle).
-STATE_PROGRAMS = 1024
+# The state kernels walk the chunks of each (batch, head) in order; to fill the GPU they split the walk into
+# segments that run in parallel (batch x heads alone is 24 programs at batch 1). STATE_PROGRAMS: how many
+# (batch x head, segment) walks run at once, None for two per SM (the fused state + output kernel's 64 x 128
+# state takes ~255 registers at 4 warps: two programs per SM; the other state kernels' tiles fit as many walks).
+STATE_PROGRAMS = None
 
 
-def _segments(nt: int, batch_heads: int) -> tuple[int, int]:
-    """(chunks per segment, segments) of the state kernels; 4 state tiles per head assumed."""
-    nseg = max(1, min(nt, cdiv(STATE_PROGRAMS, 4 * batch_heads)))
+def _segments(nt: int, batch_heads: int, device: torch.device) -> tuple[int, int]:
+    """(chunks per segment, segments) of the state kernels.
+
+    The walks run in waves of ``STATE_PROGRAMS``; the slowest wave's chunks set the time. A wave that is not
+    full still takes a whole segment's time: at 256k tokens x 4 sequences on an H100, 3 segments made 288 walks
+    for 264 places, a second wave of 24 that doubled the state kernels' time. So the segment count minimizes
+    waves x chunks per segment, plus a quarter for the first pass that several segments need (it reads x once
+    more: ~1.6 ms of the fused forward's ~8 ms at 1M), fewest segments on a tie.
+    """
+    slots = STATE_PROGRAMS or 2 * _sm_count(device)
+
+    def cost(nseg):
+        return cdiv(nseg * batch_heads, slots) * cdiv(nt, nseg) * (5 if nseg > 1 else 4)
+    # a few waves' worth of segments: beyond, the tail of the last wave is small and the first pass costs more
+    nseg = min(range(1, min(nt, 4 * max(1, slots // batch_heads)) + 1), key=cost)
     seg = cdiv(nt, nseg)
     return seg, cdiv(nt, seg)
 
@@ -203,7 +216,7 @@ def ssd_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, doc, chun
     h0 = initial_state.float().contiguous() if initial_state is not None else final
     docp = doc if doc is not None else dtp
 
-    seg, nseg = _segments(NT, batch * heads)
+    seg, nseg = _segments(NT, batch * heads, dev)
     out = new_buffer(batch, length, heads, head_dim, device=dev, dtype=x.dtype)
     ypre = new_buffer(*out.shape, device=dev, dtype=x.dtype) if z is not None else out.new_empty(0)
     flags = dict(H=heads, G=groups, P=head_dim, N=d_state, L=L, BN=k["BN"], BV=k["BV"], HAS_D=D is not None,
@@ -267,7 +280,7 @@ def ssd_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_st
     kc_tiles = cdiv(d_state, 32) * cdiv(head_dim, 32)
     Kc_part = new_buffer(batch, heads, NT, kc_tiles, device=dev, dtype=f32)
 
-    seg, nseg = _segments(NT, batch * heads)
+    seg, nseg = _segments(NT, batch * heads, dev)
 
     def grid_state(meta):
         return (cdiv(d_state, meta["BK"]), cdiv(head_dim, meta["BV"]), batch * heads * nseg)

@@ -56,7 +56,9 @@ def ssd_state_bwd_kernel(
     in parallel as in ``ssd_state_fwd_kernel`` (LOCAL: pass 1; otherwise dhT holds what enters each
     segment from its end, shaped (batch x heads, NSEG, P, N))."""
     i_k, i_v, i_bhs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_bh, i_seg = i_bhs // NSEG, i_bhs % NSEG
+    # the batch x heads of one segment are adjacent: they read the group's B (C) of the same chunks from L2
+    BHt = tl.num_programs(2) // NSEG
+    i_seg, i_bh = i_bhs // BHt, i_bhs % BHt
     i_b, i_h = i_bh // H, i_bh % H
     i_g = i_h // (H // G)
     o_k = i_k * BK + tl.arange(0, BK)

@@ -253,8 +253,7 @@ FUSED_OUTPUT_CASES = ONE_BLOCK_CHUNK_CASES + ONE_BLOCK_CASES + [
 def test_fused_state_output_matches_naive(case, state_programs, monkeypatch):
     """Chunks of one time block whose state fits a program: the state walk's last pass writes y
     (ssd_state_output_fwd_kernel, MAMBATRAIN_SSD_FUSED_OUTPUT=1, the default); the output kernels must not run.
-    At these lengths the default STATE_PROGRAMS gives segments of
-    one chunk; 16 makes segments walk several."""
+    At these lengths STATE_PROGRAMS 1024 (walks at once) gives segments of one chunk, 16 segments of several."""
     from mambatrain_kernels.ssd import triton as ssd_triton
 
     monkeypatch.setattr(ssd_triton, "FUSED_OUTPUT", True)
@@ -282,8 +281,8 @@ LONG_SEGMENT_CASES = [c for c in CASES if c[1] // c[6] >= 3]
 
 @pytest.mark.parametrize("case", LONG_SEGMENT_CASES, ids=[_id(c) for c in LONG_SEGMENT_CASES])
 def test_segments_of_several_chunks_match_naive(case, monkeypatch):
-    """The state kernels walk segments of several chunks (at the tests' lengths the default STATE_PROGRAMS gives
-    segments of one chunk; at 1M tokens they are ~1,500 chunks long)."""
+    """The state kernels walk segments of several chunks in several waves (STATE_PROGRAMS 16 walks at once; at 1M
+    tokens on an H100 the segments are ~1,500 chunks long)."""
     from mambatrain_kernels.ssd import triton as ssd_triton
 
     monkeypatch.setattr(ssd_triton, "STATE_PROGRAMS", 16)
