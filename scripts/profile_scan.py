@@ -7,8 +7,8 @@ Writes profile_scan.json: for SSD (24 heads x 64, d_state 128, chunk --ssd-chunk
 channels, d_state 16), bf16, batch 1: the kernels of one forward+backward with their summed CUDA time, and
 fwd+bwd wall and GPU-kernel milliseconds for each value of ssd.triton.STATE_PROGRAMS, ONE_BLOCK_BWD, ONE_BLOCK_FWD,
 FUSED_OUTPUT, DCB_ROW_SCAN and selective_scan.triton.BWD_PROGRAMS (in one process, on the same inputs; each knob is
-left at the value with the least GPU time), and the CPU side of one call: the milliseconds it takes to issue, and the Python
-functions that take them (cProfile).
+left at the value with the least GPU time), and the CPU side of one call: the milliseconds it takes to issue, and
+the Python functions that take them (cProfile).
 """
 
 from __future__ import annotations

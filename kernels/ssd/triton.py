@@ -115,7 +115,8 @@ def _segments(nt: int, batch_heads: int, device: torch.device) -> tuple[int, int
 
     The walks run in waves of ``STATE_PROGRAMS``; the slowest wave's chunks set the time. A wave that is not
     full still takes a whole segment's time: at 256k tokens x 4 sequences on an H100, 3 segments made 288 walks
-    for 264 places, a second wave of 24 that doubled the state kernels' time. So the segment count minimizes
+    for 264 places, and the second wave of 24 took the forward + backward from 35.5 ms (8 segments) to 41.7 (see
+    benchmarks/bench_scan_autotuned_400e05f_h100.json). So the segment count minimizes
     waves x chunks per segment, plus a quarter for the first pass that several segments need (it reads x once
     more: ~1.6 ms of the fused forward's ~8 ms at 1M), fewest segments on a tie.
     """
