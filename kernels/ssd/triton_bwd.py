@@ -36,7 +36,8 @@ from .triton_fwd import WHOLE_STATE_ROWS, decay_block, dot
         [{"BK": bk, "BV": bv, "num_warps": w, "num_stages": s}
          for bk in (32, 64) for bv in (32, 64) for w in (4, 8) for s in (2, 3)]
         + [{"BK": 64, "BV": 64, "num_warps": 4, "num_stages": s, "maxnreg": 128} for s in (2, 3)]
-        # 64 x 128 tiles at 8 warps take 146 registers, one program per SM; capped at 128, two (20-28 B of spills)
+        # 64 x 128 tiles at 8 warps take 144 registers, one program per SM; capped at 128, two (20 B of spills at 2
+        # stages; benchmarks/sass_counts_state_tiles_offline.json)
         + WHOLE_STATE_ROWS + [{"BK": 128, "BV": 64, "num_warps": 8, "num_stages": s, "maxnreg": 128} for s in (2, 3)],
         {"BK": 32, "BV": 32, "num_warps": 4},
         {"BK": 64, "BV": 32, "num_warps": 8, "num_stages": 2},

@@ -14,6 +14,9 @@ Four launches, one kernel each:
 4. ``ssd_output_fwd_kernel``: per (chunk, head): for each row block, C h_prev
    plus the masked quadratic form over the chunk, the D skip and the silu(z) gate.
 
+Chunks of one time block take ``ssd_output_one_block_fwd_kernel`` for 4; when a whole state also fits one
+program, ``ssd_state_output_fwd_kernel`` does 3's last pass and 4 in one walk (``triton.py``'s switches).
+
 Vocabulary as in flash-linear-attention: ``i_`` program ids, ``o_`` offsets,
 ``m_`` masks, ``p_`` pointers, ``b_`` block values. Offsets that scale with
 the length (batch, time) are int64; offsets inside a chunk stay int32.
@@ -31,9 +34,8 @@ DOT_UPCAST = tl.constexpr(INTERPRET)
 
 # State tiles of a whole 128-wide d_state row (both state kernels' spaces): a program reads its chunk's x (dout)
 # once rather than once per 64-wide tile, and its loop has ~20% fewer instructions per state element at 8 warps
-# (sm_90 offline, pass 3: forward 12.2 -> 9.5, backward 16.6 -> 14.9; `scripts/sass_report.py --op ssd --kernel
-# state_fwd state_bwd --config BK=128,BV=64,num_warps=8,num_stages=2`). At 4 warps a 64 x 128 tile takes 168-255
-# registers: not offered.
+# (sm_90 offline, pass 3: forward 12.2 -> 9.5, backward 16.9 -> 14.9; benchmarks/sass_counts_state_tiles_offline.json).
+# At 4 warps a 64 x 128 tile takes 168-255 registers: not offered.
 WHOLE_STATE_ROWS = [{"BK": 128, "BV": bv, "num_warps": 8, "num_stages": s} for bv, s in ((64, 2), (64, 3), (32, 2))]
 # Kernels are tuned per shape and per power-of-two bucket of the chunk count
 # (``T_BUCKET``, otherwise unused): parallelism, hence the best config, changes with length.
@@ -472,7 +474,8 @@ def ssd_output_one_block_fwd_kernel(
 @autotune(
     configs=configs(
         # bf16, 64 x 128 states: 251-255 registers at 4 warps, 189-235 at 8 (one program of 8 warps per SM, or two
-        # of 4); capped at 128, two programs of 8 warps (~150 B of spills offline)
+        # of 4); capped at 128, two programs of 8 warps (152 B of spills offline:
+        # benchmarks/sass_counts_state_tiles_offline.json)
         [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2, 3)]
         + [{"num_warps": 8, "num_stages": s, "maxnreg": 128} for s in (1, 2)],
         {"num_warps": 4},
