@@ -133,6 +133,30 @@ def ssd_chunk_cumsum_fwd_kernel(
     tl.store(dA_cs + p_o, b_cs, mask=m)
 
 
+@triton.jit
+def one_block_y(b_C, b_ht, b_g, b_S, b_a, b_l, m_ij, b_dt, b_x, b_D, HAS_D: tl.constexpr, PRECISE: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """One head's y over a chunk of one time block, before the gate: what the carried state gives, exp(a_cs_t)
+    C_t h_prev^T (``b_g``: exp(a_cs_t), zero where another document began), plus inside the chunk sum_s S_ts
+    exp(a_cs_t - a_cs_s) dt_s x_s over the pairs s <= t of one document (``m_ij``), plus D x."""
+    b_y = dot(b_C, b_ht, PRECISION) * b_g[:, None]
+    b_W = b_S * decay_block(b_a, b_l, b_a, b_l, b_a, b_l, m_ij, False, False, PRECISE) * b_dt[None, :]
+    b_y += dot(b_W.to(b_x.dtype), b_x, PRECISION)
+    if HAS_D:
+        b_y += b_x.to(tl.float32) * b_D
+    return b_y
+
+
+@triton.jit
+def store_y(b_y, out, ypre, p_z, o_out, m, HAS_Z: tl.constexpr):
+    """Stores y at ``o_out``; with z, y before the gate in ``ypre`` (the backward reads it) and y silu(z) in out."""
+    if HAS_Z:
+        tl.store(ypre + o_out, b_y.to(ypre.dtype.element_ty), mask=m)
+        b_z = tl.load(p_z, mask=m, other=0.).to(tl.float32)
+        b_y = b_y * b_z * tl.sigmoid(b_z)
+    tl.store(out + o_out, b_y.to(out.dtype.element_ty), mask=m)
+
+
 @autotune(
     configs=configs([{"num_warps": 4}, {"num_warps": 8}], {"num_warps": 4}, {"num_warps": 4}),
     key=["N", "L", "BT", "T_BUCKET"],
@@ -450,25 +474,17 @@ def ssd_output_one_block_fwd_kernel(
         b_g = tl.exp(b_a)
         if HAS_DOC:
             b_g = tl.where(b_doc_i == b_doc_prev, b_g, 0.)
-        b_y = dot(b_C, b_ht, PRECISION) * b_g[:, None]
-        # inside the chunk: sum_s S_ts exp(a_cs_t - a_cs_s) dt_s x_s over s <= t, same document
-        b_W = b_S * decay_block(b_a, b_l, b_a, b_l, b_a, b_l, m_ij, False, False, PRECISE) * b_dt[None, :]
-        b_y += dot(b_W.to(b_x.dtype), b_x, PRECISION)
+        b_D = 0.
         if HAS_D:
             if D_2D:
                 b_D = tl.load(D + i_h * P + o_v, mask=m_v, other=0.).to(tl.float32)[None, :]
             else:
                 b_D = tl.load(D + i_h).to(tl.float32)
-            b_y += b_x.to(tl.float32) * b_D
+        b_y = one_block_y(b_C, b_ht, b_g, b_S, b_a, b_l, m_ij, b_dt, b_x, b_D, HAS_D, PRECISE, PRECISION)
         # outputs are contiguous (batch, T, heads, P)
         o_out = ((i_b.to(tl.int64) * T + t0 + o_i[:, None]) * H + i_h) * P + o_v[None, :]
-        if HAS_Z:
-            tl.store(ypre + o_out, b_y.to(ypre.dtype.element_ty), mask=m_iv)
-            p_z = z + i_b.to(tl.int64) * s_zb + (t0 + o_i[:, None]).to(tl.int64) * s_zt + i_h * s_zh \
-                + o_v[None, :] * s_zp
-            b_z = tl.load(p_z, mask=m_iv, other=0.).to(tl.float32)
-            b_y = b_y * b_z * tl.sigmoid(b_z)
-        tl.store(out + o_out, b_y.to(out.dtype.element_ty), mask=m_iv)
+        p_z = z + i_b.to(tl.int64) * s_zb + (t0 + o_i[:, None]).to(tl.int64) * s_zt + i_h * s_zh + o_v[None, :] * s_zp
+        store_y(b_y, out, ypre, p_z, o_out, m_iv, HAS_Z)
 
 
 @autotune(
@@ -519,6 +535,7 @@ def ssd_state_output_fwd_kernel(
     p_C0 = C + i_b.to(tl.int64) * s_Cb + i_g * s_Cg
     o_a0 = i_bh.to(tl.int64) * T
     o_d0 = i_b.to(tl.int64) * T
+    b_D = 0.
     if HAS_D:
         if D_2D:
             b_D = tl.load(D + i_h * P + o_v, mask=m_v, other=0.).to(tl.float32)[None, :]
@@ -569,20 +586,11 @@ def ssd_state_output_fwd_kernel(
                       + o_i[None, :]).to(tl.float32)
         # what the carried state gives: exp(a_cs_t) C_t h_prev^T, h_prev rounded as the stored state is
         b_ht = tl.trans(b_h.to(states.dtype.element_ty).to(C.dtype.element_ty))
-        b_y = dot(b_C, b_ht, PRECISION) * b_g[:, None]
-        # inside the chunk: sum_s S_ts exp(a_cs_t - a_cs_s) dt_s x_s over s <= t, same document
-        b_W = b_S * decay_block(b_a, b_l, b_a, b_l, b_a, b_l, m_ij, False, False, PRECISE) * b_dt[None, :]
-        b_y += dot(b_W.to(b_x.dtype), b_x, PRECISION)
-        if HAS_D:
-            b_y += b_x.to(tl.float32) * b_D
+        b_y = one_block_y(b_C, b_ht, b_g, b_S, b_a, b_l, m_ij, b_dt, b_x, b_D, HAS_D, PRECISE, PRECISION)
         # outputs are contiguous (batch, T, heads, P)
         o_out = ((i_b.to(tl.int64) * T + t0 + o_i[:, None]) * H + i_h) * P + o_v[None, :]
-        if HAS_Z:
-            tl.store(ypre + o_out, b_y.to(ypre.dtype.element_ty), mask=m_iv)
-            b_z = tl.load(p_z0 + (t0 + o_i[:, None]).to(tl.int64) * s_zt + o_v[None, :] * s_zp, mask=m_iv,
-                          other=0.).to(tl.float32)
-            b_y = b_y * b_z * tl.sigmoid(b_z)
-        tl.store(out + o_out, b_y.to(out.dtype.element_ty), mask=m_iv)
+        store_y(b_y, out, ypre, p_z0 + (t0 + o_i[:, None]).to(tl.int64) * s_zt + o_v[None, :] * s_zp, o_out, m_iv,
+                HAS_Z)
         # the state entering the next chunk: h decay + (x w)^T B
         b_xw = tl.trans((b_x * b_w[:, None]).to(b_x.dtype))
         b_h = b_h * b_decay + dot(b_xw, b_B, PRECISION)
