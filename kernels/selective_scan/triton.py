@@ -647,7 +647,8 @@ def _bwd_block_d(gsize: int) -> int:
 # shuffle reductions (256, about 2 per SM, left an H100 mostly idle). More
 # programs take fewer channel blocks each (NSUB) and leave more partial sums:
 # at 1M tokens, 2048 -> 162 ms, 12288 (NSUB 2) 156, 24576+ (NSUB 1) 145 ms
-# with 12.9 GB of them instead of 1.1 (benchmarks/diag_selective_h100.json).
+# with 12.9 GB of them instead of 1.1, and 3.2 GB of scratch instead of 0.27
+# (benchmarks/diag_selective_h100.json).
 BWD_PROGRAMS = 2048
 # Programs along the segments at most (the segment's partial sums of dB, dC
 # are per program and step).
