@@ -9,8 +9,9 @@ its switches in the environment (they are read at import):
 
 - DIAG_NOSCR=1: pass C's phase 1 still recomputes every tile's starting state but keeps only the last, in one slot;
   phase 2 reads that slot for every tile: the scratch's HBM traffic (~50 GB at 1M) is gone, its work is not.
-- DIAG_NOPART=1: pass C neither reads the earlier channel blocks' dB, dC sums nor writes them per step (its
-  stores all land in one tile's worth of addresses): the partial sums' read-modify-write is gone.
+- DIAG_NOPART=1: pass C's stores of its dB, dC partial sums all land in one tile's worth of addresses: their HBM
+  traffic is gone (at 6ba4180 and before, when programs added several channel blocks into one partial, this also removed their
+  read-modify-write).
 - DIAG_NOPH1=1: phase 1 recomputes one tile only (use with DIAG_NOSCR).
 - DIAG_NOEXP=1: the per-element exp2 of the decays becomes 1 + x (every kernel).
 - DIAG_CAP=N: pass C takes one config (BT 4, NI 4, 1 warp) with a register cap of N (0: none);
@@ -63,18 +64,17 @@ PATCHES = [
     ('    b_a = _exp2(b_dt[None, :, :, None] * b_A2[:, None, :, :], FAST_MATH)  # [NI, BT, BD, NL]\n',
      '    if DIAG_NOEXP:\n        b_a = 1.0 + b_dt[None, :, :, None] * b_A2[:, None, :, :]\n'
      '    else:\n        b_a = _exp2(b_dt[None, :, :, None] * b_A2[:, None, :, :], FAST_MATH)\n'),
-    ('            for k in range(0, n_tiles - 1):\n                tl.store(p_scr + k * s_sck + o_scr, b_h)',
-     '            for k in range(0, 1 if DIAG_NOPH1 else n_tiles - 1):\n'
-     '                if not DIAG_NOSCR:\n                    tl.store(p_scr + k * s_sck + o_scr, b_h)'),
-    ('            tl.store(p_scr + (n_tiles - 1) * s_sck + o_scr, b_h)',
-     '            tl.store(p_scr + (0 if DIAG_NOSCR else n_tiles - 1) * s_sck + o_scr, b_h)'),
-    ('                b_h0 = tl.load(p_scr + k * s_sck + o_scr)',
-     '                b_h0 = tl.load(p_scr + (0 if DIAG_NOSCR else k) * s_sck + o_scr)'),
-    ('                m_prev = m_part & (i_sub > 0)',
-     '                if DIAG_NOPART:\n'
-     '                    o_part = (i_grp * NSB + i_sb0) * N + o_tl[None, :, None] * (NSB * N) + o_n3\n'
-     '                    m_prev = m_part & (i_sub < 0)\n'
-     '                else:\n                    m_prev = m_part & (i_sub > 0)'),
+    ('        for k in range(0, n_tiles - 1):\n            tl.store(p_scr + k * s_sck + o_scr, b_h)',
+     '        for k in range(0, 1 if DIAG_NOPH1 else n_tiles - 1):\n'
+     '            if not DIAG_NOSCR:\n                tl.store(p_scr + k * s_sck + o_scr, b_h)'),
+    ('        tl.store(p_scr + (n_tiles - 1) * s_sck + o_scr, b_h)',
+     '        tl.store(p_scr + (0 if DIAG_NOSCR else n_tiles - 1) * s_sck + o_scr, b_h)'),
+    ('            b_h0 = tl.load(p_scr + k * s_sck + o_scr)',
+     '            b_h0 = tl.load(p_scr + (0 if DIAG_NOSCR else k) * s_sck + o_scr)'),
+    ('            m_part = m_t[None, :, None] & m_n3\n',
+     '            m_part = m_t[None, :, None] & m_n3\n'
+     '            if DIAG_NOPART:\n'
+     '                o_part = (i_grp * NSB + i_sb0) * N + o_tl[None, :, None] * (NSB * N) + o_n3\n'),
     ('_BWD_C_CONFIGS = _BWD_CONFIGS\n',
      '_BWD_C_CONFIGS = _BWD_CONFIGS\n'
      'if os.environ.get("DIAG_FWD"):\n'

@@ -6,7 +6,7 @@ of the launch-shape knobs that set how many programs the sequential parts get.
 Writes profile_scan.json: for SSD (24 heads x 64, d_state 128, chunk --ssd-chunk) and the selective scan (1536
 channels, d_state 16), bf16, batch 1: the kernels of one forward+backward with their summed CUDA time, and
 fwd+bwd wall and GPU-kernel milliseconds for each value of ssd.triton.STATE_PROGRAMS, ONE_BLOCK_BWD, ONE_BLOCK_FWD,
-FUSED_OUTPUT, DCB_ROW_SCAN and selective_scan.triton.BWD_PROGRAMS, _BWD_SEGMENT_PROGRAMS (in one process, on the
+FUSED_OUTPUT, DCB_ROW_SCAN and selective_scan.triton.BWD_PROGRAMS, BWD_ROUND_BYTES (in one process, on the
 same inputs; each knob is left at the value with the least GPU time), and the CPU side of one call: the milliseconds it takes to issue, and
 the Python functions that take them (cProfile).
 """
@@ -94,10 +94,11 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks"))
     parser.add_argument("--state-programs", type=int, nargs="*", default=[0, 264, 528],
                         help="ssd.triton.STATE_PROGRAMS values to time (walks at once; 0: two per SM)")
-    parser.add_argument("--bwd-programs", type=int, nargs="*", default=[256, 2048, 8192])
-    parser.add_argument("--bwd-segment-programs", type=int, nargs="*", default=[256],
-                        help="selective_scan.triton._BWD_SEGMENT_PROGRAMS values to time (pass C's programs along the "
-                             "segments at most), at the best --bwd-programs")
+    parser.add_argument("--bwd-programs", type=int, nargs="*", default=[3072, 6144, 12288],
+                        help="selective_scan.triton.BWD_PROGRAMS values to time (pass C's programs a round at most)")
+    parser.add_argument("--bwd-round-bytes", type=float, nargs="*", default=[2**29, 2**30, 2**31],
+                        help="selective_scan.triton.BWD_ROUND_BYTES values to time (pass C's dB, dC partial sums a "
+                             "round at most), at the best --bwd-programs")
     parser.add_argument("--one-block-bwd", type=int, nargs="*", default=[0, 1], choices=[0, 1],
                         help="ssd.triton.ONE_BLOCK_BWD values to time (the one-block dx kernel at chunk 64)")
     parser.add_argument("--one-block-fwd", type=int, nargs="*", default=[0, 1], choices=[0, 1],
@@ -149,8 +150,8 @@ def profile_selective(args, report: dict) -> None:
     sel = fwd_bwd_runner(lambda: sel_triton.selective_scan(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
                                                            dt_softplus=True), inputs)
     report["selective_sweep"] = sweep(sel_triton, "BWD_PROGRAMS", args.bwd_programs, sel)
-    report["selective_segment_programs_sweep"] = sweep(sel_triton, "_BWD_SEGMENT_PROGRAMS",
-                                                       args.bwd_segment_programs, sel)
+    report["selective_round_bytes_sweep"] = sweep(sel_triton, "BWD_ROUND_BYTES",
+                                                  [int(v) for v in args.bwd_round_bytes], sel)
     report["selective_kernels"] = kernel_times(sel)
     report["selective_host"] = host_side(sel)
     report["selective_configs"] = best_configs(sel_triton)

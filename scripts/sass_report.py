@@ -2,7 +2,7 @@
 
     python scripts/sass_report.py                           # selective scan pass C, every config the prune keeps
     python scripts/sass_report.py --kernel fwd carry bwd    # the three selective scan kernels
-    python scripts/sass_report.py --kernel bwd --config BT=8,NI=4,num_warps=2 --programs 8192 --hist
+    python scripts/sass_report.py --kernel bwd --config BT=8,NI=4,num_warps=2 --hist
     python scripts/sass_report.py --json out.json           # the rows as JSON too
     python scripts/sass_report.py --op ssd                  # every SSD kernel, chunks 64 128 256, its autotune space
     python scripts/sass_report.py --op ssd --chunk 64 --kernel dcb dx --config num_warps=8,maxnreg=128 --hist
@@ -10,7 +10,7 @@
 
 For the selective scan it runs the real host launcher (``_fwd`` / ``_bwd``) on meta tensors of the benchmark
 shape (batch 1, 1M steps, 1536 channels, 1 group, d_state 16, bf16, dt_softplus, dt_bias, D, z), with the
-kernels swapped for recorders: the arguments, strides and constexprs (BD, NSUB...) are the ones a GPU run
+kernels swapped for recorders: the arguments, strides and constexprs (BD, BN...) are the ones a GPU run
 would pass. Each recorded launch is then compiled for sm_90a by Triton itself (the same specialization as a
 launch: pointer and integer divisibility, ints equal to 1 as constants) for every config of the kernel's
 autotune space that its prune keeps (or the ``--config`` given), and ptxas' report and the SASS are read.
@@ -247,10 +247,9 @@ def analyse(kernel, num_warps: int, elems_per_iter: int | None, pick_hot=None) -
 
 # ------------------------------------------------------------------------------------------------- selective scan
 
-def selective_scan_launches(programs: int, length=1 << 20, channels=1536, d_state=16):
+def selective_scan_launches(length=1 << 20, channels=1536, d_state=16):
     """The launches of one forward and one backward at the benchmark shape, recorded from the real launchers."""
     sst = _import_kernels()
-    sst.BWD_PROGRAMS = programs
     meta = dict(device="meta")
     x, dt, z, dout = (torch.empty(1, length, channels, dtype=torch.bfloat16, **meta) for _ in range(4))
     B, C = (torch.empty(1, length, 1, d_state, dtype=torch.bfloat16, **meta) for _ in range(2))
@@ -287,7 +286,7 @@ def report(launch, cfg) -> dict:
     fn = _jit(launch["kernel"])
     k = compile_sm90(fn, launch["args"], kw, cfg.num_warps, cfg.num_stages, cfg.maxnreg)
     elems = kw["BT"] * kw["BD"] * kw["BN"] if {"BT", "BD", "BN"} <= kw.keys() else None
-    return dict(kernel=launch["name"], **{k_: kw[k_] for k_ in ("LOCAL", "NSUB") if k_ in kw},
+    return dict(kernel=launch["name"], **{k_: kw[k_] for k_ in ("LOCAL",) if k_ in kw},
                 **cfg.kwargs, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg, **analyse(k, cfg.num_warps, elems))
 
 
@@ -471,7 +470,6 @@ def main():
     p.add_argument("--op", default="selective", choices=["selective", "ssd", "conv1d"])
     p.add_argument("--kernel", nargs="+", help="selective: fwd carry bwd (default bwd); ssd: "
                    + " ".join(SSD_KERNELS) + " (default all); conv1d: fwd bwd walk (default all)")
-    p.add_argument("--programs", type=int, nargs="+", default=[2048, 8192], help="BWD_PROGRAMS (sets NSUB)")
     p.add_argument("--chunk", type=int, nargs="+", default=[64, 128, 256], help="ssd chunk sizes")
     p.add_argument("--length", type=int, default=1 << 20, help="ssd tokens (batch 1)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="ssd inputs")
@@ -502,17 +500,16 @@ def main():
 def selective_main(a, only) -> list[dict]:
     names = {"fwd": "_fwd_kernel", "carry": "_bwd_carry_kernel", "bwd": "_bwd_kernel"}
     wanted = {names[k] for k in (a.kernel or ["bwd"])}
-    launches = (launch for programs in a.programs for launch in selective_scan_launches(programs))
-    # only pass C depends on BWD_PROGRAMS (through NSUB)
+    # pass C runs in rounds: one report for its launches
     return _report_each(
-        launches, only,
-        lambda launch: ((launch["name"], launch["kwargs"].get("LOCAL"), launch["kwargs"].get("NSUB"))
+        selective_scan_launches(), only,
+        lambda launch: ((launch["name"], launch["kwargs"].get("LOCAL"))
                         if launch["name"] in wanted else None),
         report, _print_row, a.hist)
 
 
 def _print_row(r, hist):
-    head = " ".join(f"{k}={r[k]}" for k in ("kernel", "LOCAL", "NSUB", "BT", "BD", "NI", "num_warps", "maxnreg")
+    head = " ".join(f"{k}={r[k]}" for k in ("kernel", "LOCAL", "BT", "BD", "NI", "num_warps", "maxnreg")
                     if r.get(k) is not None)
     h = r["hot"]
     print(f"{head}: regs {r['regs']} spill st/ld {r['spill_st']}/{r['spill_ld']} B, local ops {r['local_ops']}, "

@@ -474,137 +474,130 @@ def _chain_kernel(c_loc, P, h_in, starts, h_out, NS, DN,
     tl.store(h_out + i_b64 * DN + o, b_h, mask=m)
 
 
-@autotune(configs=_BWD_C_CONFIGS, key=["D", "N", "GSIZE", "BD", "NSUB"],
+@autotune(configs=_BWD_C_CONFIGS, key=["D", "N", "GSIZE", "BD", "NG"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _bwd_kernel(
     x, dt, A, B, C, Dp, z, dt_bias, seq_idx, dout, ckpt, carry, scratch,
     dx, ddt, dz, dB_part, dC_part, dA_part, dD_part, dbias_part,
-    L, D, N, GSIZE, S, NSB, NG,
+    L, D, N, GSIZE, S, NSB, NG, SEG0, SEG1, B0, LP,
     s_xb, s_xt, s_dtb, s_dtt, s_zb, s_zt, s_dob, s_dot,
     s_Bb, s_Bt, s_Bg, s_Cb, s_Ct, s_Cg, s_sb, s_st, s_scb, s_sck,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, NSUB: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, NI: tl.constexpr,
 ):
-    """Backward pass C, one program per (NSUB * BD channels, batch row, NG-th of the segments).
+    """Backward pass C for one round: a program per (BD channels, batch row B0 + i, NG-th of segments SEG0..SEG1).
 
     Segments are independent now that their carries are known. For each of
-    its segments and each of its NSUB blocks of BD channels (one group):
-    phase 1 recomputes the states at the start of every tile into the
-    program's scratch, phase 2 walks the tiles backwards with the adjoint
-    scan. dB and dC of the NSUB blocks are added up in the output in a fixed
-    order, so the partial sums left for the host are channels / (NSUB * BD)
-    per step, not channels / BD.
+    its segments: phase 1 recomputes the states at the start of every tile
+    into the program's scratch, phase 2 walks the tiles backwards with the
+    adjoint scan. dB and dC are summed over the block's channels and stored
+    as the block's partial sums of the round: (row - B0, step - SEG0 * S)
+    of a (rows, LP, NSB, N) buffer that the host sums over blocks.
     """
     NL: tl.constexpr = BN // NI
-    i_sb0, i_b, i_grp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_sb0, i_bl, i_grp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b = B0 + i_bl
     i_b64 = tl.cast(i_b, tl.int64)
+    i_bl64 = tl.cast(i_bl, tl.int64)
     o_n3 = tl.arange(0, NI)[:, None, None] * NL + tl.arange(0, NL)[None, None, :]  # [NI, 1, NL]
     m_n3 = o_n3 < N
-    i_g = (i_sb0 * NSUB * BD) // GSIZE
+    i_g = (i_sb0 * BD) // GSIZE
     o_tl = tl.arange(0, BT)
-    # the program's own scratch, reused by each of its blocks and segments
-    p_scr = scratch + ((i_b64 * NG + i_grp) * NSB + i_sb0) * s_scb
+    o_d = i_sb0 * BD + tl.arange(0, BD)
+    o_dn = o_d[None, :, None] * N + o_n3  # [NI, BD, NL]
+    b_A2 = tl.load(A + o_dn, mask=m_n3, other=0.0) * LOG2E
+    if HAS_D:
+        b_D = tl.load(Dp + o_d).to(tl.float32)
+    # the program's own scratch, reused by each of its segments
+    p_scr = scratch + ((i_bl64 * NG + i_grp) * NSB + i_sb0) * s_scb
+    o_scr = tl.arange(0, BD)[None, :, None] * BN + o_n3  # [NI, BD, NL]
     TPS = S // BT
     NT = tl.cdiv(L, BT)
     NS = tl.cdiv(L, S)
-    for i_seg in range(i_grp, NS, NG):
+    for i_seg in range(SEG0 + i_grp, SEG1, NG):
         t_first = i_seg * TPS
         n_tiles = tl.minimum(TPS, NT - t_first)
-        for i_sub in range(0, NSUB):
-            o_d = (i_sb0 * NSUB + i_sub) * BD + tl.arange(0, BD)
-            o_dn = o_d[None, :, None] * N + o_n3  # [NI, BD, NL]
-            o_scr = tl.arange(0, BD)[None, :, None] * BN + o_n3  # [NI, BD, NL]
-            b_A2 = tl.load(A + o_dn, mask=m_n3, other=0.0) * LOG2E
-            if HAS_D:
-                b_D = tl.load(Dp + o_d).to(tl.float32)
-            b_dA = tl.zeros([NI, BD, NL], dtype=tl.float32)
-            # summed over time once at the end: [BT, BD] tiles have time across threads
-            b_dD = tl.zeros([BT, BD], dtype=tl.float32)
-            b_dbias = tl.zeros([BT, BD], dtype=tl.float32)
-            o_seg = (i_b64 * NS + i_seg) * D * N + o_dn
-            b_h = tl.load(ckpt + o_seg, mask=m_n3, other=0.0)
-            # adjoint flowing into the step after the current tile: abar_{t+1} g_{t+1}
-            b_c = tl.load(carry + o_seg, mask=m_n3, other=0.0)
-            # the previous phase 2 read the scratch written below
-            tl.debug_barrier()
-            # phase 1: states at the start of every tile of the segment, to scratch
-            for k in range(0, n_tiles - 1):
-                tl.store(p_scr + k * s_sck + o_scr, b_h)
-                _, _, _, _, _, _, _, b_hs, _ = _tile_states(
-                    x, dt, B, dt_bias, seq_idx, b_A2, b_h,
-                    i_b, t_first + k, i_g, o_d, o_n3, L, N,
-                    s_xb, s_xt, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg, s_sb, s_st,
-                    HAS_BIAS, SOFTPLUS, HAS_SEQ, BT,
-                )
-                b_h = _last_step(b_hs, BT)
-            tl.store(p_scr + (n_tiles - 1) * s_sck + o_scr, b_h)
-            # scratch is written and read by different threads of the program
-            tl.debug_barrier()
-            # phase 2: tiles last to first, adjoint as a reverse scan
-            for kk in range(0, n_tiles):
-                k = n_tiles - 1 - kk
-                i_t = t_first + k
-                t0 = tl.cast(i_t, tl.int64) * BT
-                m_t = i_t * BT + o_tl < L
-                # the earlier blocks' dB, dC sums of this tile, loaded first so that their latency
-                # (a round trip to L2) overlaps the tile's arithmetic
-                o_part = ((i_b64 * L + t0) * NSB + i_sb0) * N + o_tl[None, :, None] * (NSB * N) + o_n3
-                m_part = m_t[None, :, None] & m_n3
-                m_prev = m_part & (i_sub > 0)
-                b_dB = tl.load(dB_part + o_part, mask=m_prev, other=0.0)  # [NI, BT, NL]
-                b_dC = tl.load(dC_part + o_part, mask=m_prev, other=0.0)
-                b_h0 = tl.load(p_scr + k * s_sck + o_scr)
-                b_x, b_dtr, b_dt, b_a, b_u, b_B, b_ub, b_hs, _ = _tile_states(
-                    x, dt, B, dt_bias, seq_idx, b_A2, b_h0,
-                    i_b, i_t, i_g, o_d, o_n3, L, N,
-                    s_xb, s_xt, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg, s_sb, s_st,
-                    HAS_BIAS, SOFTPLUS, HAS_SEQ, BT,
-                )
-                p_C = C + i_b64 * s_Cb + t0 * s_Ct + i_g * s_Cg + o_tl[None, :, None] * s_Ct + o_n3
-                b_C = tl.load(p_C, mask=m_t[None, :, None] & m_n3, other=0.0).to(tl.float32)  # [NI, BT, NL]
-                b_do, b_dy, b_z, b_sig = _tile_dy(dout, z, i_b, i_t, o_d, L, s_dob, s_dot, s_zb, s_zt, HAS_Z, BT)
-                # what needs h_t itself first, so that only h_t - u_t B_t stays live through the adjoint
-                b_dC += tl.sum(b_hs * b_dy[None, :, :, None], axis=2)
-                if HAS_Z:
-                    b_y = _sum_n(b_hs * b_C[:, :, None, :])
-                    if HAS_D:
-                        b_y += b_x * b_D[None, :]
-                    b_dz = b_do * b_y * b_sig * (1.0 + b_z * (1.0 - b_sig))
-                    p_dz = dz + (i_b64 * L + t0) * D + o_tl[:, None] * D + o_d[None, :]
-                    tl.store(p_dz, b_dz.to(dz.dtype.element_ty), mask=m_t[:, None])
-                b_hp = b_hs - b_ub  # abar_t h_{t-1}
-                b_g, b_c = _tile_adjoint(b_a, b_dy[None, :, :, None] * b_C[:, :, None, :], b_c, BT)
-                # g_t * abar_t * h_{t-1}: the gradient reaching abar_t, times abar_t
-                b_q = b_g * b_hp
-                b_dA += tl.sum(b_q * b_dt[None, :, :, None], axis=1)
-                b_du = _sum_n(b_g * b_B[:, :, None, :])  # [BT, BD]
-                # sum_n q A = ln 2 * sum_n q A2: one multiply per (t, d), and A need not stay live
-                b_ddt = b_du * b_x + _sum_n(b_q * b_A2[:, None, :, :]) * LN2
-                b_dx = b_du * b_dt
+        b_dA = tl.zeros([NI, BD, NL], dtype=tl.float32)
+        # summed over time once at the end: [BT, BD] tiles have time across threads
+        b_dD = tl.zeros([BT, BD], dtype=tl.float32)
+        b_dbias = tl.zeros([BT, BD], dtype=tl.float32)
+        o_seg = (i_b64 * NS + i_seg) * D * N + o_dn
+        b_h = tl.load(ckpt + o_seg, mask=m_n3, other=0.0)
+        # adjoint flowing into the step after the current tile: abar_{t+1} g_{t+1}
+        b_c = tl.load(carry + o_seg, mask=m_n3, other=0.0)
+        # the previous phase 2 read the scratch written below
+        tl.debug_barrier()
+        # phase 1: states at the start of every tile of the segment, to scratch
+        for k in range(0, n_tiles - 1):
+            tl.store(p_scr + k * s_sck + o_scr, b_h)
+            _, _, _, _, _, _, _, b_hs, _ = _tile_states(
+                x, dt, B, dt_bias, seq_idx, b_A2, b_h,
+                i_b, t_first + k, i_g, o_d, o_n3, L, N,
+                s_xb, s_xt, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg, s_sb, s_st,
+                HAS_BIAS, SOFTPLUS, HAS_SEQ, BT,
+            )
+            b_h = _last_step(b_hs, BT)
+        tl.store(p_scr + (n_tiles - 1) * s_sck + o_scr, b_h)
+        # scratch is written and read by different threads of the program
+        tl.debug_barrier()
+        # phase 2: tiles last to first, adjoint as a reverse scan
+        for kk in range(0, n_tiles):
+            k = n_tiles - 1 - kk
+            i_t = t_first + k
+            t0 = tl.cast(i_t, tl.int64) * BT
+            m_t = i_t * BT + o_tl < L
+            b_h0 = tl.load(p_scr + k * s_sck + o_scr)
+            b_x, b_dtr, b_dt, b_a, b_u, b_B, b_ub, b_hs, _ = _tile_states(
+                x, dt, B, dt_bias, seq_idx, b_A2, b_h0,
+                i_b, i_t, i_g, o_d, o_n3, L, N,
+                s_xb, s_xt, s_dtb, s_dtt, s_Bb, s_Bt, s_Bg, s_sb, s_st,
+                HAS_BIAS, SOFTPLUS, HAS_SEQ, BT,
+            )
+            p_C = C + i_b64 * s_Cb + t0 * s_Ct + i_g * s_Cg + o_tl[None, :, None] * s_Ct + o_n3
+            b_C = tl.load(p_C, mask=m_t[None, :, None] & m_n3, other=0.0).to(tl.float32)  # [NI, BT, NL]
+            b_do, b_dy, b_z, b_sig = _tile_dy(dout, z, i_b, i_t, o_d, L, s_dob, s_dot, s_zb, s_zt, HAS_Z, BT)
+            # what needs h_t itself first, so that only h_t - u_t B_t stays live through the adjoint
+            b_dC = tl.sum(b_hs * b_dy[None, :, :, None], axis=2)  # [NI, BT, NL]
+            if HAS_Z:
+                b_y = _sum_n(b_hs * b_C[:, :, None, :])
                 if HAS_D:
-                    b_dx += b_dy * b_D[None, :]
-                    b_dD += b_dy * b_x
-                if SOFTPLUS:
-                    b_ddt *= _sigmoid(b_dtr, FAST_MATH)
-                # past the end the carried adjoint is not zero: keep it out of the sums
-                b_ddt = tl.where(m_t[:, None], b_ddt, 0.0)
-                b_dbias += b_ddt
-                p_dx = dx + (i_b64 * L + t0) * D + o_tl[:, None] * D + o_d[None, :]
-                tl.store(p_dx, b_dx.to(dx.dtype.element_ty), mask=m_t[:, None])
-                p_ddt = ddt + (i_b64 * L + t0) * D + o_tl[:, None] * D + o_d[None, :]
-                tl.store(p_ddt, b_ddt.to(ddt.dtype.element_ty), mask=m_t[:, None])
-                # sums over the block's channels, added to the earlier blocks'
-                b_dB += tl.sum(b_g * b_u[None, :, :, None], axis=2)  # [NI, BT, NL]
-                # threads holding copies of a sum all read before any writes
-                tl.debug_barrier()
-                tl.store(dB_part + o_part, b_dB, mask=m_part)
-                tl.store(dC_part + o_part, b_dC, mask=m_part)
-            o_p = (i_b64 * NS + i_seg) * D
-            tl.store(dA_part + o_p * N + o_dn, b_dA, mask=m_n3)
-            tl.store(dD_part + o_p + o_d, tl.sum(b_dD, axis=0))
-            tl.store(dbias_part + o_p + o_d, tl.sum(b_dbias, axis=0))
+                    b_y += b_x * b_D[None, :]
+                b_dz = b_do * b_y * b_sig * (1.0 + b_z * (1.0 - b_sig))
+                p_dz = dz + (i_b64 * L + t0) * D + o_tl[:, None] * D + o_d[None, :]
+                tl.store(p_dz, b_dz.to(dz.dtype.element_ty), mask=m_t[:, None])
+            b_hp = b_hs - b_ub  # abar_t h_{t-1}
+            b_g, b_c = _tile_adjoint(b_a, b_dy[None, :, :, None] * b_C[:, :, None, :], b_c, BT)
+            # g_t * abar_t * h_{t-1}: the gradient reaching abar_t, times abar_t
+            b_q = b_g * b_hp
+            b_dA += tl.sum(b_q * b_dt[None, :, :, None], axis=1)
+            b_du = _sum_n(b_g * b_B[:, :, None, :])  # [BT, BD]
+            # sum_n q A = ln 2 * sum_n q A2: one multiply per (t, d), and A need not stay live
+            b_ddt = b_du * b_x + _sum_n(b_q * b_A2[:, None, :, :]) * LN2
+            b_dx = b_du * b_dt
+            if HAS_D:
+                b_dx += b_dy * b_D[None, :]
+                b_dD += b_dy * b_x
+            if SOFTPLUS:
+                b_ddt *= _sigmoid(b_dtr, FAST_MATH)
+            # past the end the carried adjoint is not zero: keep it out of the sums
+            b_ddt = tl.where(m_t[:, None], b_ddt, 0.0)
+            b_dbias += b_ddt
+            p_dx = dx + (i_b64 * L + t0) * D + o_tl[:, None] * D + o_d[None, :]
+            tl.store(p_dx, b_dx.to(dx.dtype.element_ty), mask=m_t[:, None])
+            p_ddt = ddt + (i_b64 * L + t0) * D + o_tl[:, None] * D + o_d[None, :]
+            tl.store(p_ddt, b_ddt.to(ddt.dtype.element_ty), mask=m_t[:, None])
+            # the block's sums over its channels, at (row, step) of the round
+            b_dB = tl.sum(b_g * b_u[None, :, :, None], axis=2)
+            o_part = ((i_bl64 * LP + t0 - SEG0 * S) * NSB + i_sb0) * N + o_tl[None, :, None] * (NSB * N) + o_n3
+            m_part = m_t[None, :, None] & m_n3
+            tl.store(dB_part + o_part, b_dB, mask=m_part)
+            tl.store(dC_part + o_part, b_dC, mask=m_part)
+        o_p = (i_b64 * NS + i_seg) * D
+        tl.store(dA_part + o_p * N + o_dn, b_dA, mask=m_n3)
+        tl.store(dD_part + o_p + o_d, tl.sum(b_dD, axis=0))
+        tl.store(dbias_part + o_p + o_d, tl.sum(b_dbias, axis=0))
 
 
 # --------------------------------------------------------------------------
@@ -637,37 +630,36 @@ def _scratch_bt() -> int:
 
 def _bwd_block_d(gsize: int) -> int:
     # Channels per backward program. Each program writes d_state fp32 partial
-    # sums of dB and dC per step (written and read back: 16 * d_state bytes
-    # per step and program; 1536 channels in blocks of 16: 12 KB per token).
-    # The segments give the parallelism, so blocks can be this large.
+    # sums of dB and dC per step (written, then read by torch's sum: 16 *
+    # d_state bytes per step and program; 1536 channels in blocks of 16: 12 KB
+    # per token). The segments give the parallelism, so blocks can be this large.
     return _pow2_divisor(gsize, 16)
 
 
-# Backward programs to aim for: enough warps per SM to hide the latency of the
-# shuffle reductions (256, about 2 per SM, left an H100 mostly idle). More
-# programs take fewer channel blocks each (NSUB) and leave more partial sums:
-# at 1M tokens, 2048 -> 162 ms, 12288 (NSUB 2) 156, 24576+ (NSUB 1) 145 ms
-# with 12.9 GB of them instead of 1.1, and 3.2 GB of scratch instead of 0.27
-# (benchmarks/diag_selective_h100.json).
-BWD_PROGRAMS = 2048
-# Programs along the segments at most (the segment's partial sums of dB, dC
-# are per program and step).
-_BWD_SEGMENT_PROGRAMS = 256
+# Pass C runs in rounds, each over some batch rows and segments: a program
+# stores dB, dC summed over its one block of channels per step, and the host
+# sums the blocks' partials after each round. Programs that each added
+# several blocks in turn into one partial per step (read, add, write) took
+# 162 ms at 1M tokens where one block a program takes 145 to 149, whatever
+# the program count (benchmarks/selective_bwd_grid_h100.json); the rounds
+# bound the partials' memory, which one block a program multiplies.
+# dB and dC partial sums of one round at most:
+BWD_ROUND_BYTES = 1 << 30
+# Programs of one round at most: each holds a tile-start scratch of
+# CHECKPOINT_STEPS / BT x BD x d_state fp32 (128 KB at BT 4, BD 16, d_state 16).
+BWD_PROGRAMS = 6144
 
 
-def _bwd_grid(batch: int, nblk_per_group: int, groups: int, nseg: int) -> tuple[int, int]:
-    """(NSUB, NG) of backward pass C: channel blocks per program, programs along the segments.
-
-    Long sequences: up to _BWD_SEGMENT_PROGRAMS programs along the segments,
-    each taking NSUB blocks of its group, with NSUB lowered until there are
-    about BWD_PROGRAMS programs; dB, dC leave one partial sum per program and
-    step. Short ones: every block its own program.
-    """
-    ng = max(1, min(nseg, _BWD_SEGMENT_PROGRAMS))
-    nsub = nblk_per_group
-    while nsub > 1 and batch * groups * (nblk_per_group // nsub) * ng < BWD_PROGRAMS:
-        nsub = next(d for d in range(nsub - 1, 0, -1) if nblk_per_group % d == 0)
-    return nsub, ng
+def _bwd_rounds(batch: int, nblk: int, d_state: int, nseg: int) -> tuple[int, int, int]:
+    """(rows, segments, NG) of backward pass C's rounds: the batch rows and segments one round covers, and its
+    programs along those segments (each takes every NG-th of them)."""
+    row_segment_bytes = CHECKPOINT_STEPS * nblk * d_state * 8  # dB and dC partials, fp32
+    units = max(1, BWD_ROUND_BYTES // row_segment_bytes)  # (row, segment) pairs a round
+    ng = max(1, min(nseg, BWD_PROGRAMS // nblk))
+    if units < nseg:  # part of a row a round, a multiple of NG segments: every program takes as many
+        return 1, min(nseg, max(ng, units // ng * ng)), ng
+    rows = max(1, min(batch, units // nseg, BWD_PROGRAMS // nblk))
+    return rows, nseg, max(1, min(nseg, BWD_PROGRAMS // (nblk * rows)))
 
 
 def _fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx):
@@ -743,13 +735,15 @@ def _bwd(dout, dhT, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, s
     bd = _bwd_block_d(gsize)
     nblk = channels // bd
     nseg = cdiv(length, CHECKPOINT_STEPS)
-    nsub, ngrp = _bwd_grid(batch, gsize // bd, groups, nseg)
-    nsb = nblk // nsub
+    rows, segs, ngrp = _bwd_rounds(batch, nblk, d_state, nseg)
     dx = new_buffer(batch, length, channels, device=dev, dtype=x.dtype)
     ddt = new_buffer(batch, length, channels, device=dev, dtype=dt.dtype)
     dz = new_buffer(batch, length, channels, device=dev, dtype=z.dtype) if z is not None else None
-    dB_part = new_buffer(batch, length, nsb, d_state, device=dev)
-    dC_part = new_buffer(batch, length, nsb, d_state, device=dev)
+    # per round: dB, dC summed over each block of channels; summed over the blocks into dB, dC after it
+    dB_part = new_buffer(rows, min(length, segs * CHECKPOINT_STEPS), nblk, d_state, device=dev)
+    dC_part = new_buffer(*dB_part.shape, device=dev)
+    dB = new_buffer(batch, length, groups, d_state, device=dev)
+    dC = new_buffer(*dB.shape, device=dev)
     dA_part = new_buffer(batch * nseg, channels, d_state, device=dev)
     dD_part = new_buffer(batch * nseg, channels, device=dev)
     dbias_part = new_buffer(batch * nseg, channels, device=dev)
@@ -764,17 +758,16 @@ def _bwd(dout, dhT, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, s
         s_z = z.stride() if z is not None else (0, 0, 0)
         flags = dict(HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
                      HAS_SEQ=seq_idx is not None, BD=bd, BN=bn)
-        if any(_fits(c, bn, gsize, bd, False) for c in _BWD_CONFIGS):
-            carry_kernel = _bwd_carry_kernel[(nblk, batch, nseg)]
-            kernel = _bwd_kernel[(nsb, batch, ngrp)]
-        else:
-            _, kw, nw = _fallback_config(bn, gsize, bd)
-            carry_kernel = functools.partial(_bwd_carry_kernel.fn[(nblk, batch, nseg)], num_warps=nw, **kw)
-            kernel = functools.partial(_bwd_kernel.fn[(nsb, batch, ngrp)], num_warps=nw, **kw)
+        tuned = any(_fits(c, bn, gsize, bd, False) for c in _BWD_CONFIGS)
+        _, kw, nw = _fallback_config(bn, gsize, bd)
+
+        def launch(kernel, grid):
+            return kernel[grid] if tuned else functools.partial(kernel.fn[grid], num_warps=nw, **kw)
+
         # pass A: each segment's adjoint for a zero carry, and its decay product
         c_loc = new_buffer(batch, nseg, channels, d_state, device=dev)
         P = new_buffer(batch, nseg, channels, d_state, device=dev)
-        carry_kernel(
+        launch(_bwd_carry_kernel, (nblk, batch, nseg))(
             dt, A32, C, z, bias, seq_idx, dout, c_loc, P,
             length, channels, d_state, gsize, CHECKPOINT_STEPS,
             dt.stride(0), dt.stride(1), s_z[0], s_z[1], dout.stride(0), dout.stride(1),
@@ -787,22 +780,29 @@ def _bwd(dout, dhT, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, s
         _chain_kernel[(cdiv(dn, 1024), batch)](
             c_loc, P, dhT, carry, dh0, nseg, dn, HAS_IN=dhT is not None, REVERSE=True, BLOCK=1024,
         )
-        # pass C: all gradients, segments in parallel
-        scratch = new_buffer(batch * ngrp * nsb, CHECKPOINT_STEPS // _scratch_bt(), bd, bn, device=dev)
-        kernel(
-            x, dt, A32, B, C, Dc, z, bias, seq_idx, dout, ckpt, carry, scratch,
-            dx, ddt, dz, dB_part, dC_part, dA_part, dD_part, dbias_part,
-            length, channels, d_state, gsize, CHECKPOINT_STEPS, nsb, ngrp,
-            x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), s_z[0], s_z[1],
-            dout.stride(0), dout.stride(1),
-            sB[0], sB[1], sB[2], sC[0], sC[1], sC[2], s_seq[0], s_seq[1],
-            scratch.stride(0), scratch.stride(1),
-            HAS_D=D is not None, NSUB=nsub, **flags,
-        )
-    # deterministic reductions of the per-program partial sums
-    per = nsb // groups
-    dB = dB_part.view(batch, length, groups, per, d_state).sum(3).to(B_dtype)
-    dC = dC_part.view(batch, length, groups, per, d_state).sum(3).to(C_dtype)
+        # pass C: all gradients, segments in parallel, in rounds
+        scratch = new_buffer(rows * ngrp * nblk, CHECKPOINT_STEPS // _scratch_bt(), bd, bn, device=dev)
+        per = nblk // groups
+        for b0 in range(0, batch, rows):
+            rows_now = min(rows, batch - b0)
+            for s0 in range(0, nseg, segs):
+                launch(_bwd_kernel, (nblk, rows_now, ngrp))(
+                    x, dt, A32, B, C, Dc, z, bias, seq_idx, dout, ckpt, carry, scratch,
+                    dx, ddt, dz, dB_part, dC_part, dA_part, dD_part, dbias_part,
+                    length, channels, d_state, gsize, CHECKPOINT_STEPS, nblk, ngrp,
+                    s0, min(nseg, s0 + segs), b0, dB_part.shape[1],
+                    x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), s_z[0], s_z[1],
+                    dout.stride(0), dout.stride(1),
+                    sB[0], sB[1], sB[2], sC[0], sC[1], sC[2], s_seq[0], s_seq[1],
+                    scratch.stride(0), scratch.stride(1),
+                    HAS_D=D is not None, **flags,
+                )
+                t0, t1 = s0 * CHECKPOINT_STEPS, min(length, (s0 + segs) * CHECKPOINT_STEPS)
+                for part, total in ((dB_part, dB), (dC_part, dC)):
+                    torch.sum(part[:rows_now, :t1 - t0].view(rows_now, t1 - t0, groups, per, d_state), dim=3,
+                              out=total[b0:b0 + rows_now, t0:t1])
+    dB, dC = dB.to(B_dtype), dC.to(C_dtype)
+    # deterministic reductions of the per-segment partial sums
     dA = dA_part.sum(0).to(A.dtype)
     # absent inputs get empty gradients: a custom op returns tensors only
     dD = dD_part.sum(0).to(D.dtype) if D is not None else x.new_empty(0)

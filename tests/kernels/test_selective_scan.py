@@ -191,15 +191,16 @@ def test_segments_boundaries(monkeypatch):
     check(2, 193, 8, 1, 4)
 
 
-@pytest.mark.parametrize("nsub,ng", [(1, 1), (2, 2), (4, 3)], ids=["1x1", "2x2", "4x3"])
-def test_documents_at_segment_starts(monkeypatch, nsub, ng):
+@pytest.mark.parametrize("rounds", [(1, 1, 1), (1, 3, 2), (2, 4, 3), (2, 4, 1)], ids=["1-1-1", "1-3-2", "2-4-3", "2-4-1"])
+def test_documents_at_segment_starts(monkeypatch, rounds):
     # documents that start exactly where a segment does (the segment's decay
-    # product must be zero) or one step later; backward programs that take
-    # nsub channel blocks (dB, dC added up in the output) and every ng-th
-    # segment (scratch reused)
+    # product must be zero) or one step later; the backward's pass C in rounds
+    # of (rows, segments) with NG programs along them: one row and segment a
+    # round, rounds of 3 segments (the last of 1), whole batches, programs
+    # taking several segments each (scratch reused)
     monkeypatch.setattr(sst, "CHECKPOINT_STEPS", 64)
     monkeypatch.setattr(sst, "_bwd_block_d", lambda gsize: 4)
-    monkeypatch.setattr(sst, "_bwd_grid", lambda batch, nblk_per_group, groups, nseg: (nsub, min(ng, nseg)))
+    monkeypatch.setattr(sst, "_bwd_rounds", lambda batch, nblk, d_state, nseg: rounds)
     inputs, _ = make_inputs(2, 200, 16, 1, 4)
     seq_idx = torch.zeros(2, 200, dtype=torch.int32)
     seq_idx[0, 64:] += 1
@@ -297,6 +298,20 @@ def test_refuses_seq_idx_of_another_length():
     inputs = {k: (v.to(DEVICE) if v is not None else None) for k, v in inputs.items()}
     with pytest.raises(ValueError, match="seq_idx must be"):
         selective_scan(**inputs, seq_idx=seq_idx.to(DEVICE)[:, :10])
+
+
+@pytest.mark.parametrize("batch,nblk,nseg", [(1, 96, 2048), (256, 96, 8), (4, 96, 2048), (1, 96, 3), (512, 96, 1),
+                                              (2, 8192, 64)])
+def test_backward_rounds_cover_everything_within_bounds(batch, nblk, nseg):
+    # pass C's rounds: every (row, segment) in exactly one round; partial sums and programs within their bounds
+    rows, segs, ng = sst._bwd_rounds(batch, nblk, 16, nseg)
+    unit = sst.CHECKPOINT_STEPS * nblk * 16 * 8
+    assert 1 <= rows <= batch and 1 <= ng <= segs <= nseg
+    assert rows * segs * unit <= max(sst.BWD_ROUND_BYTES, ng * unit)
+    assert nblk * rows * ng <= max(sst.BWD_PROGRAMS, nblk)
+    covered = [(b, s) for b0 in range(0, batch, rows) for s0 in range(0, nseg, segs)
+               for b in range(b0, min(batch, b0 + rows)) for s in range(s0, min(nseg, s0 + segs))]
+    assert sorted(covered) == [(b, s) for b in range(batch) for s in range(nseg)]
 
 
 def test_deterministic():
