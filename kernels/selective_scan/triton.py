@@ -325,7 +325,7 @@ def _sum_n(b):
     return tl.sum(tl.sum(b, axis=0), axis=2)
 
 
-@autotune(configs=_FWD_CONFIGS, key=["D", "N", "GSIZE", "BATCH", "LOCAL"],
+@autotune(configs=_FWD_CONFIGS, key=["D", "N", "GSIZE", "BATCH", "LOCAL", "WALK"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _fwd_kernel(
@@ -335,7 +335,7 @@ def _fwd_kernel(
     s_xb, s_xt, s_dtb, s_dtt, s_zb, s_zt,
     s_Bb, s_Bt, s_Bg, s_Cb, s_Ct, s_Cg, s_sb, s_st,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, LOCAL: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, LOCAL: tl.constexpr, WALK: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, NI: tl.constexpr,
 ):
     """One program per (BD channels, batch row, segment of S steps).
@@ -343,7 +343,9 @@ def _fwd_kernel(
     LOCAL (pass 1): the segment's end state from a zero start (c_loc) and the
     product of its decays (P), so that its true end state is c_loc + P * start.
     Otherwise (pass 3): the outputs y of the segment from its true start state
-    in ckpt; the last segment writes the final state.
+    in ckpt; the last segment writes the final state. WALK (one program per
+    (BD channels, batch row), no pass 1): the outputs of every segment in
+    turn from the first one's start in ckpt, writing the others' as it goes.
     """
     NL: tl.constexpr = BN // NI
     i_d, i_b, i_seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -366,9 +368,16 @@ def _fwd_kernel(
         b_D = tl.load(Dp + o_d).to(tl.float32)
     o_tl = tl.arange(0, BT)
     TPS = S // BT
-    t_first = i_seg * TPS
-    t_end = tl.minimum(t_first + TPS, tl.cdiv(L, BT))
+    if WALK:
+        t_first = 0
+        t_end = tl.cdiv(L, BT)
+    else:
+        t_first = i_seg * TPS
+        t_end = tl.minimum(t_first + TPS, tl.cdiv(L, BT))
     for i_t in range(t_first, t_end):
+        if WALK:
+            if (i_t % TPS == 0) & (i_t > 0):
+                tl.store(ckpt + (i_b64 * NS + i_t // TPS) * D * N + o_dn, b_h, mask=m_n3)
         b_x, b_dtr, b_dt, b_a, b_u, b_B, b_ub, b_hs, b_cum = _tile_states(
             x, dt, B, dt_bias, seq_idx, b_A2, b_h,
             i_b, i_t, i_g, o_d, o_n3, L, N,
@@ -395,6 +404,8 @@ def _fwd_kernel(
     if LOCAL:
         tl.store(c_loc + o_seg, b_h, mask=m_n3)
         tl.store(P + o_seg, b_P, mask=m_n3)
+    elif WALK:
+        tl.store(hT + i_b64 * D * N + o_dn, b_h, mask=m_n3)
     elif i_seg == NS - 1:
         tl.store(hT + i_b64 * D * N + o_dn, b_h, mask=m_n3)
 
@@ -662,6 +673,14 @@ def _bwd_rounds(batch: int, nblk: int, d_state: int, nseg: int) -> tuple[int, in
     return rows, nseg, max(1, min(nseg, BWD_PROGRAMS // (nblk * rows)))
 
 
+# The forward walks each row's segments in one program (no pass 1, one pass of
+# exponentials fewer) when batch x channels gives the GPU this many channels
+# at once (BD of them a program). H100, 1536 channels, forward ms parallel /
+# walked: 4k x 256 34.2 / 24.4, 64k x 16 34.4 / 29.5, 8k x 8 2.39 / 2.21,
+# 256k x 4 34.5 / 39.2, 1M x 1 35.2 / 131 (benchmarks/selective_fwd_walk_h100.json).
+FWD_WALK_CHANNELS = 8 * 1536
+
+
 def _fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx):
     batch, length, channels = x.shape
     groups, d_state = B.shape[2], B.shape[3]
@@ -679,20 +698,24 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx):
     _check_steps()
     nseg = cdiv(length, CHECKPOINT_STEPS)
     ckpt = new_buffer(batch, nseg, channels, d_state, device=dev)
-    # pass 1's outputs (segment end states from zero, decay products); unused for one segment
-    c_loc = new_buffer(batch, nseg, channels, d_state, device=dev) if nseg > 1 else ckpt
-    P = new_buffer(batch, nseg, channels, d_state, device=dev) if nseg > 1 else ckpt
+    # enough programs without parallel segments: one walks a row's segments (no pass 1)
+    walk = nseg > 1 and batch * channels >= FWD_WALK_CHANNELS
+    parallel = nseg > 1 and not walk
+    # pass 1's outputs (segment end states from zero, decay products); unused without it
+    c_loc = new_buffer(batch, nseg, channels, d_state, device=dev) if parallel else ckpt
+    P = new_buffer(batch, nseg, channels, d_state, device=dev) if parallel else ckpt
     if length == 0:
         return y, (h0.clone() if h0 is not None else hT.zero_()), ckpt
     sB, sC = B.stride(), C.stride()
     s_seq = seq_idx.stride() if seq_idx is not None else (0, 0)
     s_z = z.stride() if z is not None else (0, 0, 0)
     bn = next_power_of_2(d_state)
+    programs = nseg if parallel else 1  # along the segments
     if any(_fits(c, bn, gsize, c.kwargs["BD"], True) for c in _FWD_CONFIGS):
-        kernel = _fwd_kernel[lambda meta: (channels // meta["BD"], batch, nseg)]
+        kernel = _fwd_kernel[lambda meta: (channels // meta["BD"], batch, programs)]
     else:  # nothing fits (odd group sizes, tiny d_state): a plain launch
         bd, kw, nw = _fallback_config(bn, gsize)
-        kernel = functools.partial(_fwd_kernel.fn[(channels // bd, batch, nseg)], BD=bd, num_warps=nw, **kw)
+        kernel = functools.partial(_fwd_kernel.fn[(channels // bd, batch, programs)], BD=bd, num_warps=nw, **kw)
     args = (
         x, dt, A, B, C, D, z, dt_bias, seq_idx,
         y, hT, ckpt, c_loc, P,
@@ -702,10 +725,10 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx):
     )
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
                  SOFTPLUS=dt_softplus, HAS_SEQ=seq_idx is not None, BN=bn)
-    if nseg > 1:
+    if parallel:
         # segments run in parallel (batch 1 has too few channel blocks to fill the GPU):
         # pass 1 each segment's end state from zero and its decay product, pass 2 chains them
-        kernel(*args, LOCAL=True, **flags)
+        kernel(*args, LOCAL=True, WALK=False, **flags)
         dn = channels * d_state
         _chain_kernel[(cdiv(dn, 1024), batch)](
             c_loc, P, h0, ckpt, hT, nseg, dn, HAS_IN=h0 is not None, REVERSE=False, BLOCK=1024,
@@ -713,9 +736,9 @@ def _fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, seq_idx):
     elif h0 is not None:
         ckpt[:, 0].copy_(h0)
     else:
-        ckpt.zero_()
-    # pass 3: outputs, segments in parallel from their true start states
-    kernel(*args, LOCAL=False, **flags)
+        ckpt[:, 0].zero_()
+    # pass 3: outputs, segments in parallel from their true start states (or walked in turn)
+    kernel(*args, LOCAL=False, WALK=walk, **flags)
     return y, hT, ckpt
 
 

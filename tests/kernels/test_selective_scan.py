@@ -185,20 +185,25 @@ def test_long_fp32_one_segment():
     check(1, 1000, 8, 1, 16)
 
 
-def test_segments_boundaries(monkeypatch):
-    # segment boundaries inside documents, a last segment of one step
+@pytest.mark.parametrize("walk", [False, True], ids=["parallel_segments", "walked_segments"])
+def test_segments_boundaries(monkeypatch, walk):
+    # segment boundaries inside documents, a last segment of one step; the
+    # forward's segments in parallel (passes 1-3) or walked by one program each
     monkeypatch.setattr(sst, "CHECKPOINT_STEPS", 64)
+    monkeypatch.setattr(sst, "FWD_WALK_CHANNELS", 0 if walk else 1 << 62)
     check(2, 193, 8, 1, 4)
 
 
-@pytest.mark.parametrize("rounds", [(1, 1, 1), (1, 3, 2), (2, 4, 3), (2, 4, 1)], ids=["1-1-1", "1-3-2", "2-4-3", "2-4-1"])
-def test_documents_at_segment_starts(monkeypatch, rounds):
+@pytest.mark.parametrize("rounds,walk", [((1, 1, 1), False), ((1, 3, 2), False), ((2, 4, 3), True), ((2, 4, 1), False)],
+                         ids=["1-1-1", "1-3-2", "2-4-3-walk", "2-4-1"])
+def test_documents_at_segment_starts(monkeypatch, rounds, walk):
     # documents that start exactly where a segment does (the segment's decay
     # product must be zero) or one step later; the backward's pass C in rounds
     # of (rows, segments) with NG programs along them: one row and segment a
     # round, rounds of 3 segments (the last of 1), whole batches, programs
-    # taking several segments each (scratch reused)
+    # taking several segments each (scratch reused); the forward walking
     monkeypatch.setattr(sst, "CHECKPOINT_STEPS", 64)
+    monkeypatch.setattr(sst, "FWD_WALK_CHANNELS", 0 if walk else 1 << 62)
     monkeypatch.setattr(sst, "_bwd_block_d", lambda gsize: 4)
     monkeypatch.setattr(sst, "_bwd_rounds", lambda batch, nblk, d_state, nseg: rounds)
     inputs, _ = make_inputs(2, 200, 16, 1, 4)
