@@ -345,7 +345,8 @@ def _fwd_kernel(
     Otherwise (pass 3): the outputs y of the segment from its true start state
     in ckpt; the last segment writes the final state. WALK (one program per
     (BD channels, batch row), no pass 1): the outputs of every segment in
-    turn from the first one's start in ckpt, writing the others' as it goes.
+    turn from the first one's start in ckpt, saving the later segments'
+    starts to ckpt as it reaches them.
     """
     NL: tl.constexpr = BN // NI
     i_d, i_b, i_seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
