@@ -10,8 +10,8 @@ its switches in the environment (they are read at import):
 - DIAG_NOSCR=1: pass C's phase 1 still recomputes every tile's starting state but keeps only the last, in one slot;
   phase 2 reads that slot for every tile: the scratch's HBM traffic (~50 GB at 1M) is gone, its work is not.
 - DIAG_NOPART=1: pass C's stores of its dB, dC partial sums all land in one tile's worth of addresses: their HBM
-  traffic is gone (at 6ba4180 and before, when programs added several channel blocks into one partial, this also removed their
-  read-modify-write).
+  traffic is gone (at 6ba4180 and before, when programs added several channel blocks into one partial, this also
+  removed their read-modify-write).
 - DIAG_NOPH1=1: phase 1 recomputes one tile only (use with DIAG_NOSCR).
 - DIAG_NOEXP=1: the per-element exp2 of the decays becomes 1 + x (every kernel).
 - DIAG_CAP=N: pass C takes one config (BT 4, NI 4, 1 warp) with a register cap of N (0: none);
