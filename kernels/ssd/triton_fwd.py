@@ -396,11 +396,7 @@ def ssd_output_fwd_kernel(
             b_y += b_xi * b_D
         # outputs are contiguous (batch, T, heads, P)
         o_out = ((i_b.to(tl.int64) * T + t0 + o_i[:, None]) * H + i_h) * P + o_v[None, :]
-        if HAS_Z:
-            tl.store(ypre + o_out, b_y.to(ypre.dtype.element_ty), mask=m_iv)
-            b_z = tl.load(p_z0 + o_i[:, None] * s_zt + o_v[None, :] * s_zp, mask=m_iv, other=0.).to(tl.float32)
-            b_y = b_y * b_z * tl.sigmoid(b_z)
-        tl.store(out + o_out, b_y.to(out.dtype.element_ty), mask=m_iv)
+        store_y(b_y, out, ypre, p_z0 + o_i[:, None] * s_zt + o_v[None, :] * s_zp, o_out, m_iv, HAS_Z)
 
 
 @autotune(
