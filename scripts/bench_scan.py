@@ -13,7 +13,8 @@ What it does, in order:
    - SSD (Mamba-2): 24 heads x 64, d_state 128: ours in chunks of 64 (the recipes' setting), mamba_ssm's
      `mamba_chunk_scan_combined` in chunks of 256 (its default; if its source is on MAMBA_SSM_SRC), fla's
      `chunk_simple_gla` (if installed), causal SDPA at the same width;
-   - selective scan (Mamba-1): 1536 channels, d_state 16: ours.
+   - selective scan (Mamba-1): 1536 channels, d_state 16: ours, and mamba_ssm's CUDA `selective_scan_fn` (if
+     MAMBA_SSM_CUDA_BUILD names a build of scripts/build_peer_selective_scan.py and MAMBA_SSM_SRC its source).
    Reports ms (median of CUDA-event timings), tokens/s, achieved GB/s against the bytes floor, peak memory,
    and, for batches of up to 64k tokens, the CPU time one forward+backward call takes to issue (with
    ``--tokens 0``, batch 1 at every length, the GPU waits on it at short lengths).
@@ -180,7 +181,7 @@ def check_ssd(odd_length: int, long_length: int, mamba=None) -> dict:
     return result
 
 
-def check_selective(odd_length: int, long_length: int) -> dict:
+def check_selective(odd_length: int, long_length: int, mamba=None) -> dict:
     result = {}
     for dtype in (torch.float32, torch.bfloat16):
         inputs = sel_inputs(odd_length, dtype, requires_grad=True, seed=3)
@@ -198,6 +199,20 @@ def check_selective(odd_length: int, long_length: int) -> dict:
         errors = {"y": rel_err(y, y_ref), "final_state": rel_err(final, final_ref)}
         errors.update({f"d{n}": rel_err(g, gr) for n, g, gr in zip(names, grads, grads_ref)})
         result[f"odd_length_{odd_length}_{str(dtype).split('.')[-1]}"] = errors
+        if mamba is not None:  # the peer has no initial state: its reference starts from zero
+            key = f"mamba_ssm_odd_length_{odd_length}_{str(dtype).split('.')[-1]}"
+            try:
+                y_ref = selective_scan_naive(up[0], up[1], up[2], up[3], up[4], D=up[5], z=up[6], dt_bias=up[7],
+                                             dt_softplus=True)
+                grads_ref = torch.autograd.grad(y_ref, up[:8], dy)
+                theirs = peer_selective_inputs(*inputs)
+                y = mamba(*theirs[:6], z=theirs[6], delta_bias=theirs[7], delta_softplus=True).transpose(1, 2)
+                grads = from_peer_layout(torch.autograd.grad(y, theirs, dy.to(y.dtype)))
+                errors = {"y": rel_err(y, y_ref)}
+                errors.update({f"d{n}": rel_err(g, gr) for n, g, gr in zip(names, grads, grads_ref)})
+                result[key] = errors
+            except Exception as error:  # the peer's failure is a result too
+                result[key] = f"failed: {' '.join(str(error).split())[:300]}"
     with torch.no_grad():
         # 256 of the 1536 channels: the float32 reference over 1M x 1536 needs more memory than the GPU has,
         # and channels are independent (what is checked is the carry over a million steps)
@@ -235,19 +250,57 @@ def sel_exp_floor_ms(length: int, passes: int) -> float:
 
 # ------------------------------------------------------------------------------------------------ peers
 
-def load_mamba_ssm():
+def register_mamba_ssm() -> str | None:
+    """Make mamba_ssm's source on MAMBA_SSM_SRC importable; None, or why it is not."""
     src = os.environ.get("MAMBA_SSM_SRC")
     if not src or not Path(src, "mamba_ssm").is_dir():
-        return None, "MAMBA_SSM_SRC not set to a folder holding mamba_ssm/"
+        return "MAMBA_SSM_SRC not set to a folder holding mamba_ssm/"
     # Its package __init__ imports the CUDA extension unguarded: register the package without running it.
     package = types.ModuleType("mamba_ssm")
     package.__path__ = [str(Path(src, "mamba_ssm"))]
-    sys.modules["mamba_ssm"] = package
+    sys.modules.setdefault("mamba_ssm", package)
+    return None
+
+
+def load_mamba_ssm():
+    if (why := register_mamba_ssm()) is not None:
+        return None, why
     try:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
     except Exception as error:  # report, do not hide: the table says why the column is empty
         return None, f"import failed: {error!r}"
     return mamba_chunk_scan_combined, None
+
+
+def load_mamba_ssm_selective():
+    """mamba_ssm's Mamba-1 scan: its CUDA extension as scripts/build_peer_selective_scan.py builds it."""
+    build = os.environ.get("MAMBA_SSM_CUDA_BUILD")
+    if not build or not list(Path(build).glob("selective_scan_cuda*.so")):
+        return None, "MAMBA_SSM_CUDA_BUILD not set to a folder holding selective_scan_cuda (build_peer_selective_scan.py)"
+    if (why := register_mamba_ssm()) is not None:
+        return None, why
+    sys.path.insert(0, build)
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception as error:
+        return None, f"import failed: {error!r}"
+    return selective_scan_fn, None
+
+
+def peer_selective_inputs(x, dt, A, B, C, D, z, dt_bias):
+    """Our inputs in mamba_ssm's layout, channels before time ((batch, channels, length); B, C (batch, groups,
+    d_state, length)), as new leaves: the layout its Mamba module hands the kernel, so no copy is timed."""
+    with torch.no_grad():
+        moved = [x.transpose(1, 2), dt.transpose(1, 2), A, B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1), D,
+                 z.transpose(1, 2), dt_bias]
+    return [t.contiguous().requires_grad_(True) for t in moved]
+
+
+def from_peer_layout(grads):
+    """mamba_ssm's gradients (in the order of peer_selective_inputs) in our layout."""
+    dx, ddt, dA, dB, dC, dD, dz, ddt_bias = grads
+    return [dx.transpose(1, 2), ddt.transpose(1, 2), dA, dB.permute(0, 3, 1, 2), dC.permute(0, 3, 1, 2), dD,
+            dz.transpose(1, 2), ddt_bias]
 
 
 def load_fla():
@@ -368,7 +421,7 @@ def bench_ssd_row(length: int, batch: int, peers: dict, sdpa: bool = True) -> di
     return row
 
 
-def bench_selective_row(length: int, batch: int) -> dict:
+def bench_selective_row(length: int, batch: int, mamba=None) -> dict:
     row = {"length": length, "batch": batch}
     tokens = batch * length
     fwd_bytes, total_bytes = sel_bytes(tokens)
@@ -380,7 +433,28 @@ def bench_selective_row(length: int, batch: int) -> dict:
     def ours():
         return selective_scan(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True)
     time_ours(row, ours, inputs, total_bytes, budget)
+
+    if mamba is not None:
+        theirs = peer_selective_inputs(*inputs)
+        del ours, inputs, x, dt, A, B, C, D, z, dt_bias  # our copies' memory back before the peer's run
+        time_peer_selective(row, mamba, theirs, total_bytes, budget)
     return row
+
+
+def time_peer_selective(row: dict, mamba, inputs, total_bytes: float, budget: float) -> None:
+    u, delta, A, B, C, D, z, dt_bias = inputs
+
+    def theirs():
+        return mamba(u, delta, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True)
+    try:
+        with torch.no_grad():
+            row["mamba_ssm_fwd_ms"] = timed(theirs, budget)
+        run = fwd_bwd_runner(theirs, inputs)
+        row["mamba_ssm_fwdbwd_ms"] = timed(run, budget)
+        row["mamba_ssm_peak_GiB"] = peak_extra_gib(run)
+        row["mamba_ssm_fwdbwd_GBps"] = total_bytes / row["mamba_ssm_fwdbwd_ms"] / 1e6
+    except (torch.OutOfMemoryError, RuntimeError) as error:  # e.g. a length its launch cannot take
+        row["mamba_ssm"] = f"failed: {' '.join(str(error).split())[:300]}"
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -460,13 +534,16 @@ def main() -> None:
             print("ssd", json.dumps(report["ssd"][-1]), flush=True)
             save()
     if "selective" not in args.skip:
+        mamba = None
+        if not args.quick and not args.no_peers:
+            mamba, report["mamba_ssm_selective_status"] = load_mamba_ssm_selective()
         if check:
-            report["check_selective"] = check_selective(4099, long_length)
+            report["check_selective"] = check_selective(4099, long_length, mamba if args.peer_check else None)
             print("selective check:", json.dumps(report["check_selective"]), flush=True)
             save()
         report["selective"] = []
         for length in args.lengths:
-            report["selective"].append(bench_selective_row(length, batch_for(length, args.tokens)))
+            report["selective"].append(bench_selective_row(length, batch_for(length, args.tokens), mamba))
             torch.cuda.empty_cache()
             print("selective", json.dumps(report["selective"][-1]), flush=True)
             save()
@@ -479,8 +556,8 @@ def main() -> None:
     if report.get("selective"):
         print_table(f"Selective scan (Mamba-1) fwd+bwd, bf16, {args.tokens or 'batch 1'} tokens a call, 1536 channels, "
                     "d_state 16 (ms)", report["selective"],
-                    ["length", "batch", "floor_fwdbwd_ms", "ours_fwd_ms", "ours_fwdbwd_ms", "ours_fwdbwd_GBps",
-                     "ours_peak_GiB"])
+                    ["length", "batch", "floor_fwdbwd_ms", "ours_fwd_ms", "ours_fwdbwd_ms", "mamba_ssm_fwd_ms",
+                     "mamba_ssm_fwdbwd_ms", "ours_peak_GiB", "mamba_ssm_peak_GiB"])
     save()
 
 
