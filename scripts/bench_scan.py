@@ -276,7 +276,7 @@ def load_mamba_ssm_selective():
     """mamba_ssm's Mamba-1 scan: its CUDA extension as scripts/build_peer_selective_scan.py builds it."""
     build = os.environ.get("MAMBA_SSM_CUDA_BUILD")
     if not build or not list(Path(build).glob("selective_scan_cuda*.so")):
-        return None, "MAMBA_SSM_CUDA_BUILD not set to a folder holding selective_scan_cuda (build_peer_selective_scan.py)"
+        return None, "MAMBA_SSM_CUDA_BUILD not set to a build of scripts/build_peer_selective_scan.py"
     if (why := register_mamba_ssm()) is not None:
         return None, why
     sys.path.insert(0, build)
