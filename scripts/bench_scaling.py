@@ -10,7 +10,9 @@ Models (--size 130m: d_model 768, vocab 50,280 tied; ``plan`` counts their param
   mamba2       24 Mamba-2 blocks (expand 2, d_state 128, head_dim 64), no MLP: the mamba-130m layout;
   hybrid       24 blocks, model.attention_ratio 0.3 (7 attention, 17 Mamba-2), no MLP;
   transformer  12 blocks of attention (12 heads, RoPE) + SwiGLU MLP 2048: the Transformer++ of the Mamba paper
-               at the same size (one attention + MLP block has the parameters of two Mamba blocks).
+               at the same size (one attention + MLP block has the parameters of two Mamba blocks);
+  mamba1       (only when named) 24 Mamba-1 blocks (expand 2, d_state 16, dt rank 48), no MLP: the original
+               mamba-130m.
 --size 370m: d_model 1024, 48 Mamba-2 blocks (the mamba-370m layout), 48 hybrid blocks (14 attention),
   24 Transformer blocks (16 heads, SwiGLU MLP 2816).
 A step is forward + backward + AdamW, bf16 autocast over fp32 weights (Lightning's "bf16-mixed"), batch 1, our model
@@ -53,7 +55,8 @@ from provenance import commit  # noqa: E402
 
 LENGTHS = [4096, 8192, 16384, 65536, 131072, 262144, 1048576]
 TINY_LENGTHS = [256, 512, 2048]
-MODELS = ["mamba2", "hybrid", "transformer"]
+MODELS = ["mamba2", "hybrid", "transformer"]  # the default sweep
+CHOICES = MODELS + ["mamba1"]
 LOSS_CHUNK = 8192
 
 
@@ -72,13 +75,21 @@ def model_config(name: str, tiny: bool, ssm_chunk: int | None = None, size: str 
     attention = AttentionConfig(n_heads=heads)
     if name == "mamba2":
         return ModelConfig(kind="mamba", d_model=d_model, n_layers=layers, vocab_size=vocab, mamba=mamba)
+    if name == "mamba1":
+        return ModelConfig(kind="mamba", d_model=d_model, n_layers=layers, vocab_size=vocab,
+                           mamba=MambaConfig(version=1, expand=2, d_state=16))
     if name == "hybrid":
         return ModelConfig(kind="hybrid", d_model=d_model, n_layers=layers, vocab_size=vocab, attention_ratio=0.3,
                            mamba=mamba, attention=attention)
     if name == "transformer":
         return ModelConfig(kind="transformer", d_model=d_model, n_layers=layers // 2, vocab_size=vocab,
                            d_mlp=d_mlp, attention=attention)
-    raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    raise SystemExit(f"unknown model {name!r}; choose from {', '.join(CHOICES)}")
+
+
+def ssd_chunk(config: ModelConfig) -> int | None:
+    """The Mamba-2 (SSD) scan's chunk size; None for models without one (Transformer, Mamba-1)."""
+    return config.mamba.chunk_size if config.kind != "transformer" and config.mamba.version == 2 else None
 
 
 def parse_length(text: str) -> int:
@@ -221,10 +232,11 @@ def sweep(args, device: torch.device, results: dict, out: Path) -> None:
             predicted = training_memory(config, length, 1, kinds, LOSS_CHUNK, sequence_window=window)
             row = {"model": name, "size": args.size, "length": length, "sequence_window": window,
                    "activation_checkpointing": kinds,
-                   "ssm_chunk": config.mamba.chunk_size if config.kind != "transformer" else None,
+                   "ssm_chunk": ssd_chunk(config),
                    "fused_kernels": device.type == "cuda",  # Triton conv1d + SiLU and norms (plan.training_memory)
                    "fused_loss": device.type == "cuda",  # Triton linear + cross-entropy
-                   "ssd_states": "bf16" if device.type == "cuda" else "fp32",  # the SSD kernels' chunk states
+                   # the SSD kernels' chunk states
+                   "ssd_states": None if ssd_chunk(config) is None else "bf16" if device.type == "cuda" else "fp32",
                    "mode": predicted["mode"], "parameters": predicted["parameters"],
                    "predicted_peak_bytes": predicted["peak"]}
             ids = torch.randint(0, config.vocab_size, (1, length), device=device)
@@ -304,7 +316,7 @@ def profile(args, device: torch.device, results: dict) -> None:
         kernels = [e for e in table if e.device_type == torch.autograd.DeviceType.CUDA]
         gpu_ms = sum(e.self_device_time_total for e in kernels) / 1e3
         results["profiles"].append({
-            "model": name, "length": args.profile_length, "step_s": seconds, "ssm_chunk": config.mamba.chunk_size,
+            "model": name, "length": args.profile_length, "step_s": seconds, "ssm_chunk": ssd_chunk(config),
             "gpu_kernels_total_ms": round(gpu_ms, 3),
             "gpu_kernels": [{"name": e.key[:160], "ms": round(e.self_device_time_total / 1e3, 3), "calls": e.count}
                             for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:50]],
@@ -344,7 +356,7 @@ def loss_curves(args, device: torch.device, results: dict, out: Path) -> None:
         window, kinds = choose_mode(config, length, args.window, budget)
         trainer.model.checkpoint_kinds = set(kinds)
         run = {"model": name, "length": length, "sequence_window": window, "activation_checkpointing": kinds,
-               "ssm_chunk": config.mamba.chunk_size if config.kind != "transformer" else None,
+               "ssm_chunk": ssd_chunk(config),
                "fused_kernels": device.type == "cuda", "fused_loss": device.type == "cuda",
                "lr": args.lr,
                "warmup_steps": args.warmup_steps, "task": args.task, "losses": [], "step_s": []}
@@ -432,7 +444,8 @@ def plot(path: Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"comma-separated, from {', '.join(CHOICES)} (default: {','.join(MODELS)})")
     parser.add_argument("--lengths", default=None, help="comma-separated, e.g. 4k,64k,1M (default: 4k..1M)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after 1 warm-up)")
     parser.add_argument("--window", type=parse_length, default=None,
