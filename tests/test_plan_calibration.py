@@ -101,6 +101,16 @@ def test_leaked_rows_match_once_the_leak_is_added():
         assert abs((_scaling_prediction(row) + leak) / row["peak_bytes"] - 1) <= TOLERANCE, row
 
 
+MAMBA1 = json.loads((ROOT / "benchmarks" / "scaling_mamba1_h100.json").read_text())["runs"]
+
+
+@pytest.mark.parametrize("row", MAMBA1, ids=lambda r: f"mamba1-{r['length']}-{r['mode'].replace(' ', '_')}")
+def test_mamba1_peak_within_15_percent(row):
+    """The 130M Mamba-1 model (its selective-scan kernels' checkpoints and transient backward buffers), one pass
+    and in windows at 1M."""
+    assert abs(_scaling_prediction(row) / row["peak_bytes"] - 1) <= TOLERANCE
+
+
 LOSS_RUNS = [run for path in sorted((ROOT / "benchmarks").glob("loss_1m_*.json"))
              for run in json.loads(path.read_text())["loss_runs"] if "peak_bytes" in run]
 
